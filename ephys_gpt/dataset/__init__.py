@@ -1,0 +1,1 @@
+"""Chunk store, datasets, splitters and loaders."""

@@ -1,0 +1,334 @@
+"""The chunk store: stage 2's output and every dataset's input (DESIGN.md, contract 1).
+
+Layout::
+
+    <root>/<session>/meta.json     # written last: its presence marks the session complete
+    <root>/<session>/0.npy         # chunk 0, shape (C, T_0), float32 or an integer dtype
+    <root>/<session>/1.npy ...
+
+Chunks are plain arrays read with ``mmap_mode="r"`` and ``allow_pickle=False``; nothing here
+ever unpickles. A session is written into a hidden temporary folder and renamed into place
+only once complete, so an interrupted run leaves nothing a reader would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "ephys-gpt-chunks"
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+_TMP_PREFIX = ".tmp-"
+
+_REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "sfreq": (int, float),
+    "ch_names": list,
+    "ch_types": list,
+    "pos_2d": list,
+    "chunk_samples": int,
+    "n_chunks": int,
+    "chunk_lengths": list,
+    "dtype": str,
+    "steps": list,
+}
+
+
+class StoreError(ValueError):
+    """A chunk store (or one of its files) is missing, corrupt or inconsistent."""
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    """Validated contents of one session's ``meta.json``."""
+
+    path: Path  # the session folder
+    sfreq: float
+    ch_names: list[str]
+    ch_types: list[str]
+    pos_2d: np.ndarray  # (C, 2)
+    chunk_samples: int
+    chunk_lengths: list[int]
+    dtype: str
+    steps: list[dict]
+    pos_3d: np.ndarray | None = None  # (C, 3)
+    ori_3d: np.ndarray | None = None  # (C, 3)
+    provenance: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)  # the whole parsed JSON
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.ch_names)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_lengths)
+
+    @property
+    def is_tokens(self) -> bool:
+        """True when chunks hold integer tokens (the last step was ``mulaw_quantize``)."""
+        return np.issubdtype(np.dtype(self.dtype), np.integer)
+
+    def step(self, name: str) -> dict | None:
+        """The recorded parameters of stage-2 step ``name`` (None if it was not applied)."""
+        return next((s for s in self.steps if s.get("name") == name), None)
+
+    def chunk_path(self, i: int) -> Path:
+        return self.path / f"{i}.npy"
+
+
+def read_meta(session_dir: str | os.PathLike) -> SessionMeta:
+    """Read and validate ``<session_dir>/meta.json``; errors name the file and the key."""
+    session_dir = Path(session_dir)
+    meta_path = session_dir / META_NAME
+    if not session_dir.is_dir():
+        raise StoreError(f"session folder {session_dir} does not exist")
+    if not meta_path.is_file():
+        raise StoreError(f"{meta_path} is missing: {session_dir} is not a complete session "
+                         "(stage 2 writes meta.json last; re-run stage 2 to finish it)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    for key, typ in _REQUIRED_KEYS.items():
+        if key not in meta:
+            raise StoreError(f"{meta_path}: required key {key!r} is missing")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise StoreError(f"{meta_path}: key {key!r} should be {_type_name(typ)}, "
+                             f"found {type(meta[key]).__name__} ({meta[key]!r:.60})")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise StoreError(f"{meta_path}: format_version {meta['format_version']} is newer than "
+                         f"this ephys-gpt understands ({FORMAT_VERSION}); upgrade ephys-gpt")
+    n_ch = len(meta["ch_names"])
+    for key in ("ch_types", "pos_2d"):
+        if len(meta[key]) != n_ch:
+            raise StoreError(f"{meta_path}: {key!r} has {len(meta[key])} entries but "
+                             f"'ch_names' has {n_ch}")
+    if meta["n_chunks"] != len(meta["chunk_lengths"]):
+        raise StoreError(f"{meta_path}: 'n_chunks' is {meta['n_chunks']} but 'chunk_lengths' "
+                         f"lists {len(meta['chunk_lengths'])}")
+    try:
+        np.dtype(meta["dtype"])
+    except TypeError as err:
+        raise StoreError(f"{meta_path}: 'dtype' {meta['dtype']!r} is not a numpy dtype") from err
+
+    def _opt(key: str, width: int) -> np.ndarray | None:
+        if meta.get(key) is None:
+            return None
+        arr = np.asarray(meta[key], dtype=np.float64)
+        if arr.shape != (n_ch, width):
+            raise StoreError(f"{meta_path}: {key!r} should have shape ({n_ch}, {width}), "
+                             f"found {arr.shape}")
+        return arr
+
+    return SessionMeta(
+        path=session_dir,
+        sfreq=float(meta["sfreq"]),
+        ch_names=[str(c) for c in meta["ch_names"]],
+        ch_types=[str(c) for c in meta["ch_types"]],
+        pos_2d=_opt("pos_2d", 2),
+        chunk_samples=int(meta["chunk_samples"]),
+        chunk_lengths=[int(n) for n in meta["chunk_lengths"]],
+        dtype=str(meta["dtype"]),
+        steps=list(meta["steps"]),
+        pos_3d=_opt("pos_3d", 3),
+        ori_3d=_opt("ori_3d", 3),
+        provenance=dict(meta.get("provenance") or {}),
+        raw=meta,
+    )
+
+
+def _type_name(typ) -> str:
+    if isinstance(typ, tuple):
+        return " or ".join(t.__name__ for t in typ)
+    return typ.__name__
+
+
+def load_chunk(meta: SessionMeta, i: int, mmap: bool = True) -> np.ndarray:
+    """Open chunk ``i`` of a session, memory-mapped by default, checked against ``meta``.
+
+    Raises :class:`StoreError` naming the file when it is missing, truncated, not a plain
+    ``.npy`` array (e.g. a legacy pickled dict), or its shape/dtype disagree with meta.json.
+    """
+    path = meta.chunk_path(i)
+    if not path.is_file():
+        raise StoreError(f"chunk file {path} is missing (meta.json lists {meta.n_chunks} chunks)")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as err:
+        msg = str(err)
+        if "pickle" in msg.lower() or "object" in msg.lower():
+            raise StoreError(f"{path} holds pickled Python objects, which ephys-gpt never loads. "
+                             "If it is a chunk of the original toolkit, convert it once with "
+                             "`ephys-gpt convert-legacy`") from err
+        raise StoreError(f"{path} is not a readable .npy array (corrupt or truncated?): "
+                         f"{msg}") from err
+    except (OSError, EOFError) as err:
+        raise StoreError(f"{path} is not a readable .npy array (corrupt or truncated?): "
+                         f"{err}") from err
+    expected = (meta.n_channels, meta.chunk_lengths[i])
+    if arr.shape != expected:
+        raise StoreError(f"{path}: shape {arr.shape} does not match meta.json "
+                         f"(expected {expected}: channels x chunk_lengths[{i}])")
+    if arr.dtype != np.dtype(meta.dtype):
+        raise StoreError(f"{path}: dtype {arr.dtype} does not match meta.json dtype {meta.dtype}")
+    return arr
+
+
+def list_sessions(root: str | os.PathLike) -> list[SessionMeta]:
+    """All complete sessions under ``root`` (sorted by name), validated.
+
+    Folders without ``meta.json`` (interrupted writes) are skipped with a warning; a root that
+    does not exist or holds no complete session is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"chunk store {root} does not exist or is not a folder")
+    metas = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if d.name.startswith(_TMP_PREFIX):
+            continue
+        if not (d / META_NAME).is_file():
+            logger.warning("skipping %s: no meta.json (incomplete session)", d)
+            continue
+        metas.append(read_meta(d))
+    if not metas:
+        raise StoreError(f"chunk store {root} holds no complete session (folders with "
+                         "meta.json); run `ephys-gpt preprocess --stage stage_2` first")
+    return metas
+
+
+def check_compatible(metas: Sequence[SessionMeta]) -> None:
+    """Raise if sessions mix channel sets, sampling rates or data kinds in one dataset."""
+    ref = metas[0]
+    for m in metas[1:]:
+        if m.sfreq != ref.sfreq:
+            raise StoreError(f"sessions {ref.path} and {m.path} have different sampling rates "
+                             f"({ref.sfreq} Hz vs {m.sfreq} Hz); one dataset needs one rate")
+        if m.ch_names != ref.ch_names:
+            only_a = sorted(set(ref.ch_names) - set(m.ch_names))[:5]
+            only_b = sorted(set(m.ch_names) - set(ref.ch_names))[:5]
+            detail = (f"only in the first: {only_a}, only in the second: {only_b}"
+                      if only_a or only_b else "same channels in a different order")
+            raise StoreError(f"sessions {ref.path} and {m.path} have different channel sets "
+                             f"({ref.n_channels} vs {m.n_channels} channels; {detail})")
+        if m.is_tokens != ref.is_tokens:
+            raise StoreError(f"sessions {ref.path} ({ref.dtype}) and {m.path} ({m.dtype}) mix "
+                             "quantized and continuous chunks")
+
+
+def write_session(root: str | os.PathLike, name: str, chunks: Iterable[np.ndarray],
+                  meta: dict[str, Any]) -> Path:
+    """Write one session atomically and return its folder.
+
+    ``chunks`` yields (C, T_i) arrays of one dtype. ``meta`` holds at least ``sfreq``,
+    ``ch_names``, ``ch_types``, ``pos_2d``, ``chunk_samples``, ``steps`` (and optionally
+    ``pos_3d``, ``ori_3d``, ``provenance``); chunk bookkeeping (``n_chunks``,
+    ``chunk_lengths``, ``dtype``) and the format fields are filled in here.
+
+    Everything goes to ``<root>/.tmp-<name>-<id>/`` first; ``meta.json`` is written last and
+    the folder is renamed to ``<root>/<name>`` only when complete. An existing folder of the
+    same name is replaced. If anything fails, the temporary folder is removed.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        lengths, dtype = [], None
+        for i, chunk in enumerate(chunks):
+            chunk = np.ascontiguousarray(chunk)
+            if chunk.ndim != 2:
+                raise ValueError(f"chunk {i} of session {name!r} has shape {chunk.shape}; "
+                                 "expected (channels, time)")
+            if chunk.dtype == object:
+                raise ValueError(f"chunk {i} of session {name!r} has dtype object")
+            if dtype is None:
+                dtype = chunk.dtype
+            elif chunk.dtype != dtype:
+                raise ValueError(f"chunk {i} of session {name!r} has dtype {chunk.dtype}, "
+                                 f"earlier chunks {dtype}")
+            if np.issubdtype(chunk.dtype, np.floating) and not np.isfinite(chunk).all():
+                raise ValueError(f"chunk {i} of session {name!r} contains NaN or Inf")
+            with open(tmp / f"{i}.npy", "wb") as fh:
+                np.save(fh, chunk, allow_pickle=False)
+            lengths.append(int(chunk.shape[1]))
+        if not lengths:
+            raise ValueError(f"session {name!r} produced no chunks")
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
+                "n_chunks": len(lengths), "chunk_lengths": lengths, "dtype": str(dtype)}
+        full.setdefault("provenance", {})
+        full["provenance"].setdefault("created", datetime.now(timezone.utc).isoformat())
+        _write_json_atomic(tmp / META_NAME, full)
+        read_meta(tmp)  # refuse to publish anything a reader would reject
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_complete(root: str | os.PathLike, name: str) -> bool:
+    """True if ``<root>/<name>`` is a finished session (so a re-run can skip it)."""
+    return (Path(root) / name / META_NAME).is_file()
+
+
+def clean_partial(root: str | os.PathLike) -> list[Path]:
+    """Remove temporary folders and meta-less session folders left by interrupted runs."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        if d.is_dir() and (d.name.startswith(_TMP_PREFIX) or not (d / META_NAME).exists()):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        logger.info("removed %d incomplete session folder(s) under %s", len(removed), root)
+    return removed
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in meta.json")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    _write_json_atomic(Path(path), obj)

@@ -1,0 +1,1 @@
+"""Losses, registered by name in :mod:`ephys_gpt.models.registry` (``loss_name`` in configs)."""

@@ -1,0 +1,77 @@
+"""Self-describing model export: ``model.safetensors`` + ``config.json``, no pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ephys_gpt
+from ephys_gpt.models.registry import build_model
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights and the config needed to rebuild it to ``out_dir``.
+
+    ``model`` must come from :func:`ephys_gpt.models.registry.build_model` (it carries its
+    registry name and config). ``extra`` is stored too (e.g. the stage-2 steps, so tokens can
+    be decoded to signal units without the chunk store).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = getattr(model, "registry_name", None)
+    if name is None or not hasattr(model, "model_config"):
+        raise ValueError("save_pretrained needs a model made by build_model(); "
+                         f"{type(model).__name__} has no registry name/config")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # safetensors refuses tensors that share memory (tied weights): store each once.
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for k in list(state):
+        ptr = state[k].untyped_storage().data_ptr() if state[k].numel() else None
+        if ptr is not None and ptr in seen:
+            tied[k] = seen[ptr]
+            del state[k]
+        elif ptr is not None:
+            seen[ptr] = k
+    config = {"model_name": name, "model_config": model.model_config, "tied": tied,
+              "ephys_gpt_version": ephys_gpt.__version__, **(extra or {})}
+    tmp_w = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp_w), metadata={"format": "pt"})
+    tmp_c = out / (CONFIG_NAME + ".tmp")
+    tmp_c.write_text(json.dumps(config, indent=1))
+    os.replace(tmp_w, out / WEIGHTS_NAME)
+    os.replace(tmp_c, out / CONFIG_NAME)
+    return out
+
+
+def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild a model saved by :func:`save_pretrained` (no unpickling involved)."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: {path} is not an exported ephys-gpt model "
+                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = json.loads(cfg_path.read_text())
+    model = build_model(config["model_name"], config.get("model_config") or {})
+    state = load_file(str(w_path), device=str(map_location))
+    for k, src in (config.get("tied") or {}).items():
+        state[k] = state[src]
+    model.load_state_dict(state)
+    model.to(map_location)
+    model.eval()
+    return model
+
+
+def load_export_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` of an exported model."""
+    return json.loads((Path(path) / CONFIG_NAME).read_text())

@@ -1,0 +1,140 @@
+"""Invertible stage-2 signal transforms: normalization, clipping and mu-law quantization.
+
+Every transform works on numpy arrays and torch tensors alike (channels first, time last:
+``(..., C, T)``), so the same code quantizes in stage 2, on the fly in datasets, and decodes
+model tokens back to signal units in evaluation.
+
+Each stage-2 step is recorded in the chunk store's ``meta.json`` as a dict with a ``name`` and
+its parameters (see :func:`invert_steps`):
+
+- ``{"name": "normalize", "method": "robust"|"zscore", "center": [C], "scale": [C]}``:
+  ``y = (x - center) / scale`` per channel.
+- ``{"name": "clip", "std_factor": s, "low": [C], "high": [C]}``: ``y = clip(x, low, high)``.
+  Not invertible; values inside the bounds pass unchanged.
+- ``{"name": "mulaw_quantize", "n_bits": n, "mu": 2**n - 1, "scale": a}``: ``x / a`` (clipped
+  to [-1, 1]) is mu-law companded and rounded to an integer token in ``[0, mu]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = Any  # np.ndarray | torch.Tensor
+
+
+def _is_torch(x: Array) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _as_param(p: Any, like: Array) -> Array:
+    """Per-channel parameter ([C] list) as an array broadcastable against ``(..., C, T)``."""
+    if _is_torch(like):
+        t = torch.as_tensor(p, dtype=like.dtype if like.is_floating_point() else torch.float32,
+                            device=like.device)
+    else:
+        t = np.asarray(p, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float32)
+    return t[..., None] if t.ndim == 1 else t
+
+
+def mulaw_mu(n_bits: int) -> int:
+    """The mu of an ``n_bits`` quantizer: tokens take values ``0 .. mu``."""
+    if not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
+        raise ValueError(f"n_bits must be an integer in [1, 16], got {n_bits!r}")
+    return 2**n_bits - 1
+
+
+def mulaw_encode(x: Array, mu: int) -> Array:
+    """Compand ``x`` in [-1, 1] (values beyond are clipped) to [-1, 1]."""
+    if _is_torch(x):
+        x = x.clamp(-1.0, 1.0)
+        return torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
+    x = np.clip(x, -1.0, 1.0)
+    return np.sign(x) * np.log1p(mu * np.abs(x)) / math.log1p(mu)
+
+
+def mulaw_decode(y: Array, mu: int) -> Array:
+    """Inverse of :func:`mulaw_encode`."""
+    if _is_torch(y):
+        return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
+    return np.sign(y) * np.expm1(np.abs(y) * math.log1p(mu)) / mu
+
+
+def token_dtype(n_bits: int):
+    """Smallest numpy integer dtype that holds ``n_bits`` tokens (stored on disk)."""
+    return np.uint8 if n_bits <= 8 else np.int16 if n_bits <= 15 else np.int32
+
+
+def mulaw_quantize(x: Array, n_bits: int = 8, scale: float | Array = 1.0) -> Array:
+    """Quantize ``x`` to integer tokens in ``[0, 2**n_bits - 1]``.
+
+    ``x / scale`` is clipped to [-1, 1] (values beyond the range saturate at the end tokens;
+    they never wrap around), companded and rounded. numpy input gives a compact integer
+    dtype (:func:`token_dtype`); torch input gives int64.
+    """
+    mu = mulaw_mu(n_bits)
+    scale = _as_param(scale, x) if np.ndim(scale) else scale
+    y = mulaw_encode(x / scale, mu)
+    q = (y + 1.0) * (mu / 2.0)
+    if _is_torch(q):
+        return torch.round(q).clamp_(0, mu).long()
+    return np.clip(np.rint(q), 0, mu).astype(token_dtype(n_bits))
+
+
+def mulaw_dequantize(tokens: Array, n_bits: int = 8, scale: float | Array = 1.0) -> Array:
+    """Map tokens back to signal values (float32); inverse of :func:`mulaw_quantize`."""
+    mu = mulaw_mu(n_bits)
+    if _is_torch(tokens):
+        y = tokens.to(torch.float32) * (2.0 / mu) - 1.0
+    else:
+        y = np.asarray(tokens, dtype=np.float32) * np.float32(2.0 / mu) - np.float32(1.0)
+    x = mulaw_decode(y, mu)
+    scale = _as_param(scale, x) if np.ndim(scale) else scale
+    return x * scale
+
+
+def normalize_stats(x: np.ndarray, method: str = "robust") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel center and scale of ``x`` (C, T).
+
+    ``robust``: median and interquartile range / 1.349 (the IQR of a unit normal), so that
+    Gaussian data gets unit scale. ``zscore``: mean and standard deviation. A flat channel
+    gets scale 1 rather than a division by zero.
+    """
+    if method == "robust":
+        q25, med, q75 = np.percentile(x, [25, 50, 75], axis=-1)
+        center, scale = med, (q75 - q25) / 1.349
+    elif method == "zscore":
+        center, scale = x.mean(axis=-1), x.std(axis=-1)
+    else:
+        raise ValueError(f"normalize method must be 'robust' or 'zscore', got {method!r}")
+    scale = np.where(scale > 0, scale, 1.0)
+    return center.astype(np.float64), scale.astype(np.float64)
+
+
+def invert_steps(x: Array, steps: Sequence[dict]) -> Array:
+    """Undo recorded stage-2 ``steps`` (in reverse order) to return to stage-1 units.
+
+    ``x`` may be tokens (when the last step is ``mulaw_quantize``) or continuous values.
+    Clipping cannot be undone; clipped samples stay at their bounds.
+    """
+    for step in reversed(list(steps)):
+        name = step.get("name")
+        if name == "mulaw_quantize":
+            x = mulaw_dequantize(x, int(step["n_bits"]), step.get("scale", 1.0))
+        elif name == "normalize":
+            x = x * _as_param(step["scale"], x) + _as_param(step["center"], x)
+        elif name == "clip":
+            continue
+        else:
+            raise ValueError(f"cannot invert unknown stage-2 step {name!r}; "
+                             "known steps: normalize, clip, mulaw_quantize")
+    return x
+
+
+def tokens_to_signal(tokens: Array, steps: Sequence[dict]) -> Array:
+    """Decode model tokens to stage-1 signal units (e.g. tesla) through the recorded steps."""
+    return invert_steps(tokens, steps)
