@@ -1,0 +1,96 @@
+"""Causal (dilated) 1-D convolution with streaming state for step-by-step generation.
+
+Legend: B batch, Cin/Cout channels, T time, k kernel size, d dilation, L = d·(k-1) the
+number of past samples a layer needs.
+
+``CausalConv1d(x)`` left-pads with zeros so output t sees inputs ``t - d·(k-1) .. t`` only.
+Streaming: ``conv(x, state)`` treats ``x`` as the continuation of the stream held by
+``state`` (its past replaces the zero padding) and advances ``state``; feeding a sequence in
+any split — all at once, in chunks, or one step at a time — gives the same outputs as one
+call on the whole sequence. Single steps read their taps from a ring buffer of the last L
+inputs (O(k) per step: no shifting, no re-running the window).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvState:
+    """The last L inputs of one :class:`CausalConv1d`, as a ring buffer.
+
+    ``buf (B, Cin, L)``; ``pos`` is the slot the next input goes to, so ``x[t-m]`` lives at
+    ``buf[..., (pos - m) % L]``. A fresh state holds zeros (the causal padding). The buffer
+    is allocated on first use with the input's dtype and device.
+    """
+
+    def __init__(self, context: int):
+        self.context = context
+        self.buf: torch.Tensor | None = None
+        self.pos = 0
+
+    def _ensure(self, x: torch.Tensor) -> None:
+        B, C = x.shape[:2]
+        if self.buf is None:
+            self.buf = x.new_zeros(B, C, self.context)
+        elif self.buf.shape[:2] != (B, C):
+            raise ValueError(f"ConvState holds a stream of shape (B, Cin)={tuple(self.buf.shape[:2])}"
+                             f", got an input of shape {tuple(x.shape)}")
+        elif self.buf.dtype != x.dtype or self.buf.device != x.device:
+            self.buf = self.buf.to(device=x.device, dtype=x.dtype)
+
+    def ordered(self) -> torch.Tensor:
+        """The buffer in time order, oldest first: ``(B, Cin, L)``."""
+        assert self.buf is not None
+        return torch.roll(self.buf, -self.pos, dims=-1) if self.pos else self.buf
+
+
+class CausalConv1d(nn.Conv1d):
+    """``nn.Conv1d`` made causal by left zero-padding, with optional streaming state.
+
+    Parameters are those of ``nn.Conv1d`` (no ``padding``; stride 1).
+
+    ``forward(x (B, Cin, T), state=None) -> (B, Cout, T)``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation,
+                         groups=groups, bias=bias)
+        self.context = dilation * (kernel_size - 1)
+        # offsets of the past taps, oldest first: m = d·(k-1), ..., d
+        self.register_buffer("_tap_offsets",
+                             -torch.arange(kernel_size - 1, 0, -1) * dilation, persistent=False)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.context + 1
+
+    def new_state(self) -> ConvState:
+        """A fresh (all-zero past) streaming state."""
+        return ConvState(self.context)
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"CausalConv1d expects (B, Cin, T), got shape {tuple(x.shape)}")
+        L = self.context
+        if L == 0:
+            return super().forward(x)
+        if state is None:
+            return super().forward(F.pad(x, (L, 0)))
+        state._ensure(x)
+        T = x.shape[-1]
+        if T == 1:
+            idx = torch.remainder(self._tap_offsets + state.pos, L)
+            window = torch.cat([state.buf.index_select(2, idx), x], dim=-1)  # (B, Cin, k)
+            y = F.conv1d(window, self.weight, self.bias, groups=self.groups)
+            state.buf[:, :, state.pos] = x[:, :, 0]
+            state.pos = (state.pos + 1) % L
+            return y
+        full = torch.cat([state.ordered(), x], dim=-1)  # (B, Cin, L + T)
+        y = super().forward(full)
+        state.buf = full[:, :, -L:].contiguous()
+        state.pos = 0
+        return y
