@@ -1,0 +1,354 @@
+"""NTD: denoising diffusion over multi-channel neural time series.
+
+After "Generating realistic neurophysiological time series with denoising diffusion
+probabilistic models" (Vetter et al. 2024, the NTD model), with a DiffWave-style denoiser
+(Kong et al. 2021): a non-causal stack of dilated residual convolutions over time whose 1x1
+projections mix all channels, conditioned on the diffusion step.
+
+Training (``forward``): draw a level ``t`` per example and Gaussian noise, noise the signal
+with the schedule (:class:`~ephys_gpt.layers.diffusion_schedule.NoiseSchedule`, cosine by
+default), and predict the noise. With probability ``p_forecast`` an example becomes a
+forecasting problem: a random prefix (``forecast_min_fraction`` .. ``forecast_max_fraction``
+of the window) is *observed* — given to the network clean, with the observation mask as extra
+input channels (``mask_channel``) — and the loss covers only the rest. With probability
+``p_impute`` a random subset of channels is observed instead (channel imputation).
+
+Sampling: DDIM (default, ``sampling_steps`` levels, deterministic for ``eta = 0``) or DDPM
+(all levels). Known values are in-painted: with ``mask_channel`` the network sees them clean
+plus the mask (as in training); without it they are re-noised to each level and pasted in
+(replacement in-painting). :meth:`NTD.forecast` extends a signal window by window;
+:meth:`NTD.impute` fills unknown channels or samples.
+
+Shapes: B batch, C channels, L samples, H hidden width, Cc conditioning channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ephys_gpt.layers.diffusion_schedule import NoiseSchedule
+from ephys_gpt.models.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NTDConfig:
+    """Keyword arguments of :class:`NTD` (``model_config``)."""
+
+    num_channels: int = 306          # C: signal channels
+    signal_length: int = 256         # L: window used by example_inputs() and forecast()
+    cond_channels: int = 0           # Cc: extra conditioning channels (forward(x, cond))
+    hidden: int = 64                 # H: denoiser width
+    n_layers: int = 8                # residual blocks
+    kernel_size: int = 3             # dilated conv kernel (odd)
+    dilation_cycle: int = 6          # dilations 1, 2, ..., 2**(cycle-1), repeated
+    diffusion_steps: int = 100       # T: noise levels
+    schedule: str = "cosine"         # "cosine" | "linear"
+    mask_channel: bool = True        # feed the observation mask (C channels) to the denoiser
+    p_forecast: float = 0.5          # P(training example is a forecast: observed prefix)
+    p_impute: float = 0.0            # P(training example observes a random channel subset)
+    forecast_min_fraction: float = 0.25  # observed prefix length, as a fraction of L
+    forecast_max_fraction: float = 0.75
+    sampler: str = "ddim"            # "ddim" | "ddpm"
+    sampling_steps: int = 50         # DDIM levels per sample (<= diffusion_steps)
+    eta: float = 0.0                 # DDIM stochasticity (0: deterministic)
+    forecast_chunk: int | None = None  # samples generated per window in forecast(); None: L//2
+
+    def __post_init__(self):
+        for key in ("num_channels", "signal_length", "hidden", "n_layers", "kernel_size",
+                    "dilation_cycle", "diffusion_steps", "sampling_steps"):
+            val = getattr(self, key)
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"NTD: {key} must be a positive integer, got {val!r}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"NTD: kernel_size must be odd (centred conv), got {self.kernel_size}")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"NTD: sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if self.sampling_steps > self.diffusion_steps:
+            raise ValueError(f"NTD: sampling_steps ({self.sampling_steps}) must not exceed "
+                             f"diffusion_steps ({self.diffusion_steps})")
+        for key in ("p_forecast", "p_impute"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"NTD: {key} must be in [0, 1], got {getattr(self, key)}")
+        if self.p_forecast + self.p_impute > 1.0:
+            raise ValueError("NTD: p_forecast + p_impute must be <= 1")
+        if (self.p_forecast or self.p_impute) and not self.mask_channel:
+            raise ValueError("NTD: p_forecast/p_impute > 0 needs mask_channel=True (the "
+                             "denoiser must be told which samples are observed)")
+        if not 0.0 < self.forecast_min_fraction <= self.forecast_max_fraction < 1.0:
+            raise ValueError("NTD: need 0 < forecast_min_fraction <= forecast_max_fraction < 1")
+        if self.forecast_chunk is not None and not 1 <= self.forecast_chunk < self.signal_length:
+            raise ValueError(f"NTD: forecast_chunk must be in [1, signal_length), got "
+                             f"{self.forecast_chunk}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer levels ``t`` (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    ang = t.float()[:, None] * freqs[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """Dilated non-causal conv + level embedding, gated activation, residual and skip."""
+
+    def __init__(self, hidden: int, kernel: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv1d(hidden, 2 * hidden, kernel, dilation=dilation,
+                              padding=dilation * (kernel - 1) // 2)
+        self.level = nn.Linear(hidden, hidden)
+        self.out = nn.Conv1d(hidden, 2 * hidden, 1)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` (B, H, L), ``emb`` (B, H) → (residual output, skip), both (B, H, L)."""
+        a, b = self.conv(h + self.level(emb)[:, :, None]).chunk(2, dim=1)
+        res, skip = self.out(torch.tanh(a) * torch.sigmoid(b)).chunk(2, dim=1)
+        return (h + res) / math.sqrt(2.0), skip
+
+
+class Denoiser(nn.Module):
+    """Noise predictor: (noisy signal, mask, conditioning, level) → predicted noise."""
+
+    def __init__(self, cfg: NTDConfig):
+        super().__init__()
+        C, H = cfg.num_channels, cfg.hidden
+        in_ch = C + (C if cfg.mask_channel else 0) + cfg.cond_channels
+        self.inp = nn.Conv1d(in_ch, H, 1)
+        self.level_mlp = nn.Sequential(nn.Linear(H, H), nn.SiLU(), nn.Linear(H, H))
+        self.blocks = nn.ModuleList(
+            ResidualBlock(H, cfg.kernel_size, 2 ** (i % cfg.dilation_cycle))
+            for i in range(cfg.n_layers))
+        self.head = nn.Sequential(nn.SiLU(), nn.Conv1d(H, H, 1), nn.SiLU(), nn.Conv1d(H, C, 1))
+        self.hidden = H
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C_in, L) (signal, mask, conditioning stacked), ``t`` (B,) → (B, C, L)."""
+        emb = self.level_mlp(timestep_embedding(t, self.hidden))
+        h = F.silu(self.inp(x))
+        skip = 0.0
+        for blk in self.blocks:
+            h, s = blk(h, emb)
+            skip = skip + s
+        return self.head(skip / math.sqrt(len(self.blocks)))
+
+
+@register_model(
+    "NTD",
+    input_kind="continuous",
+    causal=False,
+    generation="continuous",
+    tiny_config={"num_channels": 3, "signal_length": 32, "hidden": 16, "n_layers": 3,
+                 "dilation_cycle": 3, "diffusion_steps": 10, "sampling_steps": 5,
+                 "p_impute": 0.2},
+    output_time_dim=-1,
+    default_loss="DiffusionMSE",
+    config_class=NTDConfig,
+)
+class NTD(nn.Module):
+    """Denoising diffusion model over (B, C, L) signals with forecasting by in-painting."""
+
+    stochastic_forward = True  # forward draws levels and noise (reproducible under a seed)
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = self.config = NTDConfig(**kwargs)
+        self.schedule = NoiseSchedule(cfg.diffusion_steps, cfg.schedule)
+        self.denoiser = Denoiser(cfg)
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int | None = None):
+        """A (B, C, L) batch of sinusoids plus noise (a tuple with conditioning if Cc > 0)."""
+        L = seq_len or self.config.signal_length
+        t = torch.arange(L, dtype=torch.float32)
+        freq = torch.rand(batch_size, self.config.num_channels, 1) * 0.2 + 0.05
+        x = torch.sin(2 * math.pi * freq * t) + 0.1 * torch.randn(batch_size,
+                                                                  self.config.num_channels, L)
+        if self.config.cond_channels:
+            return x, torch.randn(batch_size, self.config.cond_channels, L)
+        return x
+
+    # ------------------------------------------------------------------ internals
+    def _check(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        C, Cc = self.config.num_channels, self.config.cond_channels
+        if x.ndim != 3 or x.shape[1] != C:
+            raise ValueError(f"NTD expects x of shape (B, {C}, L), got {tuple(x.shape)}")
+        if Cc and (cond is None or cond.shape != (x.shape[0], Cc, x.shape[-1])):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"NTD was configured with cond_channels={Cc}: pass cond of shape "
+                             f"({x.shape[0]}, {Cc}, {x.shape[-1]}), got {got}")
+        if not Cc and cond is not None:
+            raise ValueError("NTD got cond but was configured with cond_channels=0")
+
+    def _denoise(self, x_t, observed, cond, t):
+        parts = [x_t]
+        if self.config.mask_channel:
+            parts.append(observed.to(x_t.dtype))
+        if cond is not None:
+            parts.append(cond.to(x_t.dtype))
+        return self.denoiser(torch.cat(parts, dim=1), t)
+
+    def sample_observed(self, B: int, L: int, device, generator=None) -> torch.Tensor:
+        """Training observation masks (B, C, L) bool: forecast prefixes, channel subsets, or
+        nothing observed, drawn with ``p_forecast`` / ``p_impute`` (no host sync)."""
+        cfg, C = self.config, self.config.num_channels
+        u = torch.rand(B, device=device, generator=generator)
+        is_fc = u < cfg.p_forecast
+        is_imp = (u >= cfg.p_forecast) & (u < cfg.p_forecast + cfg.p_impute)
+        lo = max(1, int(cfg.forecast_min_fraction * L))
+        hi = max(lo, int(cfg.forecast_max_fraction * L))
+        plen = torch.randint(lo, hi + 1, (B,), device=device, generator=generator)
+        prefix = torch.arange(L, device=device)[None, None, :] < plen[:, None, None]
+        chans = torch.rand(B, C, 1, device=device, generator=generator) < 0.5
+        return (prefix & is_fc[:, None, None]) | (chans & is_imp[:, None, None]).expand(-1, -1, L)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                observed: torch.Tensor | None = None, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One noise-prediction training example per batch row.
+
+        ``x`` (B, C, L) clean signal; ``cond`` (B, Cc, L) or None. ``t`` (B,) levels,
+        ``noise`` (B, C, L) and ``observed`` (B, C, L) bool are drawn when not given (from
+        ``generator`` or the global RNG, so a seed makes forward reproducible).
+
+        Returns ``(noise, pred_noise, loss_mask)``, each (B, C, L); ``loss_mask`` is 1 where
+        the sample is to be generated (not observed) — the loss is the MSE over it.
+        """
+        self._check(x, cond)
+        B, C, L = x.shape
+        if t is None:
+            t = torch.randint(0, self.config.diffusion_steps, (B,), device=x.device,
+                              generator=generator)
+        if noise is None:
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if observed is None:
+            observed = self.sample_observed(B, L, x.device, generator)
+        x_t = self.schedule.q_sample(x, t, noise)
+        if self.config.mask_channel:
+            x_t = torch.where(observed, x, x_t)
+        pred = self._denoise(x_t, observed, cond, t)
+        return noise, pred, (~observed).to(x.dtype)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, batch_size: int | None = None, length: int | None = None, *,
+               known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None, sampler: str | None = None,
+               steps: int | None = None, eta: float | None = None,
+               generator: torch.Generator | None = None, progress: bool = True
+               ) -> torch.Tensor:
+        """Draw signals (B, C, L), in-painting ``known`` where ``known_mask`` is True.
+
+        Either ``batch_size``/``length`` (unconditional) or ``known`` (B, C, L) with
+        ``known_mask`` (B, C, L) bool. ``sampler`` "ddim" (``steps`` levels, ``eta``) or
+        "ddpm" (all levels); defaults from the config. ``progress`` shows a tqdm bar.
+        """
+        cfg = self.config
+        dev = next(self.parameters()).device
+        if known is not None:
+            if known_mask is None or known_mask.shape != known.shape:
+                raise ValueError("sample(): known_mask must be given with the shape of known "
+                                 f"{tuple(known.shape)}")
+            B, C, L = known.shape
+            obs = known_mask.to(dev, torch.bool)
+            known = known.to(dev)
+        else:
+            B, L = batch_size or 1, length or cfg.signal_length
+            C = cfg.num_channels
+            obs = torch.zeros(B, C, L, dtype=torch.bool, device=dev)
+            known = torch.zeros(B, C, L, device=dev)
+        self._check(known, cond)
+        sampler = sampler or cfg.sampler
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        eta = cfg.eta if eta is None else eta
+        if sampler == "ddpm":
+            levels = list(range(cfg.diffusion_steps - 1, -1, -1))
+        else:
+            levels = self.schedule.ddim_timesteps(steps or cfg.sampling_steps)
+        x = torch.randn(B, C, L, device=dev, generator=generator)
+        for i, lv in enumerate(tqdm(levels, desc=f"NTD {sampler}", disable=not progress,
+                                    leave=False)):
+            t = torch.full((B,), lv, device=dev, dtype=torch.long)
+            if cfg.mask_channel:
+                x = torch.where(obs, known, x)
+            else:  # replacement in-painting: known values at the current noise level
+                z = torch.randn(known.shape, device=dev, generator=generator)
+                x = torch.where(obs, self.schedule.q_sample(known, t, z), x)
+            eps = self._denoise(x, obs, cond, t).float()
+            if sampler == "ddpm":
+                x = self.schedule.ddpm_step(x, lv, eps, generator)
+            else:
+                nxt = levels[i + 1] if i + 1 < len(levels) else -1
+                x = self.schedule.ddim_step(x, lv, nxt, eps, eta, generator)
+        return torch.where(obs, known, x)
+
+    @torch.no_grad()
+    def impute(self, x: torch.Tensor, known_mask: torch.Tensor, *,
+               cond: torch.Tensor | None = None, **sample_kw) -> torch.Tensor:
+        """Fill the unknown parts of ``x`` (B, C, L) by in-painting.
+
+        ``known_mask``: (C,) or (B, C) bool for whole known channels, or (B, C, L).
+        """
+        B, C, L = x.shape
+        m = known_mask.to(torch.bool)
+        if m.shape == (C,):
+            m = m[None, :, None].expand(B, C, L)
+        elif m.shape == (B, C):
+            m = m[:, :, None].expand(B, C, L)
+        elif m.shape != (B, C, L):
+            raise ValueError(f"impute(): known_mask must be (C,), (B, C) or (B, C, L) for x "
+                             f"{tuple(x.shape)}, got {tuple(known_mask.shape)}")
+        sample_kw.setdefault("progress", False)
+        return self.sample(known=x, known_mask=m, cond=cond, **sample_kw)
+
+    @torch.no_grad()
+    def forecast(self, past: torch.Tensor, horizon: int, *, use_cache: bool = True,
+                 cond: torch.Tensor | None = None, progress: bool = False, **sample_kw
+                 ) -> torch.Tensor:
+        """Extend ``past`` (B, C, T) by ``horizon`` samples → (B, C, T + horizon).
+
+        Recursive windows of ``signal_length`` L: each draws ``forecast_chunk`` (default L/2)
+        new samples in-painted after the latest ``L - chunk`` known samples. ``cond``, if the
+        model uses it, covers ``T + horizon`` samples. The denoiser is not causal, so there
+        is no state to carry between steps: ``use_cache`` is accepted for the common
+        interface and changes nothing (same seed, same result).
+        """
+        del use_cache
+        if horizon < 0:
+            raise ValueError(f"horizon must be >= 0, got {horizon}")
+        B, C, T = past.shape
+        if self.config.cond_channels and (cond is None or cond.shape[-1] != T + horizon):
+            raise ValueError(f"forecast(): cond must cover past + horizon = {T + horizon} "
+                             f"samples, got {None if cond is None else tuple(cond.shape)}")
+        L = self.config.signal_length
+        chunk = self.config.forecast_chunk or max(1, L // 2)
+        out = torch.empty(B, C, T + horizon, dtype=past.dtype, device=past.device)
+        out[..., :T] = past
+        done = 0
+        bar = tqdm(total=horizon, desc="NTD forecast", disable=not progress, leave=False)
+        while done < horizon:
+            n = min(chunk, horizon - done)
+            end = T + done + n
+            start = max(0, end - L)
+            win = out[..., start:end].clone()
+            n_known = T + done - start
+            win[..., n_known:] = 0.0
+            mask = torch.zeros_like(win, dtype=torch.bool)
+            mask[..., :n_known] = True
+            c = cond[..., start:end] if cond is not None else None
+            gen = self.sample(known=win, known_mask=mask, cond=c, progress=False, **sample_kw)
+            out[..., T + done:end] = gen[..., n_known:].to(out.dtype)
+            done += n
+            bar.update(n)
+        bar.close()
+        return out
