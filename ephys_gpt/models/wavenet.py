@@ -1,0 +1,231 @@
+"""WavenetFullChannel: a WaveNet over all channels of a quantized MEG recording.
+
+After van den Oord et al., "WaveNet: a generative model for raw audio" (2016): a stack of
+dilated causal convolutions with gated activations ``tanh(f) * sigmoid(g)``, residual and
+skip connections, and optional global (per-example, e.g. subject) and local (per-time-step
+``(B, D, T)`` tensor) conditioning added inside every gate. "Full channel": every channel's
+token gets its own learned embedding (:class:`ChannelwiseTokenEmbedding`), all channels
+enter the stack together, and the output head predicts every channel's next token.
+
+Generation streams (fast WaveNet generation, Paine et al., 2016): each dilated conv keeps a
+ring buffer of its last ``dilation·(k-1)`` inputs, so a new step costs one column per layer
+rather than a re-run of the receptive field. Without the cache each step re-runs the
+receptive field window; both give the same tokens.
+
+Legend: B batch, C channels, T time, V vocabulary, E token embedding width, Rc residual,
+Dc dilation (gate) and Sc skip channels, G global conditioning width, Dl local channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
+from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbedding
+from ephys_gpt.layers.generation import check_token_context, generate_tokens
+from ephys_gpt.models.gpt2meg import check_tokens
+from ephys_gpt.models.registry import register_model
+
+
+@dataclass
+class WavenetConfig:
+    """WavenetFullChannel hyper-parameters."""
+
+    num_channels: int = 272        # C
+    vocab_size: int = 256          # V, mu-law levels
+    embed_dim: int = 8             # E, learned token embedding width per channel
+    residual_channels: int = 64    # Rc, width of the residual stream
+    dilation_channels: int = 64    # Dc, width of each gated activation
+    skip_channels: int = 128       # Sc, width of the skip sum and output head
+    kernel_size: int = 2           # taps per dilated conv
+    layers_per_block: int = 8      # dilations 1, 2, 4, ..., 2**(layers_per_block-1) ...
+    n_blocks: int = 2              # ... repeated n_blocks times
+    n_subjects: int = 0            # > 0: global conditioning on a subject id (forward(subject=))
+    global_dim: int = 16           # G, subject embedding width
+    local_channels: int = 0        # Dl > 0: local conditioning tensor (B, Dl, T) (local_cond=)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for key in ("num_channels", "vocab_size", "embed_dim", "residual_channels",
+                    "dilation_channels", "skip_channels", "kernel_size", "layers_per_block",
+                    "n_blocks", "global_dim"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {key} must be a positive integer, got {v!r}")
+        for key in ("n_subjects", "local_channels"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: {key} must be an integer >= 0, got {v!r}")
+
+    @property
+    def dilations(self) -> list[int]:
+        return [2 ** i for _ in range(self.n_blocks) for i in range(self.layers_per_block)]
+
+
+class GatedResidualLayer(nn.Module):
+    """One WaveNet layer: dilated causal conv → (+ conditioning) → tanh·sigmoid gate →
+    residual (1×1) and skip (1×1) outputs.
+
+    ``forward(x (B, Rc, T), g (B, 2Dc, 1) | None, l (B, Dl, T) | None, state=None)``
+    → ``(residual (B, Rc, T) or None for the last layer, skip (B, Sc, T))``.
+    """
+
+    def __init__(self, cfg: WavenetConfig, dilation: int, last: bool):
+        super().__init__()
+        Dc = cfg.dilation_channels
+        self.conv = CausalConv1d(cfg.residual_channels, 2 * Dc, cfg.kernel_size, dilation)
+        self.global_proj = (nn.Linear(cfg.global_dim, 2 * Dc, bias=False)
+                            if cfg.n_subjects else None)
+        self.local_proj = (nn.Conv1d(cfg.local_channels, 2 * Dc, 1, bias=False)
+                           if cfg.local_channels else None)
+        # the last layer's residual output would be unused (and never get a gradient)
+        self.res = None if last else nn.Conv1d(Dc, cfg.residual_channels, 1)
+        self.skip = nn.Conv1d(Dc, cfg.skip_channels, 1)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
+                state: ConvState | None = None):
+        z = self.conv(x, state)  # (B, 2Dc, T)
+        if self.global_proj is not None:
+            z = z + self.global_proj(g)[:, :, None]
+        if self.local_proj is not None:
+            z = z + self.local_proj(local)
+        f, gate = z.chunk(2, dim=1)
+        h = torch.tanh(f) * torch.sigmoid(gate)  # (B, Dc, T)
+        res = None if self.res is None else x + self.res(h)
+        return res, self.skip(h)
+
+
+@register_model(
+    "WavenetFullChannel",
+    input_kind="tokens",
+    causal=True,
+    generation="tokens",
+    tiny_config={"num_channels": 3, "vocab_size": 16, "embed_dim": 4, "residual_channels": 8,
+                 "dilation_channels": 8, "skip_channels": 8, "layers_per_block": 3,
+                 "n_blocks": 1},
+    output_time_dim=-2,
+    default_loss="CrossEntropy",
+    config_class=WavenetConfig,
+)
+class WavenetFullChannel(nn.Module):
+    """WaveNet over all channels' tokens: ``(B, C, T)`` int64 → logits ``(B, C, T, V)``."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = cfg = WavenetConfig(**config)
+        self.embed = ChannelwiseTokenEmbedding(cfg.num_channels, cfg.vocab_size, cfg.embed_dim)
+        self.input_proj = nn.Conv1d(cfg.num_channels * cfg.embed_dim, cfg.residual_channels, 1)
+        self.subject_emb = OptionalEmbedding(cfg.n_subjects, cfg.global_dim, "subject")
+        dil = cfg.dilations
+        self.layers = nn.ModuleList(GatedResidualLayer(cfg, d, last=i == len(dil) - 1)
+                                    for i, d in enumerate(dil))
+        self.out = nn.Sequential(nn.ReLU(), nn.Conv1d(cfg.skip_channels, cfg.skip_channels, 1),
+                                 nn.ReLU(),
+                                 nn.Conv1d(cfg.skip_channels, cfg.num_channels * cfg.vocab_size, 1))
+        self.receptive_field = 1 + sum(layer.conv.context for layer in self.layers)
+
+    def _check_local(self, local: torch.Tensor | None, B: int, T: int) -> None:
+        Dl = self.config.local_channels
+        if Dl == 0:
+            if local is not None:
+                raise ValueError("local_cond was given but the model was built with "
+                                 "local_channels=0")
+            return
+        if local is None or local.dim() != 3 or local.shape[:2] != (B, Dl) or local.shape[2] < T:
+            got = None if local is None else tuple(local.shape)
+            raise ValueError(f"WavenetFullChannel: local_cond must be float (B={B}, "
+                             f"Dl={Dl}, T>={T}), got {got}")
+
+    def _run(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
+             states: list[ConvState] | None = None) -> torch.Tensor:
+        """Tokens ``(B, C, T)`` → logits ``(B, C, T, V)``, optionally streaming."""
+        h = self.input_proj(rearrange(self.embed(x), "b c t e -> b (c e) t"))  # (B, Rc, T)
+        skips = 0
+        for i, layer in enumerate(self.layers):
+            h, s = layer(h, g, local, None if states is None else states[i])
+            skips = skips + s
+        logits = self.out(skips)  # (B, C·V, T)
+        return rearrange(logits, "b (c v) t -> b c t v", c=self.config.num_channels)
+
+    def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
+                local_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Parameters
+        ----------
+        x : int64 (B, C, T) tokens in ``[0, V)``.
+        subject : int64 (B,), required iff ``n_subjects > 0`` (global conditioning).
+        local_cond : float (B, Dl, T), required iff ``local_channels > 0``; step t of the
+            output sees ``local_cond[..., :t+1]`` only.
+
+        Returns
+        -------
+        logits : (B, C, T, V); ``logits[:, :, t]`` predicts ``x[:, :, t+1]``.
+        """
+        cfg = self.config
+        check_tokens(x, cfg.num_channels, None, "WavenetFullChannel")
+        B, _, T = x.shape
+        self._check_local(local_cond, B, T)
+        local = None if local_cond is None else local_cond[..., :T]
+        return self._run(x, self.subject_emb(subject, B), local)
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
+        """Random tokens ``(batch_size, C, seq_len)`` (default 32 steps)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.num_channels, seq_len or 32),
+                          generator=g)
+        return x.to(self.input_proj.weight.device)
+
+    @torch.no_grad()
+    def generate(self, context: torch.Tensor, steps: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, subject: torch.Tensor | None = None,
+                 local_cond: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample ``steps`` new time steps after ``context (B, C, T0)``.
+
+        Parameters
+        ----------
+        context : int64 (B, C, T0)
+        temperature, top_k, top_p, generator : see :func:`ephys_gpt.layers.sampling.sample_logits`.
+        use_cache : stream through per-layer ring buffers (primed on the last
+            ``receptive_field`` context tokens) instead of re-running that window each step.
+        subject : int64 (B,), global conditioning.
+        local_cond : float (B, Dl, T0 + steps), local conditioning for context and future.
+
+        Returns
+        -------
+        int64 (B, C, T0 + steps)
+        """
+        cfg = self.config
+        check_token_context(context, cfg.num_channels, "WavenetFullChannel")
+        B, _, T0 = context.shape
+        self._check_local(local_cond, B, T0 + steps)
+        g = self.subject_emb(subject, B)
+        R = self.receptive_field
+        st: dict = {"states": None, "t": 0}
+
+        def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
+            L = window.shape[-1]
+            crop = window[..., -R:]
+            local = None if local_cond is None else local_cond[..., L - crop.shape[-1]:L]
+            st["states"] = [layer.conv.new_state() for layer in self.layers] if cached else None
+            st["t"] = L
+            return self._run(crop, g, local, st["states"])[:, :, -1]
+
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            t = st["t"]
+            local = None if local_cond is None else local_cond[..., t:t + 1]
+            st["t"] = t + 1
+            return self._run(tok[..., None], g, local, st["states"])[:, :, -1]
+
+        return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator, progress=progress, desc="WavenetFullChannel")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
