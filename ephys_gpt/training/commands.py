@@ -1,0 +1,103 @@
+"""Command-line sub-commands ``train``, ``test``, ``eval`` and ``list-models``.
+
+Registered into the ``ephys-gpt`` console script by :mod:`ephys_gpt.cli`; ``run.py`` at the
+repository root maps ``--mode train|test|eval`` onto the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--args", required=True, metavar="YAML", dest="config",
+                   help="run config (e.g. configs/gpt2meg/train.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override config keys, e.g. trainer.max_epochs=3 "
+                        "datasplitter.dataset_root=runs/demo/preprocessed/chunks")
+
+
+def cmd_train(args) -> int:
+    from ephys_gpt.training.experiment import ExperimentDL
+
+    exp = ExperimentDL(args.config, args.overrides, mode="train")
+    out = exp.train()
+    logger.info("training finished at step %d; best checkpoint %s; export %s",
+                out["global_step"], out["best"], out["export"])
+    return 0
+
+
+def cmd_test(args) -> int:
+    from ephys_gpt.training.experiment import ExperimentDL
+
+    exp = ExperimentDL(args.config, args.overrides, mode="test")
+    metrics = exp.test(getattr(args, "ckpt", None))
+    logger.info("test metrics (%s): %s", exp.save_dir / "test_metrics.json",
+                json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+def run_eval(config: dict):
+    """Run the eval runner named by ``config['eval_class']`` on a validated config."""
+    from ephys_gpt.eval.registry import get_eval_spec
+
+    spec = get_eval_spec(config.get("eval_class") or "EvalQuant")
+    options = spec.options.model_validate(config["eval"])
+    return spec.cls(config, options).run()
+
+
+def cmd_eval(args) -> int:
+    from ephys_gpt.training.config import load_config
+
+    config = load_config(args.config, args.overrides, mode="eval")
+    summary = run_eval(config)
+    logger.info("evaluation %s finished", config.get("eval_class"))
+    if isinstance(summary, dict):
+        logger.debug("summary: %s", json.dumps(summary, default=str)[:2000])
+    return 0
+
+
+def models_table() -> str:
+    """The registered models as an aligned text table."""
+    from ephys_gpt.models.registry import list_models
+
+    rows = [("name", "input kind", "causal", "generation", "description")]
+    for s in list_models():
+        rows.append((s.name, s.input_kind, "yes" if s.causal else "no",
+                     s.generation or "-", s.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    return "\n".join(lines)
+
+
+def cmd_list_models(args) -> int:
+    sys.stdout.write(models_table() + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``train``, ``test``, ``eval`` and ``list-models`` to the ``ephys-gpt`` parser."""
+    p = subparsers.add_parser("train", help="train a model from a run YAML")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("test", help="evaluate the best checkpoint on the test split")
+    _add_run_args(p)
+    p.add_argument("--ckpt", default=None, help="checkpoint to test (default: save_dir's best)")
+    p.set_defaults(func=cmd_test)
+
+    p = subparsers.add_parser("eval", help="run the eval runner (eval_class) of a run YAML")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("list-models", help="list the registered models")
+    p.set_defaults(func=cmd_list_models)

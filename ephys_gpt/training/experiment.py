@@ -1,0 +1,251 @@
+"""``ExperimentDL``: one training/testing run described by a validated run config.
+
+Outputs (DESIGN.md, contract 5) under ``save_dir``::
+
+    config.yaml                 the resolved config (paths absolute, model_config filled in)
+    checkpoints/best.ckpt       lowest val/loss (resumable Lightning checkpoint)
+    checkpoints/last.ckpt       end of the latest epoch (``resume_from: last`` continues it)
+    export/                     model.safetensors + config.json (from_pretrained, eval)
+    logs/csv/version_N/         metrics.csv
+    logs/tensorboard/version_N/ TensorBoard events
+    test_metrics.json           written by test()
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ephys_gpt.models.pretrained import save_pretrained
+from ephys_gpt.models.registry import get_model_spec
+from ephys_gpt.training.checkpoint import DATA_KEYS, load_model
+from ephys_gpt.training.config import ConfigError, dump_config, load_config
+from ephys_gpt.training.lit_model import LitModel
+
+logger = logging.getLogger(__name__)
+
+# Input kinds whose models index sensors (so model_config.num_channels must match the data).
+_CHANNEL_KINDS = {"tokens", "continuous", "continuous_meta", "labelled"}
+_TOKEN_KINDS = {"tokens", "image_tokens"}
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch values → JSON/YAML-safe Python values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dataset_info(dataset, dataset_name: str) -> dict[str, Any]:
+    """The description of a dataset stored with checkpoints and exports (plain values)."""
+    base = getattr(dataset, "dataset", dataset)  # unwrap torch Subset-like wrappers
+    info: dict[str, Any] = {"dataset_name": dataset_name}
+    for key in DATA_KEYS:
+        if key == "dataset_name":
+            continue
+        value = getattr(dataset, key, getattr(base, key, None))
+        info[key] = _plain(value)
+    return info
+
+
+def mixup_loader_class():
+    """``MixupDataLoader`` from wherever the dataset package defines it."""
+    for mod in ("ephys_gpt.dataset.mixup", "ephys_gpt.dataset.loaders",
+                "ephys_gpt.dataset.datasplitter", "ephys_gpt.dataset"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, "MixupDataLoader"):
+            return module.MixupDataLoader
+    raise ImportError("dataloader.mixup is set but ephys_gpt.dataset provides no MixupDataLoader")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class ExperimentDL:
+    """Train and test a registered model on a chunk-store (or LibriBrain) dataset.
+
+    Parameters
+    ----------
+    config : dict | str | PathLike
+        A run YAML path, or a config dict (validated again; a dict from :func:`load_config`
+        passes unchanged).
+    overrides : sequence of str
+        ``a.b=value`` overrides (only when ``config`` is a path or raw dict).
+    mode : str
+        ``train`` or ``test`` (``eval`` goes through the eval runners).
+    """
+
+    def __init__(self, config, overrides=(), *, mode: str = "train"):
+        self.config = load_config(config, overrides, mode=mode)
+        cfg = self.config
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        self.save_dir = Path(cfg["save_dir"])
+        self.ckpt_dir = self.save_dir / "checkpoints"
+        self.spec = get_model_spec(cfg["model_name"])
+
+        from ephys_gpt.dataset.datasplitter import get_splitter
+
+        kwargs = dict(cfg["datasplitter"])
+        if cfg.get("augmentations") is not None and "augmentations" not in kwargs:
+            kwargs["augmentations"] = cfg["augmentations"]
+        self.splits = get_splitter(cfg["dataset_name"])(**kwargs)
+        self.data_info = dataset_info(self.splits.train, cfg["dataset_name"])
+        self._fit_model_config()
+        self.lit = LitModel(cfg["model_name"], cfg["model_config"], cfg["loss_name"], cfg["loss"],
+                            cfg["lightning"], data_info=self.data_info, run_config=cfg)
+        self.trainer: L.Trainer | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _fit_model_config(self) -> None:
+        """Fill ``num_channels``/``vocab_size`` from the data when the model config omits them,
+        and refuse a model config that contradicts the data."""
+        cfg, info = self.config, self.data_info
+        fields = self.spec.config_fields() or set()
+        mcfg = cfg["model_config"]
+        n_ch = len(info["ch_names"]) if info.get("ch_names") else None
+        if "num_channels" in fields and n_ch and self.spec.input_kind in _CHANNEL_KINDS:
+            if "num_channels" not in mcfg:
+                mcfg["num_channels"] = n_ch
+                logger.info("model_config.num_channels = %d (from the dataset)", n_ch)
+            elif mcfg["num_channels"] != n_ch:
+                raise ConfigError(f"key 'model_config.num_channels' is {mcfg['num_channels']} but "
+                                  f"the dataset has {n_ch} channels; remove the key to take it "
+                                  "from the data")
+        quant = next((s for s in info.get("steps") or [] if s.get("name") == "mulaw_quantize"), None)
+        if "vocab_size" in fields and quant and self.spec.input_kind in _TOKEN_KINDS:
+            needed = 2 ** int(quant["n_bits"])
+            if "vocab_size" not in mcfg:
+                mcfg["vocab_size"] = needed
+                logger.info("model_config.vocab_size = %d (from the dataset's mu-law bits)", needed)
+            elif mcfg["vocab_size"] < needed:
+                raise ConfigError(f"key 'model_config.vocab_size' is {mcfg['vocab_size']} but the "
+                                  f"dataset's tokens take {needed} values ({quant['n_bits']}-bit "
+                                  "mu-law)")
+
+    def _loader(self, dataset, train: bool) -> DataLoader | None:
+        if dataset is None or len(dataset) == 0:
+            return None
+        d = self.config["dataloader"]
+        kw: dict[str, Any] = {
+            "batch_size": d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
+            "num_workers": d["num_workers"], "pin_memory": d["pin_memory"],
+            "shuffle": d["shuffle"] if train else False,
+            "drop_last": d["drop_last"] if train else False,
+        }
+        if d["num_workers"] > 0:
+            kw["persistent_workers"] = d["persistent_workers"]
+            if d["prefetch_factor"]:
+                kw["prefetch_factor"] = d["prefetch_factor"]
+        if train and d["mixup"]:
+            return mixup_loader_class()(dataset, **d["mixup"], **kw)
+        return DataLoader(dataset, **kw)
+
+    def _make_trainer(self, with_val: bool) -> L.Trainer:
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        logs = self.save_dir / "logs"
+        loggers = [CSVLogger(str(logs), name="csv"), TensorBoardLogger(str(logs), name="tensorboard")]
+        ckpt = ModelCheckpoint(dirpath=str(self.ckpt_dir), filename="best",
+                               monitor="val/loss" if with_val else None, mode="min",
+                               save_top_k=1, save_last=True, enable_version_counter=False)
+        callbacks = [ckpt, LearningRateMonitor(logging_interval="step")]
+        kwargs = {"log_every_n_steps": 10, **self.config["trainer"]}
+        return L.Trainer(default_root_dir=str(self.save_dir), logger=loggers,
+                         callbacks=callbacks, **kwargs)
+
+    def resume_path(self) -> str | None:
+        """The checkpoint ``train()`` continues from (``resume_from``; ``last`` if it exists)."""
+        resume = self.config["resume_from"]
+        if resume == "last":
+            last = self.ckpt_dir / "last.ckpt"
+            if last.is_file():
+                return str(last)
+            logger.info("resume_from: last, but %s does not exist yet; starting fresh", last)
+            return None
+        return resume
+
+    # ------------------------------------------------------------------ runs
+    def train(self) -> dict[str, Any]:
+        """Fit (continuing from ``resume_from`` if set), then export the best model.
+
+        Returns ``{"best": path, "last": path, "export": path, "global_step": int}``.
+        """
+        train_dl = self._loader(self.splits.train, train=True)
+        if train_dl is None:
+            raise ValueError(f"the training split is empty (dataset_root="
+                             f"{self.config['datasplitter'].get('dataset_root')})")
+        val_dl = self._loader(self.splits.val, train=False)
+        self.trainer = self._make_trainer(with_val=val_dl is not None)
+        if self.trainer.is_global_zero:
+            dump_config(self.config, self.save_dir / "config.yaml")
+        ckpt_path = self.resume_path()
+        if ckpt_path:
+            logger.info("resuming from %s", ckpt_path)
+        self.trainer.fit(self.lit, train_dataloaders=train_dl, val_dataloaders=val_dl,
+                         ckpt_path=ckpt_path)
+        out = {"best": self._ckpt("best"), "last": self._ckpt("last"),
+               "global_step": int(self.trainer.global_step), "export": None}
+        if self.trainer.is_global_zero:
+            out["export"] = str(self.export())
+        return out
+
+    def _ckpt(self, which: str) -> str | None:
+        p = self.ckpt_dir / f"{which}.ckpt"
+        return str(p) if p.is_file() else None
+
+    def export(self, ckpt: str | os.PathLike | None = None) -> Path:
+        """Write ``save_dir/export/`` from ``ckpt`` (default: best, else last, else the
+        in-memory model) with the dataset description, so eval needs no chunk store."""
+        ckpt = ckpt or self._ckpt("best") or self._ckpt("last")
+        if ckpt:
+            model, _ = load_model(ckpt)
+        else:
+            model = self.lit.model
+        extra = {**self.data_info, "config": self.config,
+                 "source_checkpoint": str(ckpt) if ckpt else None}
+        out = save_pretrained(model, self.save_dir / "export", extra=_plain(extra))
+        logger.info("exported %s to %s", self.config["model_name"], out)
+        return out
+
+    def test(self, ckpt_path: str | os.PathLike | None = None) -> dict[str, float]:
+        """Evaluate ``ckpt_path`` (default: best, else last checkpoint) on the test split and
+        write ``save_dir/test_metrics.json``."""
+        test_dl = self._loader(self.splits.test, train=False)
+        if test_dl is None:
+            raise ValueError("the test split is empty; set datasplitter.test_ratio > 0")
+        ckpt_path = ckpt_path or self._ckpt("best") or self._ckpt("last")
+        if ckpt_path is None:
+            raise FileNotFoundError(f"no checkpoint to test in {self.ckpt_dir} "
+                                    "(train first, or pass a checkpoint path)")
+        if self.trainer is None:
+            self.trainer = self._make_trainer(with_val=False)
+        results = self.trainer.test(self.lit, dataloaders=test_dl, ckpt_path=str(ckpt_path))
+        metrics = {k: float(v) for r in results for k, v in r.items()}
+        if self.trainer.is_global_zero:
+            _write_json_atomic(self.save_dir / "test_metrics.json",
+                               {"checkpoint": str(ckpt_path), "metrics": metrics})
+        return metrics
