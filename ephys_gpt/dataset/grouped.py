@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from ephys_gpt.preprocessing.transforms import mulaw_mu, mulaw_quantize
 
 logger = logging.getLogger(__name__)
 
-Augment = Callable[[torch.Tensor], torch.Tensor]
+Augment = Callable[[np.ndarray], np.ndarray]
 
 
 def example_labels_of(dataset: Any) -> np.ndarray:
@@ -265,34 +264,20 @@ class RandomLabelGroupedDataset(Dataset):
                 f"/{self.num_classes})")
 
 
-def build_augment(spec: Augment | Mapping | Sequence | str | os.PathLike | None) -> Augment | None:
-    """Turn an augmentation spec into a callable ``(C, T) tensor -> (C, T) tensor``.
+def build_augment(spec: Any, seed: int | None = None) -> Augment | None:
+    """Turn an augmentation spec into a callable ``(C, T) float32 array -> array``, or None.
 
-    ``spec`` is a callable (used as is), a config (mapping or list) for
-    :mod:`ephys_gpt.dataset.augmentations`, a path to such a YAML file, or None.
+    ``spec`` is a config for :mod:`ephys_gpt.dataset.augmentations` (a list of
+    ``{name: ..., <params>}``, a mapping, a YAML path, an ``Augmentations``), any other
+    callable taking and returning a numpy ``(C, T)`` array (used as is), or None.
     """
-    if spec is None or callable(spec):
+    if spec is None:
+        return None
+    from ephys_gpt.dataset.augmentations import Augmentations, as_augmentations
+
+    if callable(spec) and not isinstance(spec, Augmentations):
         return spec
-    if isinstance(spec, (str, os.PathLike)):
-        import yaml
-
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"augmentations file {str(path)!r} does not exist")
-        with open(path) as f:
-            spec = yaml.safe_load(f)
-        if spec is None:
-            return None
-    if not isinstance(spec, (Mapping, Sequence)):
-        raise TypeError(f"augmentations must be a callable, a config mapping/list, a YAML path "
-                        f"or None; got {type(spec).__name__}")
-    from ephys_gpt.dataset import augmentations as aug_module
-
-    builder = getattr(aug_module, "build_augmentations", None)
-    if builder is None:
-        raise ImportError("ephys_gpt.dataset.augmentations has no build_augmentations(config); "
-                          "pass a callable as `augmentations` instead")
-    return builder(spec)
+    return as_augmentations(spec, seed=seed)
 
 
 class GroupedDatasetAugmented(RandomLabelGroupedDataset):
@@ -300,9 +285,10 @@ class GroupedDatasetAugmented(RandomLabelGroupedDataset):
 
     Parameters (beyond :class:`RandomLabelGroupedDataset`)
     ------------------------------------------------------
-    augmentations : callable | mapping | list | path | None
-        Applied to each averaged training item ``x`` (C, T) (see :func:`build_augment`). Never
-        applied in deterministic (evaluation) mode.
+    augmentations : list | mapping | path | callable | None
+        Applied to each averaged training item ``x`` (C, T), before quantization (see
+        :func:`build_augment`; seeded with ``seed`` and the worker seed). Never applied in
+        deterministic (evaluation) mode.
     quantize_bits : int | None
         When set, items are mu-law tokens: int64 ``(C, T)`` in ``[0, 2**bits - 1]``
         (:func:`ephys_gpt.preprocessing.transforms.mulaw_quantize`).
@@ -318,14 +304,14 @@ class GroupedDatasetAugmented(RandomLabelGroupedDataset):
         self,
         dataset: Dataset,
         *,
-        augmentations: Augment | Mapping | Sequence | str | os.PathLike | None = None,
+        augmentations: Any = None,
         quantize_bits: int | None = None,
         quantize_scale: float = 1.0,
         steps: Sequence[dict] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(dataset, **kwargs)
-        self.augment = build_augment(augmentations)
+        self.augment = build_augment(augmentations, seed=self.seed)
         if quantize_bits is not None:
             mulaw_mu(quantize_bits)  # validates the bit depth
             if not quantize_scale or quantize_scale <= 0:
@@ -343,7 +329,8 @@ class GroupedDatasetAugmented(RandomLabelGroupedDataset):
         indices, label = self.group_indices(index)
         x = self.average(indices)
         if self.augment is not None and not self.deterministic:
-            x = self.augment(x)
+            out = self.augment(np.ascontiguousarray(x.numpy()))
+            x = torch.as_tensor(np.asarray(out, dtype=np.float32))
         if self.quantize_bits is not None:
             x = mulaw_quantize(x, self.quantize_bits, self.quantize_scale)
         return x, torch.tensor(label, dtype=torch.int64)

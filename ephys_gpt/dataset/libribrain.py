@@ -27,7 +27,7 @@ import logging
 import math
 import os
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,11 +38,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ephys_gpt._optional import require
-from ephys_gpt.dataset.grouped import (
-    GroupedDatasetAugmented,
-    RandomLabelGroupedDataset,
-    build_augment,
-)
+from ephys_gpt.dataset.grouped import GroupedDatasetAugmented, RandomLabelGroupedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +47,7 @@ __all__ = [
     "GroupedDatasetAugmented",
     "LibriBrainPhonemeDataset",
     "RandomLabelGroupedDataset",
+    "cached_channel_stats",
     "channel_stats",
     "check_run_files",
     "pnpl_offline",
@@ -170,7 +167,8 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
     """Check the h5 and events files of ``run_keys``; returns per-run ``{h5, events, sfreq, shape}``.
 
     ``missing="error"`` raises one FileNotFoundError listing every missing file;
-    ``"skip"`` drops runs with a missing file (logged) but fails when none is left. A present
+    ``"skip"`` drops runs with a missing file (logged) but fails when none is left. ``ch_names``
+    is the h5 file's ``channel_names`` attribute, or None when it has none. A present
     but malformed file (no ``data`` dataset, no ``sample_frequency``, missing event columns)
     is always a ValueError naming it.
     """
@@ -199,6 +197,10 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
                     raise ValueError(f"{h5}: expected a file attribute 'sample_frequency' (Hz); "
                                      f"found attributes {sorted(f.attrs.keys())}")
                 sfreq = float(np.asarray(f.attrs["sample_frequency"]).squeeze())
+                names = f.attrs.get("channel_names")
+                if names is not None:
+                    names = [n.decode() if isinstance(n, bytes) else str(n)
+                             for n in np.atleast_1d(names)]
         except OSError as err:
             raise ValueError(f"{h5}: not a readable HDF5 file ({err})") from err
         if len(shape) != 2 or min(shape) == 0:
@@ -211,7 +213,11 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
         if lacking:
             raise ValueError(f"{events}: expected tab-separated columns {list(_EVENT_COLUMNS)}; "
                              f"missing {lacking}, found {columns}")
-        found[key] = {"h5": h5, "events": events, "sfreq": sfreq, "shape": shape}
+        if names is not None and len(names) != shape[0]:
+            raise ValueError(f"{h5}: attribute 'channel_names' has {len(names)} names for "
+                             f"{shape[0]} channels in 'data'")
+        found[key] = {"h5": h5, "events": events, "sfreq": sfreq, "shape": shape,
+                      "ch_names": names}
 
     if absent:
         listing = "\n  ".join(f"{'-'.join(k)}: {', '.join(str(p) for p in ps)}" for k, ps in absent[:20])
@@ -283,6 +289,45 @@ def channel_stats(h5_paths: Sequence[str | os.PathLike], *, block_samples: int =
     return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
 
 
+STATS_CACHE_DIR = Path("derivatives") / "ephys_gpt"
+
+
+def cached_channel_stats(data_path: str | os.PathLike, h5_paths: Sequence[str | os.PathLike], *,
+                         cache: bool = True, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`channel_stats` of ``h5_paths``, cached under ``<data_path>/derivatives/ephys_gpt/``.
+
+    A full LibriBrain training set is tens of GB, so its statistics are computed once: the
+    cache file's name hashes the runs' paths, sizes and modification times, so a changed or
+    added run recomputes. The cache is a plain ``.npz`` (read with ``allow_pickle=False``),
+    written atomically; a read-only data folder just skips it.
+    """
+    import hashlib
+    import json
+
+    ident = [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns]
+             for p in sorted(map(str, h5_paths))]
+    digest = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+    path = Path(data_path) / STATS_CACHE_DIR / f"channel_stats_{digest}.npz"
+    if cache and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            mean, std = f["mean"], f["std"]
+        logger.info("LibriBrain channel statistics read from %s", path)
+        return mean, std
+    mean, std = channel_stats(h5_paths, progress=progress)
+    if cache:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, mean=mean, std=std)
+            os.replace(tmp, path)
+            logger.info("LibriBrain channel statistics cached in %s", path)
+        except OSError as err:
+            logger.info("could not cache LibriBrain channel statistics in %s (%s)", path, err)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return mean, std
+
+
 # --------------------------------------------------------------------------- example dataset
 
 
@@ -318,8 +363,9 @@ class LibriBrainPhonemeDataset(Dataset):
     ----------
     example_labels : np.ndarray
         int64 ``(N,)`` class id of every item, without reading any signal.
-    num_classes, label_names, labels (class ids present), sfreq, n_channels, n_times, run_keys,
-    steps (the normalize/clip steps applied, in the chunk store's format), input_kind.
+    num_classes, label_names, labels (class ids present), sfreq, n_channels, run_keys, input_kind;
+    n_times (= window_samples, T); ch_names (the h5 ``channel_names`` attribute, else
+    placeholders ``ch0 ...``); steps (the normalize/clip steps applied, chunk-store format).
     """
 
     input_kind = "labelled"
@@ -391,7 +437,9 @@ class LibriBrainPhonemeDataset(Dataset):
         self.run_keys = [tuple(k) for k in self.base.run_keys]
         self.sfreq = float(self.base.sfreq)
         self.n_channels = n_channels
-        self.n_times = int(self.base.points_per_sample)
+        self.n_times = self.window_samples = int(self.base.points_per_sample)
+        first = next(iter(files.values()))["ch_names"]
+        self.ch_names = first if first is not None else [f"ch{i}" for i in range(n_channels)]
         self.tmin, self.tmax = float(tmin), float(tmax)
         info = self.base.label_info
         self.num_classes = int(info["n_classes"])
@@ -468,8 +516,9 @@ def _as_run_spec(value: Any, name: str) -> Any:
 
 
 def split_datasets_libribrain(
-    data_path: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
     *,
+    dataset_root: str | os.PathLike | None = None,
     tmin: float = 0.0,
     tmax: float = 0.5,
     dataset_class: str = "RandomLabelGroupedDataset",
@@ -486,11 +535,12 @@ def split_datasets_libribrain(
     clipping_boundary: float | None = 10.0,
     channel_means: Sequence[float] | None = None,
     channel_stds: Sequence[float] | None = None,
-    augmentations: Callable | Mapping | Sequence | str | os.PathLike | None = None,
+    augmentations: Any = None,
     quantize_bits: int | None = None,
     quantize_scale: float | None = None,
     seed: int = 0,
     preload_h5: bool = False,
+    stats_cache: bool = True,
     progress: bool = True,
 ) -> Any:
     """LibriBrain phoneme train/val/test datasets from a local folder, offline.
@@ -499,6 +549,9 @@ def split_datasets_libribrain(
     ----------
     data_path : path
         Root of the downloaded LibriBrain data (layout: module docstring, docs/libribrain.md).
+    dataset_root : path
+        Same as ``data_path``: the name every splitter's run-YAML key uses
+        (``datasplitter.dataset_root``, resolved against the YAML's folder). Give one of them.
     tmin, tmax : float
         Window around each phoneme onset, seconds.
     dataset_class : str
@@ -520,10 +573,11 @@ def split_datasets_libribrain(
     label_type, preprocessing, clipping_boundary
         As in pnpl's ``LibriBrainPhoneme``.
     standardize : bool
-        z-score every split with the training runs' channel statistics (computed once, read
-        in blocks) unless ``channel_means``/``channel_stds`` are given.
-    augmentations : callable | mapping | list | path | None
-        ``GroupedDatasetAugmented`` only: applied to training items.
+        z-score every split with the training runs' channel statistics (read in blocks, never
+        a whole run in memory) unless ``channel_means``/``channel_stds`` are given.
+    augmentations : list | mapping | path | callable | None
+        ``GroupedDatasetAugmented`` only: applied to training items (the list format of
+        :mod:`ephys_gpt.dataset.augmentations`, e.g. ``[{name: gaussian_noise, std: 0.1}]``).
     quantize_bits, quantize_scale
         ``GroupedDatasetAugmented`` only: mu-law tokens with this many bits; the scale defaults
         to ``clipping_boundary`` (so no standardized value saturates), else 1.
@@ -531,6 +585,9 @@ def split_datasets_libribrain(
         Seeds the random training groups and the fixed evaluation groups.
     preload_h5 : bool
         Read each run into memory on first access.
+    stats_cache : bool
+        Cache the training statistics in ``<data_path>/derivatives/ephys_gpt/`` (see
+        :func:`cached_channel_stats`); the data files themselves are never written.
     progress : bool
         Show a progress bar while computing channel statistics.
 
@@ -541,6 +598,10 @@ def split_datasets_libribrain(
         (deterministic), so evaluation repeats exactly. Each dataset has ``num_classes``,
         ``label_names``, ``labels`` and ``input_kind == "labelled"``.
     """
+    if (data_path is None) == (dataset_root is None):
+        raise ValueError("give the LibriBrain folder as data_path or dataset_root (exactly one), "
+                         f"got data_path={data_path!r}, dataset_root={dataset_root!r}")
+    data_path = data_path if data_path is not None else dataset_root
     if dataset_class not in DATASET_CLASSES:
         raise ValueError(f"dataset_class must be one of {list(DATASET_CLASSES)} for LibriBrain, "
                          f"got {dataset_class!r}")
@@ -573,7 +634,8 @@ def split_datasets_libribrain(
 
     if standardize and (channel_means is None or channel_stds is None):
         h5_paths = [_paths(pnpl, data_path, preprocessing, k)[0] for k in runs["train"]]
-        channel_means, channel_stds = channel_stats(h5_paths, progress=progress)
+        channel_means, channel_stds = cached_channel_stats(data_path, h5_paths,
+                                                           cache=stats_cache, progress=progress)
 
     if quantize_scale is None:
         quantize_scale = clipping_boundary if clipping_boundary is not None else 1.0
@@ -602,7 +664,7 @@ def split_datasets_libribrain(
             kwargs["epoch_length"] = epoch_length
         if augmented:
             out[split] = GroupedDatasetAugmented(
-                examples, augmentations=build_augment(augmentations) if training else None,
+                examples, augmentations=augmentations if training else None,
                 quantize_bits=quantize_bits, quantize_scale=quantize_scale, **kwargs)
         else:
             out[split] = RandomLabelGroupedDataset(examples, **kwargs)

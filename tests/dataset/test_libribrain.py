@@ -56,6 +56,8 @@ def write_run(root: Path, key, seed: int) -> np.ndarray:
     with h5py.File(h5, "w") as f:
         f.create_dataset("data", data=data)
         f.attrs["sample_frequency"] = SFREQ
+        if key == VAL_KEY:
+            f.attrs["channel_names"] = [f"MEG0{i}11".encode() for i in range(N_CH)]
     onsets = np.arange(0.05, N_T / SFREQ, 0.3)  # the first starts before 0 with tmin=-0.1,
     rows = [("phoneme", SEGMENTS[i % 3], t) for i, t in enumerate(onsets)]  # the last runs past the end
     rows += [("phoneme", "sil", 2.0), ("phoneme", "oov_S", 2.5), ("word", "holmes", 3.0)]
@@ -113,6 +115,7 @@ def test_examples_read_through_pnpl(libri):
     np.testing.assert_allclose(train.channel_means, data.mean(1), rtol=1e-6)
     np.testing.assert_allclose(train.channel_stds, data.std(1), rtol=1e-6)
     np.testing.assert_allclose(sp.val.channel_stds, train.channel_stds)
+    assert sp.val.ch_names == ["MEG0011", "MEG0111", "MEG0211", "MEG0311"]
     want = expected_windows(train, runs[TRAIN_KEY], train.channel_means, train.channel_stds)
     for i in (0, 7, len(train) - 1):
         x, y = train[i]
@@ -123,6 +126,30 @@ def test_examples_read_through_pnpl(libri):
     raw = invert_steps(train[3][0].double(), train.steps)
     start = int((train.base.samples[train.indices[3]][4] + TMIN) * SFREQ)
     np.testing.assert_allclose(raw.numpy(), runs[TRAIN_KEY][:, start:start + T_WIN], atol=1e-4)
+
+
+def test_channel_stats_cached_beside_the_data(libri):
+    root, runs = libri
+    cache_dir = root / "derivatives" / "ephys_gpt"
+    split(root, stats_cache=False)
+    assert not cache_dir.exists()
+    first = split(root).train.dataset
+    (cache,) = cache_dir.glob("channel_stats_*.npz")
+    with h5py.File(h5_path(root, TRAIN_KEY), "r") as f:  # the data files are never written
+        assert set(f["data"].attrs) == set()
+    # A second split reads the cache (planted values show it is used) ...
+    np.savez(cache, mean=np.zeros(N_CH), std=np.full(N_CH, 2.0))
+    again = split(root).train.dataset
+    np.testing.assert_array_equal(again.channel_stds, np.full(N_CH, 2.0))
+    # ... until a training run changes.
+    with h5py.File(h5_path(root, TRAIN_KEY), "a") as f:
+        f["data"][0, :10] = 0.0
+    changed = split(root).train.dataset
+    assert len(list(cache_dir.glob("channel_stats_*.npz"))) == 2
+    data = runs[TRAIN_KEY].astype(np.float64)
+    data[0, :10] = 0.0
+    np.testing.assert_allclose(changed.channel_stds, data.std(1), rtol=1e-6)
+    assert not np.allclose(changed.channel_stds, first.channel_stds)
 
 
 def test_random_groups_average_k_examples_of_one_label(libri):
@@ -222,6 +249,23 @@ def test_mulaw_tokens_and_augmentations(libri):
     assert torch.allclose(decoded, plain.val[0][0], atol=0.2)
     with pytest.raises(ValueError, match="GroupedDatasetAugmented"):
         split(root, quantize_bits=8)
+
+
+def test_augmentations_from_config(libri):
+    pytest.importorskip("ephys_gpt.dataset.augmentations")
+    root, _ = libri
+    plain = split(root, seed=4)
+    sp = split(root, seed=4, dataset_class="GroupedDatasetAugmented",
+               augmentations=[{"name": "amplitude_scale", "low": 2.0, "high": 2.0, "p": 1.0}])
+    plain.train.set_epoch(0)
+    sp.train.set_epoch(0)
+    x, y = sp.train[0]
+    ref, ref_y = plain.train[0]
+    assert x.dtype == torch.float32 and int(y) == int(ref_y)
+    torch.testing.assert_close(x, 2 * ref)
+    torch.testing.assert_close(sp.val[0][0], plain.val[0][0])  # evaluation: not augmented
+    with pytest.raises(ValueError, match="unknown augmentation name"):
+        split(root, dataset_class="GroupedDatasetAugmented", augmentations=[{"name": "nope"}])
 
 
 @pytest.fixture
@@ -335,6 +379,14 @@ def test_splitter_returns_datasplits(libri):
     root, _ = libri
     sp = split(root)
     assert sp._fields == ("train", "val", "test")
+    assert sp.train.dataset.ch_names == [f"ch{i}" for i in range(N_CH)]
+    assert sp.train.dataset.window_samples == T_WIN
+    # dataset_root is the run YAML's name for the folder; exactly one of the two is given.
+    alias = lb.split_datasets_libribrain(dataset_root=root, train_runs=[list(TRAIN_KEY)],
+                                         group_size=4, progress=False)
+    assert [d.dataset.run_keys for d in alias] == [[TRAIN_KEY], [VAL_KEY], [TEST_KEY]]
+    with pytest.raises(ValueError, match="exactly one"):
+        lb.split_datasets_libribrain(root, dataset_root=root)
     assert [d.dataset.run_keys for d in sp] == [[TRAIN_KEY], [VAL_KEY], [TEST_KEY]]
     try:
         from ephys_gpt.dataset.datasplitter import DataSplits
