@@ -246,7 +246,7 @@ def format_validation_error(err: ValidationError, prefix: str = "",
         elif typ == "missing":
             lines.append(f"required key {path!r} is missing")
             kinds.append(ConfigError)
-        elif typ.endswith("_type") or typ in ("model_type", "dataclass_type", "is_instance_of"):
+        elif typ.endswith(("_type", "_parsing")) or typ == "is_instance_of":
             lines.append(f"key {path!r}: {e['msg'].lower()}, got {_describe(e.get('input'))}")
             kinds.append(ConfigTypeError)
         else:
@@ -277,7 +277,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _resolve(path: str, base: Path) -> str:
     p = Path(os.path.expanduser(str(path)))
-    return str(p if p.is_absolute() else (base / p).resolve())
+    # normpath, not resolve(): keep the user's symlinked folders as they named them
+    return os.path.normpath(p if p.is_absolute() else base / p)
 
 
 def _path_keys(cfg: dict) -> list[tuple[str, ...]]:
@@ -521,7 +522,7 @@ def load_config(path: str | os.PathLike | dict, overrides: Sequence[str] = (), *
     else:
         cfg_path = Path(path)
         raw = read_yaml(cfg_path, "run config")
-        base, source = cfg_path.resolve().parent, str(cfg_path)
+        base, source = Path(os.path.abspath(cfg_path)).parent, str(cfg_path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,8 @@ class ExperimentDL:
             raise ValueError(f"the training split is empty (dataset_root="
                              f"{self.config['datasplitter'].get('dataset_root')})")
         val_dl = self._loader(self.splits.val, train=False)
+        if self.config["trainer"].get("limit_val_batches", 1) in (0, 0.0):
+            val_dl = None
         self.trainer = self._make_trainer(with_val=val_dl is not None)
         if self.trainer.is_global_zero:
             dump_config(self.config, self.save_dir / "config.yaml")
@@ -207,6 +210,10 @@ class ExperimentDL:
             logger.info("resuming from %s", ckpt_path)
         self.trainer.fit(self.lit, train_dataloaders=train_dl, val_dataloaders=val_dl,
                          ckpt_path=ckpt_path)
+        if self.trainer.is_global_zero and not self._ckpt("best") and self._ckpt("last"):
+            # validation never ran (e.g. check_val_every_n_epoch > epochs): best = latest
+            shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / ".best.ckpt.tmp")
+            os.replace(self.ckpt_dir / ".best.ckpt.tmp", self.ckpt_dir / "best.ckpt")
         out = {"best": self._ckpt("best"), "last": self._ckpt("last"),
                "global_step": int(self.trainer.global_step), "export": None}
         if self.trainer.is_global_zero:
