@@ -1,0 +1,111 @@
+"""``ephys-gpt`` sub-commands of the preprocessing area: simulate, preprocess, convert-legacy.
+
+Each ``func(args)`` returns an exit code: 0 when everything succeeded, 1 when any recording
+or session failed (the others are still processed; failures are listed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add ``simulate``, ``preprocess`` and ``convert-legacy`` to the ``ephys-gpt`` parser."""
+    p = subparsers.add_parser(
+        "simulate", help="write simulated raw MEG sessions (osl-ephys MVAR template, 306 ch)",
+        description="Simulate 306-channel MEGIN resting-state MEG (150 Hz) from the MVAR model "
+                    "osl-ephys ships, as BIDS-like raw .fif sessions.")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--subjects", type=int, default=2, help="number of subjects (default 2)")
+    p.add_argument("--sessions", type=int, default=2, help="sessions per subject (default 2)")
+    p.add_argument("--seconds", type=float, default=60.0, help="seconds per session (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    p.add_argument("--faults", action="store_true",
+                   help="inject bad segments, noisy and flat channels (listed in a JSON sidecar)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing session files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    add_preprocess_parser(subparsers)
+
+    p = subparsers.add_parser(
+        "convert-legacy", help="convert the original toolkit's pickled .npy chunks (trusted only)",
+        description="Convert chunks of the original toolkit (pickled dicts in .npy files, one "
+                    "folder per session) into the chunk store. This unpickles the files, which "
+                    "executes code from them: only convert files you trust.")
+    p.add_argument("src", help="a legacy session folder, or a folder of them")
+    p.add_argument("dst", help="chunk store folder to write")
+    p.add_argument("--ch-type", default="mag",
+                   help="channel type for chunks that do not record ch_types (default mag)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert_legacy)
+
+
+def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "preprocess", help="stage 1 (osl-ephys) and stage 2 (chunks) from a YAML config",
+        description="Preprocess raw recordings: stage 1 cleans them with osl-ephys, stage 2 "
+                    "normalizes, clips, optionally mu-law quantizes and cuts them into the "
+                    "chunk store. Extra key=value arguments override the YAML "
+                    "(e.g. n_workers=4 preproc_config.clip.std_factor=4).")
+    add_preprocess_arguments(p)
+    p.set_defaults(func=cmd_preprocess)
+    return p
+
+
+def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--args", dest="config", metavar="YAML",
+                   help="preprocessing YAML (see configs/local/preprocess.yaml)")
+    p.add_argument("--stage", choices=("stage_1", "stage_2", "both"), default="both",
+                   help="which stage(s) to run (default both)")
+    p.add_argument("--dataset", choices=("omega", "bids", "files", "auto"), default=None,
+                   help="layout of data_path (default: the YAML's 'dataset', else auto)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override YAML keys; dotted keys reach into blocks")
+
+
+def cmd_simulate(args) -> int:
+    from ephys_gpt.preprocessing.simulate import SimulationConfig, simulate_dataset
+
+    cfg = SimulationConfig(subjects=args.subjects, sessions=args.sessions, seconds=args.seconds,
+                           seed=args.seed, faults=args.faults)
+    paths = simulate_dataset(args.out, cfg, progress=not args.no_progress,
+                             overwrite=args.overwrite)
+    logger.info("wrote %d session(s) to %s", len(paths), args.out)
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from ephys_gpt.preprocessing.config import load_preprocess_config
+    from ephys_gpt.preprocessing.pipeline import run_preprocess, summarize
+
+    overrides = list(args.overrides or [])
+    if args.dataset is not None:
+        overrides.append(f"dataset={args.dataset}")
+    if args.config is None and not any(o.startswith("data_path=") for o in overrides):
+        raise ValueError("preprocess needs --args <preprocess.yaml> (or at least "
+                         "data_path=<folder> on the command line)")
+    cfg = load_preprocess_config(args.config, overrides, require_data=args.stage != "stage_2")
+    result = run_preprocess(cfg, args.stage)
+    logger.info("%s", summarize(result, cfg))
+    if result.failed:
+        logger.error("%d failure(s):", len(result.failed))
+        for name, reason in result.failed.items():
+            logger.error("  %s: %s", name, reason)
+        return 1
+    return 0
+
+
+def cmd_convert_legacy(args) -> int:
+    from ephys_gpt.preprocessing.legacy import convert_legacy
+
+    result = convert_legacy(args.src, args.dst, progress=not args.no_progress,
+                            default_ch_type=args.ch_type)
+    logger.info("convert-legacy: %d converted, %d already done, %d failed -> %s",
+                len(result.written), len(result.skipped), len(result.failed), args.dst)
+    for name, reason in result.failed.items():
+        logger.error("  %s: %s", name, reason)
+    return 1 if result.failed else 0

@@ -1,0 +1,362 @@
+"""Stage 2: stage-1 ``*_preproc-raw.fif`` -> normalized (optionally mu-law) chunks in the store.
+
+Per session:
+
+1. Read the file with MNE, keep the ``picks`` channels (MEG by default) and load them.
+2. Bad channels (``info['bads']``): ``interpolate`` (MNE field/spline interpolation, the
+   default), ``zero`` (set to 0), or ``keep``. Channels are never dropped, so every session of
+   one system keeps the same channel set and can share a dataset.
+3. Bad segments: annotations whose description starts with ``bad`` (MNE's convention, e.g.
+   osl-ephys's ``bad_segment_mag``) are cut out. The recording splits into good spans; chunks
+   are cut inside each span, so a chunk never straddles a bad segment or the gap it leaves.
+   Leftovers shorter than ``min_chunk_seconds`` at the end of a span are dropped. Statistics
+   come from good samples only.
+4. The stage-2 steps in the configured order, each recorded in ``meta.json`` in the format of
+   :mod:`ephys_gpt.preprocessing.transforms`, so :func:`~ephys_gpt.preprocessing.transforms.invert_steps`
+   maps chunks back to stage-1 units:
+
+   - ``normalize``: per-channel ``(x - center) / scale``; ``robust`` (median, IQR/1.349) or
+     ``zscore`` (mean, std), from the session's good samples.
+   - ``clip``: per-channel ``[mean - s*std, mean + s*std]`` of the data after the previous
+     steps (good samples), ``s = std_factor``.
+   - ``mulaw_quantize``: tokens in ``[0, 2**n_bits - 1]`` of ``x / scale``; ``scale`` is the
+     configured value or the largest ``|x|`` over good samples (the clip bound after ``clip``).
+
+5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.dataset.store.write_session`
+   (atomic; ``meta.json`` last). Sessions whose ``meta.json`` exists are skipped on re-runs.
+
+Sessions run in parallel in a process pool when ``n_workers > 1``; a failing session is
+reported with its reason and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import ephys_gpt
+from ephys_gpt.dataset import store
+from ephys_gpt.preprocessing import transforms
+from ephys_gpt.preprocessing.sensors import channel_metadata
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_SUFFIX = "_preproc-raw.fif"
+RECORDING_SUFFIX = "_recording.json"
+
+
+@dataclass(frozen=True)
+class Stage2Settings:
+    """How stage 2 turns one cleaned recording into chunks.
+
+    Attributes
+    ----------
+    steps : dict
+        Ordered ``{step_name: params}`` (``normalize``, ``clip``, ``mulaw_quantize``), as in the
+        YAML's ``preproc_config``.
+    chunk_seconds : float
+        Chunk length in seconds.
+    min_chunk_seconds : float
+        Shortest leftover kept at the end of a good span.
+    picks : str
+        MNE channel selection (``"meg"``, ``"mag"``, ``"grad"``, ``"eeg"``, ``"data"``).
+    bad_channels : str
+        ``"interpolate"``, ``"zero"`` or ``"keep"``.
+    """
+
+    steps: dict[str, dict] = field(default_factory=lambda: {
+        "normalize": {"method": "robust"}, "clip": {"std_factor": 6.0}})
+    chunk_seconds: float = 10.0
+    min_chunk_seconds: float = 1.0
+    picks: str = "meg"
+    bad_channels: str = "interpolate"
+
+    def __post_init__(self):
+        if self.chunk_seconds <= 0:
+            raise ValueError(f"chunk_seconds must be > 0, got {self.chunk_seconds!r}")
+        if self.bad_channels not in ("interpolate", "zero", "keep"):
+            raise ValueError("bad_channels must be 'interpolate', 'zero' or 'keep', got "
+                             f"{self.bad_channels!r}")
+        names = list(self.steps)
+        for n in names:
+            if n not in ("normalize", "clip", "mulaw_quantize"):
+                raise ValueError(f"unknown stage-2 step {n!r}; allowed: normalize, clip, "
+                                 "mulaw_quantize")
+        if "mulaw_quantize" in names and names[-1] != "mulaw_quantize":
+            raise ValueError("'mulaw_quantize' must be the last stage-2 step")
+
+
+@dataclass
+class Stage2Result:
+    """Sessions written, skipped as complete, and failed (name -> reason)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def session_name(fif: str | os.PathLike) -> str:
+    """``.../<name>_preproc-raw.fif`` -> ``<name>`` (the chunk store session folder)."""
+    name = Path(fif).name
+    for suffix in (OUTPUT_SUFFIX, "_raw.fif", "-raw.fif", "_meg.fif", ".fif"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(fif).stem
+
+
+def _provenance(fif: Path) -> dict[str, Any]:
+    """Subject/session/task of a stage-1 file: from stage 1's JSON, else from the name."""
+    side = fif.with_name(session_name(fif) + RECORDING_SUFFIX)
+    if side.is_file():
+        import json
+
+        try:
+            rec = json.loads(side.read_text())
+            return {"source_file": rec.get("path"), "subject": rec.get("subject"),
+                    "session": rec.get("session"), "task": rec.get("task")}
+        except (json.JSONDecodeError, OSError):
+            logger.warning("ignoring unreadable %s", side)
+    ent = dict(re.findall(r"(?:^|_)(sub|ses|task)-([a-zA-Z0-9]+)", session_name(fif)))
+    return {"source_file": None, "subject": ent.get("sub"), "session": ent.get("ses"),
+            "task": ent.get("task")}
+
+
+def good_mask(raw) -> tuple[np.ndarray, list[list[float]]]:
+    """Boolean mask (T,) of samples outside ``bad*`` annotations, and those spans in seconds
+    (relative to the first sample)."""
+    n = raw.n_times
+    mask = np.ones(n, dtype=bool)
+    spans = []
+    ann = raw.annotations
+    for onset, duration, desc in zip(ann.onset, ann.duration, ann.description):
+        if not str(desc).lower().startswith("bad"):
+            continue
+        start = raw.time_as_index(onset, use_rounding=True, origin=ann.orig_time)[0]
+        stop = raw.time_as_index(onset + duration, use_rounding=True, origin=ann.orig_time)[0]
+        start, stop = max(int(start), 0), min(int(stop), n)
+        if stop <= start and duration > 0:
+            continue
+        stop = max(stop, start + 1)  # a zero-length bad annotation still removes its sample
+        mask[start:stop] = False
+        spans.append([start / raw.info["sfreq"], stop / raw.info["sfreq"]])
+    return mask, spans
+
+
+def good_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges of the True runs of ``mask``."""
+    padded = np.r_[False, mask, False].astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def chunk_bounds(spans: Sequence[tuple[int, int]], chunk: int, min_len: int
+                 ) -> list[tuple[int, int]]:
+    """Cut each good span into ``chunk``-sample pieces; keep leftovers of >= ``min_len``."""
+    out = []
+    for a, b in spans:
+        for s in range(a, b, chunk):
+            e = min(s + chunk, b)
+            if e - s >= max(min_len, 1):
+                out.append((s, e))
+    return out
+
+
+def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
+                ) -> tuple[np.ndarray, list[dict]]:
+    """Apply the stage-2 steps to ``x`` (C, T) float32 in order; return the result and the
+    recorded steps (with their fitted statistics). ``good`` (T,) selects the samples that
+    statistics come from."""
+    recorded: list[dict] = []
+    for name, params in steps.items():
+        sample = x[:, good] if not good.all() else x  # (C, T_good)
+        if name == "normalize":
+            method = params.get("method", "robust")
+            center, scale = transforms.normalize_stats(sample, method)
+            x -= center[:, None].astype(np.float32)
+            x /= scale[:, None].astype(np.float32)
+            recorded.append({"name": "normalize", "method": method,
+                             "center": center.tolist(), "scale": scale.tolist()})
+        elif name == "clip":
+            s = float(params.get("std_factor", 6.0))
+            mean = sample.mean(axis=1, dtype=np.float64)
+            std = sample.std(axis=1, dtype=np.float64)
+            low, high = mean - s * std, mean + s * std
+            np.clip(x, low[:, None].astype(np.float32), high[:, None].astype(np.float32), out=x)
+            recorded.append({"name": "clip", "std_factor": s,
+                             "low": low.tolist(), "high": high.tolist()})
+        elif name == "mulaw_quantize":
+            n_bits = int(params.get("n_bits", 8))
+            scale = params.get("scale")
+            if scale is None:
+                scale = float(np.abs(sample).max()) if sample.size else 1.0
+                scale = scale if scale > 0 else 1.0
+            x = transforms.mulaw_quantize(x, n_bits, float(scale))
+            recorded.append({"name": "mulaw_quantize", "n_bits": n_bits,
+                             "mu": transforms.mulaw_mu(n_bits), "scale": float(scale)})
+        else:
+            raise ValueError(f"unknown stage-2 step {name!r}")
+    return x, recorded
+
+
+def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
+                    settings: Stage2Settings, name: str | None = None) -> Path:
+    """Turn one stage-1 file into a chunk-store session; returns its folder.
+
+    Raises ValueError naming the file when MNE cannot read it, it has no channels of
+    ``settings.picks``, it contains NaN/Inf, or no good data is left after bad segments.
+    """
+    import mne
+
+    fif = Path(fif)
+    name = name or session_name(fif)
+    if not fif.is_file():
+        raise FileNotFoundError(f"stage-1 file {fif} does not exist")
+    try:
+        with mne.utils.use_log_level("ERROR"):
+            raw = mne.io.read_raw_fif(fif, preload=False)
+    except Exception as err:  # MNE raises many types for corrupt files
+        raise ValueError(f"{fif}: MNE cannot read it as a raw .fif file: "
+                         f"{type(err).__name__}: {err}") from None
+    try:
+        with mne.utils.use_log_level("ERROR"):
+            raw.pick(settings.picks, exclude=[])
+    except ValueError as err:
+        raise ValueError(f"{fif}: no channels match picks={settings.picks!r} "
+                         f"({err}); channel types present: "
+                         f"{sorted(set(raw.get_channel_types()))}") from None
+    with mne.utils.use_log_level("ERROR"):
+        raw.load_data()
+    sfreq = float(raw.info["sfreq"])
+    bads = [b for b in raw.info["bads"] if b in raw.ch_names]
+    data = raw.get_data()  # (C, T) float64
+    finite = np.isfinite(data).all(axis=1)
+    if not finite.all():
+        bad_ch = [raw.ch_names[i] for i in np.flatnonzero(~finite)][:5]
+        raise ValueError(f"{fif}: the data contains NaN or Inf (channels {bad_ch}"
+                         f"{' ...' if (~finite).sum() > 5 else ''}); fix or exclude this "
+                         "recording")
+    if bads and settings.bad_channels == "interpolate":
+        try:
+            with mne.utils.use_log_level("ERROR"):
+                raw.interpolate_bads(reset_bads=True, mode="fast")
+        except Exception as err:
+            raise ValueError(f"{fif}: could not interpolate bad channels {bads}: {err}; "
+                             "set bad_channels: zero or keep") from None
+        data = raw.get_data()
+    elif bads and settings.bad_channels == "zero":
+        data[[raw.ch_names.index(b) for b in bads]] = 0.0
+    mask, bad_spans = good_mask(raw)
+    n_good = int(mask.sum())
+    chunk = max(int(round(settings.chunk_seconds * sfreq)), 1)
+    min_len = int(round(settings.min_chunk_seconds * sfreq))
+    bounds = chunk_bounds(good_spans(mask), chunk, min_len)
+    if not bounds:
+        raise ValueError(f"{fif}: no good segment of at least {settings.min_chunk_seconds} s "
+                         f"({n_good} of {raw.n_times} samples outside bad annotations)")
+    sensors = channel_metadata(raw.info)
+    n_times = raw.n_times
+    x = data.astype(np.float32)  # (C, T); stage 2 works in float32 from here on
+    del data, raw
+    x, steps = apply_steps(x, mask, settings.steps)
+    meta = {
+        "sfreq": sfreq,
+        **sensors,
+        "chunk_samples": chunk,
+        "steps": steps,
+        "provenance": {
+            **_provenance(fif),
+            "stage1_file": str(fif),
+            "recording": name,
+            "ephys_gpt_version": ephys_gpt.__version__,
+            "bad_channels": bads,
+            "bad_channel_handling": settings.bad_channels,
+            "bad_segments_seconds": bad_spans,
+            "samples_total": int(n_times),
+            "samples_in_chunks": int(sum(b - a for a, b in bounds)),
+            "chunk_starts": [int(a) for a, _ in bounds],
+        },
+    }
+
+    def chunks() -> Iterator[np.ndarray]:
+        for a, b in bounds:
+            yield x[:, a:b]
+
+    return store.write_session(out_root, name, chunks(), meta)
+
+
+def _process_one(fif: str, out_root: str, settings: Stage2Settings, name: str) -> str:
+    """Process-pool entry point (module level so it pickles by reference)."""
+    return str(process_session(fif, out_root, settings, name))
+
+
+def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
+               settings: Stage2Settings | None = None, *, n_workers: int = 1,
+               progress: bool = True) -> Stage2Result:
+    """Run stage 2 over stage-1 files ``inputs`` into the chunk store ``out_root``.
+
+    Finished sessions (``meta.json`` present) are skipped; leftovers of interrupted runs are
+    removed first. Failures are collected in the result with their reason, never raised.
+    """
+    settings = settings or Stage2Settings()
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    store.clean_partial(out_root)
+    result = Stage2Result()
+    todo: list[tuple[str, str]] = []
+    names: dict[str, Path] = {}
+    for fif in inputs:
+        name = session_name(fif)
+        if name in names:
+            result.failed[name] = (f"{fif}: another stage-1 file ({names[name]}) maps to the same "
+                                   "session name")
+            continue
+        names[name] = Path(fif)
+        if store.is_complete(out_root, name):
+            result.skipped.append(name)
+        else:
+            todo.append((str(fif), name))
+    if result.skipped:
+        logger.info("stage 2: %d session(s) already complete, skipping", len(result.skipped))
+    bar = tqdm(total=len(todo), desc="stage 2 (chunks)", unit="session", disable=not progress)
+    if n_workers > 1 and len(todo) > 1:
+        ctx = get_context("spawn")  # no fork of a process holding torch/BLAS threads
+        with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(_process_one, f, str(out_root), settings, n): (f, n)
+                       for f, n in todo}
+            for fut in as_completed(futures):
+                _, name = futures[fut]
+                _record(result, name, fut.exception(), fut)
+                bar.update()
+    else:
+        for f, name in todo:
+            try:
+                result.written.append(process_session(f, out_root, settings, name))
+            except Exception as err:  # reported at the end; the other sessions go on
+                _record(result, name, err, None)
+            bar.update()
+    bar.close()
+    logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
+                len(result.skipped), len(result.failed))
+    return result
+
+
+def _record(result: Stage2Result, name: str, err: BaseException | None, fut) -> None:
+    if err is None:
+        result.written.append(Path(fut.result()))
+        return
+    result.failed[name] = str(err)
+    logger.error("stage 2 failed for %s: %s", name, err)
