@@ -235,11 +235,18 @@ class RandomLabelGroupedDataset(Dataset):
     # ----------------------------------------------------------------------------- items
 
     def average(self, indices: Sequence[int]) -> torch.Tensor:
-        """Mean of the examples ``indices`` as float32 ``(C, T)``."""
+        """Mean of the examples ``indices`` as float32 ``(C, T)``.
+
+        Uses the dataset's batched reader ``examples(indices) -> (k, C, T)`` when it has one
+        (:class:`~ephys_gpt.dataset.libribrain.LibriBrainPhonemeDataset` does), else reads
+        the items one by one.
+        """
+        if hasattr(self.dataset, "examples"):
+            stack = np.asarray(self.dataset.examples(indices))
+            return torch.from_numpy(stack.mean(axis=0, dtype=np.float64).astype(np.float32))
         total = None
         for i in indices:
-            x = self.dataset[int(i)][0]
-            x = torch.as_tensor(x, dtype=torch.float32)
+            x = torch.as_tensor(self.dataset[int(i)][0], dtype=torch.float64)
             if total is None:
                 total = x.clone()
             elif x.shape != total.shape:
@@ -247,7 +254,7 @@ class RandomLabelGroupedDataset(Dataset):
                                  f"{tuple(total.shape)}: grouped examples must share (C, T)")
             else:
                 total += x
-        return total / len(indices)
+        return (total / len(indices)).to(torch.float32)
 
     def __len__(self) -> int:
         return self.epoch_length

@@ -469,6 +469,11 @@ class LibriBrainPhonemeDataset(Dataset):
         self.labels = np.unique(self.example_labels).tolist()
 
         self.channel_means, self.channel_stds = channel_means, channel_stds
+        self.clipping_boundary = None if clipping_boundary is None else float(clipping_boundary)
+        self._center = self._scale = None
+        if standardize:
+            self._center = channel_means.astype(np.float32)[:, None]  # (C, 1)
+            self._scale = channel_stds.astype(np.float32)[:, None]
         self.steps: list[dict] = []
         if standardize:
             self.steps.append({"name": "normalize", "method": "zscore",
@@ -482,16 +487,34 @@ class LibriBrainPhonemeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, label)``: x float32 (C, T), label int64 scalar."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} LibriBrain windows")
+    def examples(self, items: Sequence[int]) -> np.ndarray:
+        """Windows of ``items`` as float32 ``(k, C, T)``: read by pnpl, standardized and clipped.
+
+        pnpl reads each window (its h5 handle cache or ``preload_h5`` array); the z-scoring and
+        clipping of pnpl's ``StandardizationMixin.standardize`` are applied once to the stack,
+        which is what makes averaging 100 windows cheap.
+        """
         if os.getpid() != self._pid:
             # A forked DataLoader worker must not read through the parent's HDF5 handles.
             self.base.close_h5_files()
             self._pid = os.getpid()
-        x, _ = self.base[int(self.indices[index])]
-        return x.to(torch.float32), torch.tensor(int(self.example_labels[index]), dtype=torch.int64)
+        out = np.empty((len(items), self.n_channels, self.n_times), dtype=np.float32)
+        for j, item in enumerate(items):
+            sample = self.base.samples[self.indices[item]]
+            out[j] = self.base.load_continuous_window_from_sample(sample)
+        if self._center is not None:
+            out -= self._center
+            out /= self._scale
+        if self.clipping_boundary is not None:
+            np.clip(out, -self.clipping_boundary, self.clipping_boundary, out=out)
+        return out
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, label)``: x float32 (C, T), label int64 scalar."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} LibriBrain windows")
+        x = torch.from_numpy(self.examples([index])[0])
+        return x, torch.tensor(int(self.example_labels[index]), dtype=torch.int64)
 
     def __getstate__(self) -> dict:
         # Open HDF5 handles cannot be pickled (spawned workers); they reopen lazily.

@@ -389,7 +389,10 @@ def test_splitter_returns_datasplits(libri):
         lb.split_datasets_libribrain(root, dataset_root=root)
     assert [d.dataset.run_keys for d in sp] == [[TRAIN_KEY], [VAL_KEY], [TEST_KEY]]
     try:
-        from ephys_gpt.dataset.datasplitter import DataSplits
+        from ephys_gpt.dataset.datasplitter import DataSplits, dataset_input_kind, get_splitter
     except ImportError:
         return
     assert isinstance(sp, DataSplits)
+    assert get_splitter("libribrain") is lb.split_datasets_libribrain
+    for name in lb.DATASET_CLASSES:
+        assert dataset_input_kind("libribrain", {"dataset_class": name}) == "labelled"
