@@ -1,0 +1,346 @@
+"""Window indexing and train/val/test splits over a chunk store.
+
+:func:`build_indices` turns the sessions of a chunk store into windows
+``(session_idx, chunk_idx, start)``; :func:`split_datasets` assigns them to train/val/test and
+instantiates one dataset class per split (see ``datasets.py`` and ``docs/datasets.md``).
+
+Splitting (``split_by``):
+
+- ``"session"`` (default): whole sessions go to one split. Shuffled with ``seed``.
+- ``"subject"``: whole subjects (``provenance.subject`` in ``meta.json``) go to one split, so
+  no subject is seen in training and tested on.
+- ``"time"``: every session is cut in time: the first ``1 - val_ratio - test_ratio`` of its
+  samples train, the next ``val_ratio`` validate, the last ``test_ratio`` test. Windows are
+  laid out inside each part, so none straddles a cut and no sample is in two splits. This is the choice for a
+  store with a single session (or fewer sessions/subjects than splits): ``"session"`` and
+  ``"subject"`` refuse such stores with an error that points here, rather than silently
+  changing what the validation score means.
+
+With ``val_ratio > 0`` (or ``test_ratio > 0``) each of those splits gets at least one session
+(subject); the training split must keep at least one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections import namedtuple
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ephys_gpt.dataset.augmentations import as_augmentations
+from ephys_gpt.dataset.datasets import (
+    ChunkDataset,
+    ChunkDatasetForecastCont,
+    ChunkDatasetImage,
+    ChunkDatasetImageQuantized,
+    ChunkDatasetReconstruction,
+    ChunkWindowDataset,
+)
+from ephys_gpt.dataset.store import (
+    SessionMeta,
+    StoreError,
+    check_compatible,
+    list_sessions,
+    load_chunk,
+)
+
+logger = logging.getLogger(__name__)
+
+DataSplits = namedtuple("DataSplits", ["train", "val", "test"])
+DataSplits.__doc__ = "The train, val and test datasets of one split (any may hold 0 windows)."
+
+#: Chunk-store dataset classes by name (``datasplitter.dataset_class`` in run configs).
+DATASET_CLASSES: dict[str, type[ChunkWindowDataset]] = {
+    cls.__name__: cls for cls in (ChunkDataset, ChunkDatasetForecastCont,
+                                  ChunkDatasetReconstruction, ChunkDatasetImage,
+                                  ChunkDatasetImageQuantized)
+}
+
+SPLIT_BY = ("session", "subject", "time")
+
+_SPLITTERS = {
+    "omega": "ephys_gpt.dataset.datasplitter:split_datasets",
+    "chunks": "ephys_gpt.dataset.datasplitter:split_datasets",
+    "libribrain": "ephys_gpt.dataset.libribrain:split_datasets_libribrain",
+}
+
+
+def get_dataset_class(name: str) -> type[ChunkWindowDataset]:
+    """The chunk dataset class called ``name`` (error lists the valid names)."""
+    if name not in DATASET_CLASSES:
+        raise ValueError(f"unknown dataset_class {name!r}; valid: {sorted(DATASET_CLASSES)}")
+    return DATASET_CLASSES[name]
+
+
+def seconds_to_samples(seconds: Any, sfreq: float, key: str) -> int:
+    """``round(seconds * sfreq)``, checked to be at least one sample; errors name ``key``."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{key} must be a positive number of seconds, got {seconds!r}")
+    n = int(round(seconds * sfreq))
+    if n < 1:
+        raise ValueError(f"{key}={seconds} s is less than one sample at {sfreq:g} Hz")
+    return n
+
+
+def build_indices(root_or_metas: str | Path | Sequence[SessionMeta], window_samples: int, *,
+                  stride_samples: int | None = None, extra_samples: int = 0,
+                  validate_chunks: bool = True) -> tuple[list[SessionMeta], np.ndarray]:
+    """Index all windows of a chunk store.
+
+    Parameters
+    ----------
+    root_or_metas : path or list of SessionMeta
+        The store's root (scanned with :func:`store.list_sessions`) or its sessions.
+    window_samples : int
+        T, the window length returned by the datasets.
+    stride_samples : int, optional
+        Distance between window starts; default ``window_samples`` (non-overlapping).
+    extra_samples : int
+        Samples read beyond ``window_samples`` (1 for datasets whose targets are shifted).
+    validate_chunks : bool
+        Open every chunk's header once (memory-mapped; reads no data) so that a missing,
+        truncated or mis-shaped file fails here, naming the file, rather than mid-epoch.
+
+    Returns
+    -------
+    metas : list of SessionMeta
+    indices : int64 array (N, 3)
+        ``(session_idx, chunk_idx, start)``; a window reads samples
+        ``[start, start + window_samples + extra_samples)`` of one chunk, always inside it.
+        Chunks shorter than that yield no window (counted in a log message).
+    """
+    if isinstance(root_or_metas, (str, Path)):
+        metas = list_sessions(root_or_metas)
+    else:
+        metas = list(root_or_metas)
+        if not metas:
+            raise ValueError("build_indices needs at least one session")
+    check_compatible(metas)
+    for key, v, lo in (("window_samples", window_samples, 1), ("extra_samples", extra_samples, 0),
+                       ("stride_samples", stride_samples if stride_samples is not None else 1, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
+    stride = int(stride_samples) if stride_samples is not None else int(window_samples)
+    need = int(window_samples) + int(extra_samples)
+    rows, dropped, n_chunks = [], 0, 0
+    for s, meta in enumerate(metas):
+        for c, length in enumerate(meta.chunk_lengths):
+            n_chunks += 1
+            if validate_chunks:
+                load_chunk(meta, c, mmap=True)
+            if length < need:
+                dropped += 1
+                continue
+            starts = np.arange(0, length - need + 1, stride, dtype=np.int64)
+            block = np.empty((len(starts), 3), dtype=np.int64)
+            block[:, 0], block[:, 1], block[:, 2] = s, c, starts
+            rows.append(block)
+    if dropped:
+        logger.info("%d of %d chunk(s) are shorter than a window of %d samples and yield no "
+                    "window", dropped, n_chunks, need)
+    if not rows:
+        raise StoreError(f"no chunk of {metas[0].path.parent} holds a window of {need} samples "
+                         f"(longest chunk: {max(max(m.chunk_lengths) for m in metas)} samples); "
+                         "lower example_seconds or re-run stage 2 with longer chunks")
+    indices = np.concatenate(rows)
+    logger.debug("indexed %d windows of %d samples in %d sessions", len(indices), need,
+                 len(metas))
+    return metas, indices
+
+
+# ------------------------------------------------------------------------------------ splits
+def _check_ratio(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _group_split(keys: list[str], what: str, val_ratio: float, test_ratio: float, seed: int,
+                 root: Any) -> dict[str, int]:
+    """Assign each distinct key to split 0 (train), 1 (val) or 2 (test)."""
+    groups = sorted(set(keys))
+    n = len(groups)
+    n_val = max(1, round(val_ratio * n)) if val_ratio > 0 else 0
+    n_test = max(1, round(test_ratio * n)) if test_ratio > 0 else 0
+    if n - n_val - n_test < 1:
+        need = 1 + (val_ratio > 0) + (test_ratio > 0)
+        raise ValueError(
+            f"split_by={what!r} with val_ratio={val_ratio} and test_ratio={test_ratio} needs at "
+            f"least {need} {what}s (one per non-empty split), but {root} has {n}: {groups[:10]}. "
+            f"Use split_by='time' to split each session in time, set the ratios to 0, or add "
+            f"{what}s")
+    order = np.random.default_rng(seed).permutation(n)
+    assign = {}
+    for rank, gi in enumerate(order):
+        assign[groups[gi]] = 1 if rank < n_val else 2 if rank < n_val + n_test else 0
+    return assign
+
+
+def _time_split(metas: list[SessionMeta], read: int, stride: int, val_ratio: float,
+                test_ratio: float) -> list[np.ndarray]:
+    """Windows of each split for ``split_by='time'``: (train, val, test) index arrays.
+
+    Each session's timeline (its chunks end to end) is cut at ``1 - val - test`` and
+    ``1 - test`` of its length; windows are laid out afresh inside every (chunk, split)
+    segment, so none crosses a cut or a chunk boundary.
+    """
+    out: list[list[np.ndarray]] = [[], [], []]
+    for s, meta in enumerate(metas):
+        total = sum(meta.chunk_lengths)
+        cuts = [0, int(round((1.0 - val_ratio - test_ratio) * total)),
+                int(round((1.0 - test_ratio) * total)), total]
+        offset = 0
+        for c, length in enumerate(meta.chunk_lengths):
+            for label in range(3):
+                lo = max(cuts[label], offset) - offset
+                hi = min(cuts[label + 1], offset + length) - offset
+                if hi - lo < read:
+                    continue
+                starts = np.arange(lo, hi - read + 1, stride, dtype=np.int64)
+                block = np.empty((len(starts), 3), dtype=np.int64)
+                block[:, 0], block[:, 1], block[:, 2] = s, c, starts
+                out[label].append(block)
+            offset += length
+    return [np.concatenate(b) if b else np.zeros((0, 3), dtype=np.int64) for b in out]
+
+
+def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDataset",
+                   example_seconds: float = 2.0, stride_seconds: float | None = None,
+                   split_by: str = "session", val_ratio: float = 0.1, test_ratio: float = 0.1,
+                   seed: int = 0, augmentations: Any = None,
+                   dataset_kwargs: Mapping[str, Any] | None = None) -> DataSplits:
+    """Index a chunk store, split it and build one dataset per split.
+
+    Parameters
+    ----------
+    dataset_root : path
+        The chunk store (stage 2's output folder).
+    dataset_class : str
+        A key of :data:`DATASET_CLASSES`.
+    example_seconds : float
+        Window length T (seconds); shifted kinds read one extra sample.
+    stride_seconds : float, optional
+        Distance between window starts; default ``example_seconds`` (no overlap).
+    split_by : {"session", "subject", "time"}
+        See the module docstring.
+    val_ratio, test_ratio : float
+        Fractions of sessions / subjects / time for validation and test (each in [0, 1)).
+    seed : int
+        Makes the split (and the training augmentations) reproducible.
+    augmentations : list / mapping / path, optional
+        Applied to the training split only (see ``augmentations.py``).
+    dataset_kwargs : mapping, optional
+        Extra keyword arguments of the dataset class (``quantize``, ``target_shift``,
+        ``image_size``, ``planes``, ``check_finite``...).
+
+    Returns
+    -------
+    DataSplits(train, val, test)
+        Each dataset holds the sessions of its split; a split with no windows is an empty
+        dataset (``len == 0``), except the training split, which must have windows.
+    """
+    cls = get_dataset_class(dataset_class)
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {list(SPLIT_BY)}, got {split_by!r}")
+    val_ratio = _check_ratio("val_ratio", val_ratio)
+    test_ratio = _check_ratio("test_ratio", test_ratio)
+    if val_ratio + test_ratio >= 1.0:
+        raise ValueError(f"val_ratio + test_ratio must be below 1 (training needs data), got "
+                         f"{val_ratio} + {test_ratio}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if dataset_kwargs is None:
+        dataset_kwargs = {}
+    if not isinstance(dataset_kwargs, Mapping):
+        raise ValueError(f"dataset_kwargs must be a mapping, got {dataset_kwargs!r}")
+    dataset_kwargs = dict(dataset_kwargs)
+    if "augmentations" in dataset_kwargs:
+        raise ValueError("pass augmentations as split_datasets(augmentations=...), not inside "
+                         "dataset_kwargs (they apply to the training split only)")
+
+    metas = list_sessions(dataset_root)
+    check_compatible(metas)
+    sfreq = metas[0].sfreq
+    window = seconds_to_samples(example_seconds, sfreq, "example_seconds")
+    stride = (seconds_to_samples(stride_seconds, sfreq, "stride_seconds")
+              if stride_seconds is not None else None)
+    extra = cls.extra_samples(**dataset_kwargs)
+    metas, idx = build_indices(metas, window, stride_samples=stride, extra_samples=extra)
+
+    if split_by == "time":
+        per_split = _time_split(metas, window + extra, stride or window, val_ratio, test_ratio)
+    else:
+        if split_by == "session":
+            keys = [m.name for m in metas]
+        else:
+            keys = []
+            for m in metas:
+                subject = m.provenance.get("subject")
+                if subject in (None, ""):
+                    raise StoreError(f"{m.path / 'meta.json'} has no provenance.subject, which "
+                                     "split_by='subject' needs; use split_by='session'")
+                keys.append(str(subject))
+        assign = _group_split(keys, split_by, val_ratio, test_ratio, seed, dataset_root)
+        session_split = np.array([assign[k] for k in keys], dtype=np.int64)
+        labels = session_split[idx[:, 0]]
+        per_split = [idx[labels == label] for label in range(3)]
+
+    augs = as_augmentations(augmentations, seed=seed)
+    splits = []
+    for label, name in enumerate(("train", "val", "test")):
+        rows = per_split[label]
+        ratio = (1.0, val_ratio, test_ratio)[label]
+        if ratio > 0 and len(rows) == 0 and name != "train":
+            logger.warning("the %s split of %s has no window (%s_ratio=%s, split_by=%r); "
+                           "its data is too short for windows of %d samples", name,
+                           dataset_root, name, ratio, split_by, window + extra)
+        used = np.unique(rows[:, 0]) if len(rows) else np.arange(len(metas))
+        remap = np.full(len(metas), -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        sub = rows.copy()
+        sub[:, 0] = remap[rows[:, 0]]
+        if name == "train" and len(sub) == 0:
+            raise StoreError(f"the training split of {dataset_root} has no window "
+                             f"(split_by={split_by!r}, val_ratio={val_ratio}, "
+                             f"test_ratio={test_ratio}); lower the ratios or example_seconds")
+        ds = cls([metas[i] for i in used], sub, window,
+                 augmentations=augs if name == "train" else None, **dataset_kwargs)
+        splits.append(ds)
+        logger.info("%s split: %d windows from %d session(s)", name, len(ds),
+                    len(used) if len(rows) else 0)
+    return DataSplits(*splits)
+
+
+# ---------------------------------------------------------------------- dataset name → split
+def get_splitter(dataset_name: str) -> Callable[..., DataSplits]:
+    """The split function of ``dataset_name`` (``omega``/``chunks``, ``libribrain``)."""
+    if dataset_name not in _SPLITTERS:
+        raise ValueError(f"unknown dataset_name {dataset_name!r}; valid: {sorted(_SPLITTERS)}")
+    module, func = _SPLITTERS[dataset_name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def dataset_input_kind(dataset_name: str, datasplitter_cfg: Mapping[str, Any] | None) -> str:
+    """The input kind (``registry.INPUT_KINDS`` key) the configured datasets yield."""
+    cfg = dict(datasplitter_cfg or {})
+    if dataset_name not in _SPLITTERS:
+        raise ValueError(f"unknown dataset_name {dataset_name!r}; valid: {sorted(_SPLITTERS)}")
+    if dataset_name == "libribrain":
+        module = importlib.import_module("ephys_gpt.dataset.libribrain")
+        name = cfg.get("dataset_class")
+        valid = getattr(module, "DATASET_CLASSES", ())
+        if name is not None and valid and name not in valid:
+            raise ValueError(f"unknown dataset_class {name!r} for libribrain; valid: "
+                             f"{sorted(valid)}")
+        cls = getattr(module, name, None) if isinstance(name, str) else None
+        if cls is None and isinstance(name, str):
+            grouped = importlib.import_module("ephys_gpt.dataset.grouped")
+            cls = getattr(grouped, name, None)
+        return getattr(cls, "input_kind", "labelled")
+    return get_dataset_class(cfg.get("dataset_class", "ChunkDataset")).input_kind

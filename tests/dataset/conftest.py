@@ -1,0 +1,100 @@
+"""Small synthetic chunk stores written with the real store writer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ephys_gpt.dataset.store import write_session
+
+
+def write_store(root: Path, *, n_sessions: int = 3, n_channels: int = 4,
+                chunk_lengths=(50, 50, 30), sfreq: float = 100.0, tokens: bool = False,
+                subjects=None, seed: int = 0, ch_names=None, ch_types=None, pos_2d=None,
+                names=None) -> Path:
+    """Write ``n_sessions`` sessions of random data under ``root``; returns ``root``.
+
+    Continuous chunks are float32 N(0, 0.3); token chunks uint8 with a recorded 8-bit
+    ``mulaw_quantize`` step.
+    """
+    rng = np.random.default_rng(seed)
+    ch_names = ch_names or [f"MEG{i:03d}" for i in range(n_channels)]
+    ch_types = ch_types or ["mag"] * n_channels
+    if pos_2d is None:
+        pos_2d = rng.uniform(0, 1, size=(n_channels, 2))
+    steps = [{"name": "normalize", "method": "robust", "center": [0.0] * n_channels,
+              "scale": [1.0] * n_channels}]
+    if tokens:
+        steps.append({"name": "mulaw_quantize", "n_bits": 8, "mu": 255, "scale": 1.0})
+    for s in range(n_sessions):
+        if tokens:
+            chunks = [rng.integers(0, 256, size=(n_channels, n), dtype=np.uint8)
+                      for n in chunk_lengths]
+        else:
+            chunks = [(rng.standard_normal((n_channels, n)) * 0.3).astype(np.float32)
+                      for n in chunk_lengths]
+        subject = subjects[s] if subjects else f"{s:02d}"
+        meta = {"sfreq": sfreq, "ch_names": list(ch_names), "ch_types": list(ch_types),
+                "pos_2d": np.asarray(pos_2d).tolist(), "chunk_samples": max(chunk_lengths),
+                "steps": steps, "provenance": {"subject": subject, "session": str(s)}}
+        write_session(root, names[s] if names else f"sub-{subject}_ses-{s}", chunks, meta)
+    return root
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """``make_store(name="store", **write_store kwargs)`` → the store's root."""
+
+    def make(name: str = "store", **kwargs) -> Path:
+        return write_store(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def megin_info():
+    """The MEGIN (Elekta Neuromag, 306 channels) template info shipped with osl-ephys."""
+    mne = pytest.importorskip("mne")
+    spec = importlib.util.find_spec("osl_ephys")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("osl-ephys is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "utils/simulation_config/megin_template_info.fif"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return mne.io.read_info(path, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def megin_layout(megin_info):
+    """``(ch_names, ch_types, pos_2d)`` of the MEGIN template, positions from mne.find_layout."""
+    import mne
+
+    lay = mne.find_layout(megin_info)
+    names = megin_info["ch_names"]
+    idx = [lay.names.index(n) for n in names]
+    pos = lay.pos[idx, :2] + lay.pos[idx, 2:] / 2  # box centres
+    return list(names), megin_info.get_channel_types(), pos
+
+
+@pytest.fixture
+def allow_unix_sockets(monkeypatch):
+    """Let DataLoader workers pass tensors over local UNIX sockets.
+
+    The project-wide ``_no_network`` guard blocks every ``connect``; torch's worker processes
+    share tensor storage through AF_UNIX sockets (local IPC, not network), so allow those.
+    """
+    import _socket
+    import socket
+
+    guarded = socket.socket.connect
+
+    def connect(self, address):
+        if self.family == socket.AF_UNIX:
+            return _socket.socket.connect(self, address)
+        return guarded(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield
