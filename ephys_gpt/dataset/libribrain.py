@@ -56,9 +56,10 @@ __all__ = [
 ]
 
 DEFAULT_PREPROCESSING = "bads+headpos+sss+notch+bp+ds"
-# pnpl's own switch for its remote constants, plus huggingface_hub's offline mode in case
-# anything imports it while we hold the context.
-_OFFLINE_ENV = {"PNPL_REMOTE_CONSTANTS_DISABLED": "true", "HF_HUB_OFFLINE": "1"}
+# pnpl's own switch for its remote constants. (Not HF_HUB_OFFLINE: huggingface_hub freezes it
+# at import, so setting it here could leak offline mode into the user's later code; downloads
+# are off through pnpl's download=False instead.)
+_OFFLINE_ENV = {"PNPL_REMOTE_CONSTANTS_DISABLED": "true"}
 _PARTITIONS = ("train", "validation", "test")
 _EVENT_COLUMNS = ("kind", "segment", "timemeg")
 DATASET_CLASSES = ("RandomLabelGroupedDataset", "GroupedDatasetAugmented", "LibriBrainPhonemeDataset")
@@ -85,7 +86,7 @@ def _datasplits_type() -> type:
 
 @contextlib.contextmanager
 def pnpl_offline() -> Iterator[None]:
-    """Hold pnpl's remote-constants lookup and huggingface_hub offline inside the block.
+    """Switch pnpl's remote-constants lookup off inside the block.
 
     Sets the environment switches of :data:`_OFFLINE_ENV` and restores the previous values on
     exit, so nothing outside this module's calls is affected.

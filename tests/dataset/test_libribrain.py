@@ -396,3 +396,17 @@ def test_splitter_returns_datasplits(libri):
     assert get_splitter("libribrain") is lb.split_datasets_libribrain
     for name in lb.DATASET_CLASSES:
         assert dataset_input_kind("libribrain", {"dataset_class": name}) == "labelled"
+
+
+def test_works_with_mixup_loader(libri):
+    mixup = pytest.importorskip("ephys_gpt.dataset.mixup")
+    root, _ = libri
+    train = split(root, epoch_length=6).train
+    loader = mixup.MixupDataLoader(train, alpha=0.4, batch_size=3)
+    batches = list(loader)
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert x.shape == (3, N_CH, T_WIN) and x.dtype == torch.float32
+    assert y.shape == (3, train.num_classes)  # soft targets over all classes
+    torch.testing.assert_close(y.sum(-1), torch.ones(3))
+    assert set(torch.nonzero(y)[:, 1].tolist()) <= set(train.labels)
