@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import os
-from collections import namedtuple
+from collections import Counter, namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -329,6 +329,17 @@ def cached_channel_stats(data_path: str | os.PathLike, h5_paths: Sequence[str | 
     return mean, std
 
 
+@contextlib.contextmanager
+def _named_pnpl_errors(split: str, files: Mapping[RunKey, Mapping[str, Any]]) -> Iterator[None]:
+    """Re-raise pnpl's file-less errors (e.g. "No samples found") naming the files involved."""
+    try:
+        yield
+    except ValueError as err:
+        events = ", ".join(str(v["events"]) for v in files.values())
+        raise ValueError(f"LibriBrain {split}: pnpl could not build phoneme samples ({err}); "
+                         f"events files: {events}") from err
+
+
 # --------------------------------------------------------------------------- example dataset
 
 
@@ -415,7 +426,7 @@ class LibriBrainPhonemeDataset(Dataset):
             channel_means = channel_stds = None
 
         pnpl = _pnpl()
-        with pnpl_offline():
+        with pnpl_offline(), _named_pnpl_errors(split, files):
             self.base = pnpl.LibriBrainPhoneme(
                 data_path=str(data_path),
                 partition=None,
@@ -445,6 +456,12 @@ class LibriBrainPhonemeDataset(Dataset):
         info = self.base.label_info
         self.num_classes = int(info["n_classes"])
         self.label_names = list(info["classes"])
+
+        per_run = Counter(tuple(sample[:4]) for sample in self.base.samples)
+        for key, info_ in files.items():
+            if per_run[key] == 0:
+                logger.warning("LibriBrain %s: %s holds no usable phoneme event (kind 'phoneme', "
+                               "a known phoneme segment)", split, info_["events"])
 
         # Keep windows fully inside their recording; read labels without touching signals.
         n_samples = {k: v["shape"][1] for k, v in files.items()}

@@ -329,6 +329,12 @@ def test_malformed_files_are_named(libri):
     with pytest.raises(ValueError, match="segment") as err:
         split(root, test_runs=None)
     assert str(ev) in str(err.value)
+    # Well-formed but without a single phoneme: pnpl's error, naming the events file.
+    pd.DataFrame({"kind": ["word"], "segment": ["holmes"], "timemeg": [1.0]}).to_csv(
+        ev, sep="\t", index=False)
+    with pytest.raises(ValueError, match="No samples found") as err:
+        split(root, train_runs=[list(VAL_KEY)], val_runs=None, test_runs=None)
+    assert str(ev) in str(err.value)
     with pytest.raises(ValueError, match="run key"):
         split(root, train_runs=[["0", "1", "Sherlock1"]])
     with pytest.raises(ValueError, match="dataset_class"):
