@@ -21,12 +21,27 @@ class NetworkAccessError(RuntimeError):
 def _no_network(monkeypatch):
     """Fail any attempt to open a network connection (the project must work offline)."""
 
-    def guard(*args, **kwargs):
-        raise NetworkAccessError(f"test tried to open a network connection: {args!r}")
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
 
-    monkeypatch.setattr(socket.socket, "connect", guard)
-    monkeypatch.setattr(socket.socket, "connect_ex", guard)
-    monkeypatch.setattr(socket, "create_connection", guard)
+    def _check(sock, address):
+        # Unix sockets stay usable: DataLoader workers pass tensors through them.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+
+    def connect(sock, address):
+        _check(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        _check(sock, address)
+        return real_connect_ex(sock, address)
+
+    def create_connection(address, *args, **kwargs):
+        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
     yield
 
 
