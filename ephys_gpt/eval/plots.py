@@ -37,7 +37,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0, height: fl
 
 
 def save_figure(fig, path: str | os.PathLike, formats: Sequence[str] = FORMATS,
-                dpi: int = 200) -> list[Path]:
+                dpi: int = 150) -> list[Path]:
     """Save ``fig`` as ``<path>.png`` and ``<path>.pdf`` (atomically) and return the paths.
 
     ``path`` is given without (or with) an extension; each file is written under a
@@ -52,7 +52,7 @@ def save_figure(fig, path: str | os.PathLike, formats: Sequence[str] = FORMATS,
         final = stem.with_name(f"{stem.name}.{fmt}")
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=dpi)
             os.replace(tmp, final)
         finally:
             if tmp.exists():

@@ -157,13 +157,14 @@ def find_peak(freqs: np.ndarray, psd: np.ndarray, band: tuple[float, float] = AL
               flank: float = 4.0, min_ratio: float = 1.5) -> PeakInfo:
     """The strongest peak of a PSD (F,) inside ``band`` relative to its 1/f background.
 
-    The frequency with the largest ratio PSD / background inside the band is the candidate;
-    it counts as ``detected`` when it is a local maximum of the PSD (not on a band edge
-    sloping out of the band) and stands ``min_ratio`` times above the background.
+    Candidates are the local maxima of the PSD inside the band; the one standing highest
+    above the background is the peak, ``detected`` when that ratio reaches ``min_ratio``.
+    A band with no local maximum (a spectrum sloping through it) has no peak (``freq`` None,
+    ``ratio`` the largest PSD / background in the band).
     """
     freqs = np.asarray(freqs, dtype=np.float64)
     psd = np.asarray(psd, dtype=np.float64)
-    if psd.shape != freqs.shape:
+    if psd.shape != freqs.shape or psd.ndim != 1:
         raise ValueError(f"psd shape {psd.shape} does not match freqs shape {freqs.shape}; "
                          "average channels first (e.g. psd.mean(axis=0))")
     lo, hi = float(band[0]), float(band[1])
@@ -175,11 +176,15 @@ def find_peak(freqs: np.ndarray, psd: np.ndarray, band: tuple[float, float] = AL
                          f"(frequencies {freqs.min():.2f}–{freqs.max():.2f} Hz)")
     background = aperiodic_fit(freqs, psd, (lo, hi), flank)
     ratio = psd / background
-    i = inside[np.argmax(ratio[inside])]
-    local_max = 0 < i < len(psd) - 1 and psd[i] >= psd[i - 1] and psd[i] >= psd[i + 1]
-    detected = bool(local_max and ratio[i] >= min_ratio)
-    return PeakInfo(freq=float(freqs[i]) if local_max else None, power=float(psd[i]),
-                    ratio=float(ratio[i]), detected=detected, band=(lo, hi))
+    maxima = [i for i in inside
+              if 0 < i < len(psd) - 1 and psd[i] >= psd[i - 1] and psd[i] >= psd[i + 1]]
+    if not maxima:
+        i = inside[np.argmax(ratio[inside])]
+        return PeakInfo(freq=None, power=float(psd[i]), ratio=float(ratio[i]), detected=False,
+                        band=(lo, hi))
+    i = max(maxima, key=lambda j: ratio[j])
+    return PeakInfo(freq=float(freqs[i]), power=float(psd[i]), ratio=float(ratio[i]),
+                    detected=bool(ratio[i] >= min_ratio), band=(lo, hi))
 
 
 def alpha_peak(freqs: np.ndarray, psd: np.ndarray, **kw) -> PeakInfo:

@@ -1,0 +1,72 @@
+"""A small token chunk store with an alpha rhythm, split into train/val/test windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ephys_gpt.dataset.store import list_sessions, load_chunk, write_session
+from ephys_gpt.preprocessing.transforms import mulaw_quantize, normalize_stats
+
+SFREQ = 100.0
+CH_NAMES = ["MEG0111", "MEG0112", "MEG0113"]
+CH_TYPES = ["mag", "grad", "grad"]
+N_BITS = 4  # vocabulary 16, as GPT2MEG's tiny config
+
+
+def alpha_signal(n_samples: int, n_channels: int, seed: int) -> np.ndarray:
+    """AR(2) resonance at 10 Hz plus white noise, mixed across channels (C, T)."""
+    rng = np.random.default_rng(seed)
+    r, f = 0.97, 10.0 / SFREQ
+    a1, a2 = 2 * r * np.cos(2 * np.pi * f), -r * r
+    src = np.zeros((2, n_samples))
+    e = rng.standard_normal((2, n_samples))
+    for t in range(2, n_samples):
+        src[:, t] = a1 * src[:, t - 1] + a2 * src[:, t - 2] + e[:, t]
+    mix = rng.standard_normal((n_channels, 2))
+    return mix @ src + 0.3 * rng.standard_normal((n_channels, n_samples))
+
+
+def write_token_store(root, n_sessions: int = 3, seconds: float = 20.0, chunk_seconds=10.0):
+    """Sessions of mu-law tokens with recorded normalize + mulaw_quantize steps."""
+    chunk = int(chunk_seconds * SFREQ)
+    for s in range(n_sessions):
+        x = alpha_signal(int(seconds * SFREQ), len(CH_NAMES), seed=s) * 1e-13  # tesla-ish
+        center, scale = normalize_stats(x, "zscore")
+        z = (x - center[:, None]) / scale[:, None]
+        tokens = mulaw_quantize(z, N_BITS, 4.0)
+        steps = [{"name": "normalize", "method": "zscore", "center": center.tolist(),
+                  "scale": scale.tolist()},
+                 {"name": "mulaw_quantize", "n_bits": N_BITS, "mu": 2**N_BITS - 1, "scale": 4.0}]
+        meta = {"sfreq": SFREQ, "ch_names": CH_NAMES, "ch_types": CH_TYPES,
+                "pos_2d": [[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]],
+                "pos_3d": [[0.0, 0.05, 0.1], [0.01, 0.05, 0.1], [0.0, 0.06, 0.1]],
+                "ori_3d": [[0.0, 0.0, 1.0]] * 3, "chunk_samples": chunk, "steps": steps,
+                "provenance": {"subject": f"{s:02d}"}}
+        write_session(root, f"sub-{s:02d}", (tokens[:, i:i + chunk]
+                                             for i in range(0, tokens.shape[1], chunk)), meta)
+    return list_sessions(root)
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Stand-in with the documented ChunkDataset interface (docs/internals.md)."""
+
+    input_kind = "tokens"
+
+    def __init__(self, metas, window_samples: int):
+        self.metas = metas
+        self.window_samples = window_samples
+        m = metas[0]
+        self.sfreq, self.ch_names, self.ch_types = m.sfreq, m.ch_names, m.ch_types
+        self.pos_2d, self.steps = m.pos_2d, m.steps
+        self.index = [(m, i, s) for m in metas for i, n in enumerate(m.chunk_lengths)
+                      for s in range(0, n - window_samples + 1, window_samples)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        m, i, s = self.index[k]
+        x = torch.from_numpy(np.asarray(load_chunk(m, i)[:, s:s + self.window_samples],
+                                        dtype=np.int64))
+        return x[:, :-1], x[:, 1:]

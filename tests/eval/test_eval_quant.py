@@ -1,0 +1,202 @@
+"""EvalQuant end to end on a tiny model and a small token store."""
+
+from __future__ import annotations
+
+import json
+
+import mne
+import numpy as np
+import pytest
+import torch
+from eval_token_store import CH_NAMES, CH_TYPES, N_BITS, SFREQ
+from pydantic import ValidationError
+
+from ephys_gpt.eval.eval_quant import (
+    REPEAT_LAST,
+    UNIGRAM,
+    EvalQuant,
+    EvalQuantOptions,
+    unigram_distribution,
+    window_tokens,
+)
+from ephys_gpt.eval.registry import get_eval_spec
+from ephys_gpt.models.pretrained import save_pretrained
+from ephys_gpt.models.registry import build_model
+
+V = 2**N_BITS
+TINY = {"num_channels": 3, "vocab_size": V, "n_positions": 64, "d_model": 32, "n_layers": 2,
+        "n_heads": 2}
+
+
+def _opts(tmp_path, **kw):
+    base = {"ckpt_path": str(tmp_path / "export"), "batch_size": 4, "max_batches": 2,
+            "future_steps": 8, "gen_seconds": 3.0, "psd_windows": 16, "psd_seconds": 0.64,
+            "progress": False, "out_dir": str(tmp_path / "evals")}
+    return {**base, **kw}
+
+
+@pytest.fixture(scope="module")
+def trained_export(token_splits, tmp_path_factory):
+    """A tiny GPT2MEG trained for a hundred steps on the training windows, exported."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the per-test one-thread fixture
+    torch.manual_seed(0)
+    model = build_model("GPT2MEG", TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = token_splits.train
+    data = torch.stack([window_tokens(train, i) for i in range(len(train))])  # (N, C, 65)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        x = data[torch.randint(0, len(data), (16,), generator=g)]
+        logits = model(x[..., :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), x[..., 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("model") / "export"
+    save_pretrained(model.eval(), out)
+    torch.set_num_threads(threads)
+    return out
+
+
+class CopyLast(torch.nn.Module):
+    """A 'model' that always predicts the previous token: it must score exactly repeat-last."""
+
+    registry_name = "CopyLast"
+
+    def forward(self, x):  # (B, C, T) -> (B, C, T, V)
+        return torch.nn.functional.one_hot(x, V).float() * 10.0
+
+    def generate(self, context, steps, *, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, generator=None):
+        return torch.cat([context, context[..., -1:].expand(*context.shape[:2], steps)], -1)
+
+
+def test_registered_with_strict_options():
+    spec = get_eval_spec("EvalQuant")
+    assert spec.cls is EvalQuant and spec.options is EvalQuantOptions
+    with pytest.raises(ValidationError, match="ckpt_path"):
+        EvalQuantOptions.model_validate({})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        EvalQuantOptions.model_validate({"ckpt_path": "x", "future_step": 3})
+    with pytest.raises(ValidationError, match="history_lengths"):
+        EvalQuantOptions.model_validate({"ckpt_path": "x", "history_lengths": [0, 4]})
+    with pytest.raises(ValidationError, match="gen_sampling"):
+        EvalQuantOptions.model_validate({"ckpt_path": "x", "gen_sampling": "beam"})
+    o = EvalQuantOptions(ckpt_path="x", gen_sampling="top_k", top_k=7, temperature=0.8)
+    assert o.gen_kwargs() == {"temperature": 0.8, "top_k": 7}
+    assert EvalQuantOptions(ckpt_path="x", gen_sampling="greedy").gen_kwargs() == {
+        "temperature": 0.0}
+
+
+def test_unigram_distribution_counts_training_tokens(token_splits):
+    probs = unigram_distribution(token_splits.train, V)
+    assert probs.shape == (3, V)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    # from whole chunks: the same as counting all tokens of both training sessions
+    from ephys_gpt.dataset.store import load_chunk
+
+    tokens = np.concatenate([np.asarray(load_chunk(m, i)) for m in token_splits.train.metas
+                             for i in range(m.n_chunks)], axis=1)
+    counts = np.stack([np.bincount(t, minlength=V) for t in tokens]) + 1.0
+    np.testing.assert_allclose(probs, counts / counts.sum(1, keepdims=True))
+
+
+def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
+    opts = EvalQuantOptions(**_opts(tmp_path, ckpt_path=str(trained_export)))
+    summary = EvalQuant({"save_dir": str(tmp_path)}, opts, splits=token_splits).run()
+    out = tmp_path / "evals"
+    for name in ["accuracy_by_position", "history_sweep", "nstep_accuracy", "nstep_rmse_mag",
+                 "nstep_rmse_grad", "nstep_rmse_normalized", "psd_mag", "psd_grad"]:
+        assert (out / f"{name}.npy").is_file() and (out / f"{name}.json").is_file(), name
+    for name in ["accuracy_by_position", "history_sweep", "nstep_accuracy", "nstep_rmse", "psd",
+                 "channel_correlation", "traces"]:
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
+    for name in ["summary.json", "report.md", "covariance.json", "generated_raw.fif",
+                 "cov_generated.npy", "corr_heldout.npy", "generated_tokens.npy"]:
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["model_name"] == "GPT2MEG"
+    assert set(on_disk["files"]) >= {"nstep_accuracy.npy", "psd.pdf", "generated_raw.fif"}
+    assert summary["n_windows"] == 8
+
+    # the baselines' curves are stored beside the model's
+    nstep = json.loads((out / "nstep_accuracy.json").read_text())
+    assert list(nstep["curves"]) == ["GPT2MEG", REPEAT_LAST, UNIGRAM]
+    assert nstep["x"] == list(range(1, 9)) and nstep["sampling"] == "greedy"
+    arr = np.load(out / "nstep_accuracy.npy", allow_pickle=False)
+    assert arr.shape == (4, 8) and np.all((arr[1:] >= 0) & (arr[1:] <= 1))
+    rmse = json.loads((out / "nstep_rmse_mag.json").read_text())
+    assert rmse["unit"] == "fT" and all(v > 0 for v in rmse["curves"][UNIGRAM])
+
+    # a trained model must beat drawing tokens from the training distribution
+    acc = summary["next_step"]["accuracy"]
+    assert acc["GPT2MEG"] > acc[UNIGRAM]
+    assert summary["nstep"]["accuracy_at_1"]["GPT2MEG"] > summary["nstep"]["accuracy_at_1"][UNIGRAM]
+    psd = summary["generation"]["psd"]
+    assert set(psd) == {"mag", "grad"}
+    assert psd["mag"]["alpha_peak_detected_heldout"]
+    assert -1 <= summary["generation"]["correlation_similarity"]["offdiag_correlation"] <= 1
+
+    # the generated signal round-trips through MNE with the original channel info
+    raw = mne.io.read_raw_fif(out / "generated_raw.fif", preload=True, verbose=False)
+    assert raw.ch_names == CH_NAMES
+    assert raw.get_channel_types() == CH_TYPES
+    assert raw.info["sfreq"] == SFREQ
+    assert raw.n_times == int(3.0 * SFREQ)
+    np.testing.assert_allclose(raw.info["chs"][1]["loc"][:3], [0.01, 0.05, 0.1])
+    assert 1e-15 < np.abs(raw.get_data()).max() < 1e-11  # tesla, not tokens
+
+    report = (out / "report.md").read_text()
+    assert "repeat-last" in report and "![PSD generated vs held-out](psd.png)" in report
+
+
+def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path):
+    """Curves are computed on the same targets: a copy-the-last-token model == repeat-last."""
+    opts = EvalQuantOptions(**_opts(tmp_path, history_lengths=[1, 4, 64], gen_seconds=1.0))
+    summary = EvalQuant({}, opts, model=CopyLast(), info={}, splits=token_splits).run()
+    acc = summary["next_step"]["accuracy"]
+    assert acc["CopyLast"] == pytest.approx(acc[REPEAT_LAST])
+    np.testing.assert_allclose(summary["history_sweep"]["accuracy"],
+                               summary["history_sweep"][REPEAT_LAST])
+    nstep = json.loads((tmp_path / "evals" / "nstep_accuracy.json").read_text())
+    np.testing.assert_allclose(nstep["curves"]["CopyLast"], nstep["curves"][REPEAT_LAST])
+    rmse = json.loads((tmp_path / "evals" / "nstep_rmse_grad.json").read_text())
+    np.testing.assert_allclose(rmse["curves"]["CopyLast"], rmse["curves"][REPEAT_LAST])
+    # repeat-last accuracy recomputed independently from the held-out windows
+    batch = torch.stack([window_tokens(token_splits.test, i) for i in range(len(token_splits.test))])
+    assert 0.05 < (batch[..., 1:] == batch[..., :-1]).float().mean() < 0.9
+    assert not summary["next_step"]["beats_baselines"]
+
+
+def test_greedy_rollouts_are_reproducible(trained_export, token_splits, tmp_path):
+    kw = _opts(tmp_path, ckpt_path=str(trained_export), max_batches=1, gen_seconds=0.5)
+    a = EvalQuant({}, EvalQuantOptions(**{**kw, "out_dir": str(tmp_path / "a")}),
+                  splits=token_splits).run()
+    b = EvalQuant({}, EvalQuantOptions(**{**kw, "out_dir": str(tmp_path / "b")}),
+                  splits=token_splits).run()
+    assert a["nstep"]["accuracy_at_8"] == b["nstep"]["accuracy_at_8"]
+    ta = np.load(tmp_path / "a" / "generated_tokens.npy")
+    tb = np.load(tmp_path / "b" / "generated_tokens.npy")
+    np.testing.assert_array_equal(ta, tb)  # same seed, same sampled signal
+
+
+def test_bad_configurations_fail_clearly(trained_export, token_splits, tmp_path):
+    with pytest.raises(ValueError, match="save_dir"):
+        EvalQuant({}, EvalQuantOptions(ckpt_path="x"))
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        EvalQuant({}, EvalQuantOptions(**_opts(tmp_path, ckpt_path=str(tmp_path / "nope"))),
+                  splits=token_splits).run()
+    with pytest.raises(ValueError, match="future_steps"):
+        EvalQuant({}, EvalQuantOptions(**_opts(tmp_path, ckpt_path=str(trained_export),
+                                               future_steps=65)), splits=token_splits).run()
+    with pytest.raises(ValueError, match="history_lengths"):
+        EvalQuant({}, EvalQuantOptions(**_opts(tmp_path, ckpt_path=str(trained_export),
+                                               history_lengths=[100])),
+                  splits=token_splits).run()
+    with pytest.raises(ValueError, match="num_channels is 5"):
+        EvalQuant({}, EvalQuantOptions(**_opts(tmp_path, ckpt_path=str(trained_export),
+                                               num_channels=5)), splits=token_splits).run()
