@@ -50,7 +50,11 @@ class ConvState:
 class CausalConv1d(nn.Conv1d):
     """``nn.Conv1d`` made causal by left zero-padding, with optional streaming state.
 
-    Parameters are those of ``nn.Conv1d`` (no ``padding``; stride 1).
+    Parameters are those of ``nn.Conv1d`` (no ``padding``; stride 1). The weights keep
+    ``nn.Conv1d``'s layout ``(Cout, Cin/groups, k)``. With ``groups == 1`` the convolution
+    runs as ``k`` batched matmuls over shifted views of the input (and a single matmul per
+    streaming step): CPU ``conv1d`` kernels are several times slower for the narrow channel
+    counts of these models, and matmuls follow bf16 autocast on every device.
 
     ``forward(x (B, Cin, T), state=None) -> (B, Cout, T)``
     """
@@ -72,25 +76,58 @@ class CausalConv1d(nn.Conv1d):
         """A fresh (all-zero past) streaming state."""
         return ConvState(self.context)
 
+    def _conv_valid(self, xp: torch.Tensor) -> torch.Tensor:
+        """Unpadded convolution: ``xp (B, Cin, L + T) -> (B, Cout, T)``."""
+        if self.groups != 1:
+            return F.conv1d(xp, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+        B, T = xp.shape[0], xp.shape[-1] - self.context
+        d = self.dilation[0]
+        y = None
+        for j in range(self.kernel_size[0]):
+            w = self.weight[:, :, j].expand(B, -1, -1)  # (B, Cout, Cin)
+            tap = xp[:, :, j * d:j * d + T]
+            if y is None:
+                y = (torch.bmm(w, tap) if self.bias is None
+                     else torch.baddbmm(self.bias[None, :, None], w, tap))
+            else:
+                y = torch.baddbmm(y, w, tap)
+        return y
+
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"CausalConv1d expects (B, Cin, T), got shape {tuple(x.shape)}")
         L = self.context
-        if L == 0:
-            return super().forward(x)
-        if state is None:
-            return super().forward(F.pad(x, (L, 0)))
+        if state is None or L == 0:
+            return self._conv_valid(F.pad(x, (L, 0)) if L else x)
         state._ensure(x)
         T = x.shape[-1]
         if T == 1:
             idx = torch.remainder(self._tap_offsets + state.pos, L)
             window = torch.cat([state.buf.index_select(2, idx), x], dim=-1)  # (B, Cin, k)
-            y = F.conv1d(window, self.weight, self.bias, groups=self.groups)
+            if self.groups == 1:
+                y = F.linear(window.flatten(1), self.weight.flatten(1), self.bias)[..., None]
+            else:
+                y = F.conv1d(window, self.weight, self.bias, groups=self.groups)
             state.buf[:, :, state.pos] = x[:, :, 0]
             state.pos = (state.pos + 1) % L
             return y
         full = torch.cat([state.ordered(), x], dim=-1)  # (B, Cin, L + T)
-        y = super().forward(full)
+        y = self._conv_valid(full)
         state.buf = full[:, :, -L:].contiguous()
         state.pos = 0
         return y
+
+
+class PointwiseConv1d(nn.Conv1d):
+    """1×1 convolution ``(B, Cin, T) -> (B, Cout, T)`` computed as one batched matmul
+    (same parameters and state-dict layout as ``nn.Conv1d(Cin, Cout, 1)``; see
+    :class:`CausalConv1d` for why)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight[:, :, 0].expand(x.shape[0], -1, -1)
+        if self.bias is None:
+            return torch.bmm(w, x)
+        return torch.baddbmm(self.bias[None, :, None], w, x)

@@ -10,12 +10,13 @@ the context window, progress):
 
 Bounded context (``window=n_positions``, for models with learned positions): the model
 sees at most ``n_positions`` tokens. When the sequence outgrows the window, the window jumps
-forward so that it holds the last ``n_positions - stride`` tokens, the caches are re-primed
-from those, and cached steps resume until the window is full again. Both the cached and the
-uncached path follow exactly this rule, so they produce the same tokens; with ``stride=1``
-the window always holds the last ``n_positions`` tokens (a full re-run per step once past
-``n_positions``), a larger stride amortises re-priming over ``stride`` steps at the price of
-a context that varies between ``n_positions - stride`` and ``n_positions`` tokens.
+forward by ``stride`` so that it holds the last ``n_positions - stride + 1`` tokens, the
+caches are re-primed from those (positions restart at 0), and cached steps resume until the
+window is full again. Both the cached and the uncached path follow exactly this rule, so they
+produce the same tokens. With ``stride=1`` the window always holds the last ``n_positions``
+tokens (a full re-prime per step once past ``n_positions``); a larger stride re-primes once
+every ``stride`` steps, at the price of a context that varies between
+``n_positions - stride + 1`` and ``n_positions`` tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def window_start(length: int, start: int, window: int | None, stride: int) -> in
     currently starts at ``start`` (see the module docstring)."""
     if window is None or length - start <= window:
         return start
-    return length - max(1, window - stride)
+    return length - max(1, window - stride + 1)
 
 
 def check_token_context(context: torch.Tensor, num_channels: int, name: str) -> None:

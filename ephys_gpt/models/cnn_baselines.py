@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
-from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
+from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState, PointwiseConv1d
 from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.gpt2meg import check_tokens
@@ -166,7 +166,7 @@ class CNNMultivariate(_ContinuousCNN):
         self.config = cfg = CNNConfig(**config)
         self.trunk = CausalConvTrunk(cfg.num_channels, cfg.hidden_channels, cfg.n_layers,
                                      cfg.kernel_size, cfg.dilation_growth)
-        self.head = nn.Conv1d(cfg.hidden_channels, cfg.num_channels, 1)
+        self.head = PointwiseConv1d(cfg.hidden_channels, cfg.num_channels)
 
     def _run(self, x, states=None):
         y = self.head(self.trunk(x, states))  # (B, C, T)
@@ -188,7 +188,7 @@ class CNNUnivariate(_ContinuousCNN):
         self.config = cfg = CNNConfig(**config)
         self.trunk = CausalConvTrunk(1, cfg.hidden_channels, cfg.n_layers, cfg.kernel_size,
                                      cfg.dilation_growth)
-        self.head = nn.Conv1d(cfg.hidden_channels, 1, 1)
+        self.head = PointwiseConv1d(cfg.hidden_channels, 1)
 
     def _run(self, x, states=None):
         B = x.shape[0]
@@ -264,7 +264,7 @@ class CNNMultivariateQuantized(_QuantizedCNN):
         self.embed = ChannelwiseTokenEmbedding(cfg.num_channels, cfg.vocab_size, cfg.embed_dim)
         self.trunk = CausalConvTrunk(cfg.num_channels * cfg.embed_dim, cfg.hidden_channels,
                                      cfg.n_layers, cfg.kernel_size, cfg.dilation_growth)
-        self.head = nn.Conv1d(cfg.hidden_channels, cfg.num_channels * cfg.vocab_size, 1)
+        self.head = PointwiseConv1d(cfg.hidden_channels, cfg.num_channels * cfg.vocab_size)
 
     def _run(self, x, states=None):
         h = rearrange(self.embed(x), "b c t e -> b (c e) t")
@@ -288,7 +288,7 @@ class CNNUnivariateQuantized(_QuantizedCNN):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.trunk = CausalConvTrunk(cfg.embed_dim, cfg.hidden_channels, cfg.n_layers,
                                      cfg.kernel_size, cfg.dilation_growth)
-        self.head = nn.Conv1d(cfg.hidden_channels, cfg.vocab_size, 1)
+        self.head = PointwiseConv1d(cfg.hidden_channels, cfg.vocab_size)
 
     def _run(self, x, states=None):
         B = x.shape[0]

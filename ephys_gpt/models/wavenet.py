@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
+from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState, PointwiseConv1d
 from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.gpt2meg import check_tokens
@@ -80,11 +80,11 @@ class GatedResidualLayer(nn.Module):
         self.conv = CausalConv1d(cfg.residual_channels, 2 * Dc, cfg.kernel_size, dilation)
         self.global_proj = (nn.Linear(cfg.global_dim, 2 * Dc, bias=False)
                             if cfg.n_subjects else None)
-        self.local_proj = (nn.Conv1d(cfg.local_channels, 2 * Dc, 1, bias=False)
+        self.local_proj = (PointwiseConv1d(cfg.local_channels, 2 * Dc, bias=False)
                            if cfg.local_channels else None)
         # the last layer's residual output would be unused (and never get a gradient)
-        self.res = None if last else nn.Conv1d(Dc, cfg.residual_channels, 1)
-        self.skip = nn.Conv1d(Dc, cfg.skip_channels, 1)
+        self.res = None if last else PointwiseConv1d(Dc, cfg.residual_channels)
+        self.skip = PointwiseConv1d(Dc, cfg.skip_channels)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
                 state: ConvState | None = None):
@@ -118,14 +118,15 @@ class WavenetFullChannel(nn.Module):
         super().__init__()
         self.config = cfg = WavenetConfig(**config)
         self.embed = ChannelwiseTokenEmbedding(cfg.num_channels, cfg.vocab_size, cfg.embed_dim)
-        self.input_proj = nn.Conv1d(cfg.num_channels * cfg.embed_dim, cfg.residual_channels, 1)
+        self.input_proj = PointwiseConv1d(cfg.num_channels * cfg.embed_dim,
+                                          cfg.residual_channels)
         self.subject_emb = OptionalEmbedding(cfg.n_subjects, cfg.global_dim, "subject")
         dil = cfg.dilations
         self.layers = nn.ModuleList(GatedResidualLayer(cfg, d, last=i == len(dil) - 1)
                                     for i, d in enumerate(dil))
-        self.out = nn.Sequential(nn.ReLU(), nn.Conv1d(cfg.skip_channels, cfg.skip_channels, 1),
-                                 nn.ReLU(),
-                                 nn.Conv1d(cfg.skip_channels, cfg.num_channels * cfg.vocab_size, 1))
+        Sc = cfg.skip_channels
+        self.out = nn.Sequential(nn.ReLU(), PointwiseConv1d(Sc, Sc), nn.ReLU(),
+                                 PointwiseConv1d(Sc, cfg.num_channels * cfg.vocab_size))
         self.receptive_field = 1 + sum(layer.conv.context for layer in self.layers)
 
     def _check_local(self, local: torch.Tensor | None, B: int, T: int) -> None:

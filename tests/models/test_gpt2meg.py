@@ -1,0 +1,140 @@
+"""GPT2MEG beyond the registry contract: sampling options, sliding window, conditioning,
+channel independence, errors, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ephys_gpt.models.gpt2meg import GPT2MEG, GPT2MEGConfig
+
+TINY = dict(num_channels=3, vocab_size=16, n_positions=12, d_model=16, n_layers=2, n_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threading only adds overhead (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT2MEG(**TINY).eval()
+
+
+def ctx(T=6, B=2):
+    return torch.randint(0, 16, (B, 3, T), generator=torch.Generator().manual_seed(3))
+
+
+def test_top_k_one_equals_greedy(model):
+    greedy = model.generate(ctx(), 8, temperature=0.0)
+    topk1 = model.generate(ctx(), 8, temperature=1.3, top_k=1,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, topk1)
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    a = model.generate(ctx(), 10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    b = model.generate(ctx(), 10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    c = model.generate(ctx(), 10, top_p=0.9, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() < 16
+
+
+@pytest.mark.parametrize("stride", [1, 5, None])
+def test_sliding_window_past_n_positions_cached_equals_uncached(stride):
+    torch.manual_seed(0)
+    model = GPT2MEG(**TINY, slide_stride=stride).eval()
+    c = ctx(T=20)  # context already longer than n_positions=12
+    cached = model.generate(c, 25, temperature=0.0, use_cache=True)
+    plain = model.generate(c, 25, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 3, 45)
+    assert torch.equal(cached[..., :20], c)
+    assert torch.equal(cached, plain)
+
+
+def test_stride_one_window_is_the_last_n_positions_tokens(model):
+    """With stride 1 the next token is the forward pass's prediction on the last n_positions
+    tokens."""
+    torch.manual_seed(0)
+    m = GPT2MEG(**TINY, slide_stride=1).eval()
+    out = m.generate(ctx(T=12), 6, temperature=0.0)
+    for t in range(12, 18):
+        with torch.no_grad():
+            expect = m(out[..., max(0, t - 12):t])[:, :, -1].argmax(-1)
+        assert torch.equal(out[..., t], expect)
+
+
+def test_default_stride():
+    assert GPT2MEGConfig(n_positions=400).stride == 100
+    assert GPT2MEGConfig(n_positions=3).stride == 1
+
+
+def test_channels_are_independent_sequences(model):
+    x = ctx(T=10)
+    x2 = x.clone()
+    x2[:, 1] = (x2[:, 1] + 5) % 16
+    with torch.no_grad():
+        a, b = model(x), model(x2)
+    assert torch.allclose(a[:, 0], b[:, 0]) and torch.allclose(a[:, 2], b[:, 2])
+    assert not torch.allclose(a[:, 1], b[:, 1])
+
+
+def test_channel_embedding_makes_channels_differ(model):
+    x = torch.full((1, 3, 5), 4)
+    with torch.no_grad():
+        out = model(x)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_subject_and_condition_embeddings():
+    torch.manual_seed(0)
+    m = GPT2MEG(**TINY, n_subjects=3, n_conditions=2).eval()
+    x = ctx()
+    with torch.no_grad():
+        a = m(x, subject=torch.tensor([0, 1]), condition=torch.tensor([1, 1]))
+        b = m(x, subject=torch.tensor([2, 1]), condition=torch.tensor([1, 1]))
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="subject"):
+        m(x, condition=torch.tensor([0, 0]))
+    g1 = m.generate(x, 4, temperature=0.0, subject=torch.tensor([0, 1]),
+                    condition=torch.tensor([0, 1]))
+    g2 = m.generate(x, 4, temperature=0.0, subject=torch.tensor([0, 1]),
+                    condition=torch.tensor([0, 1]), use_cache=False)
+    assert torch.equal(g1, g2)
+
+
+def test_tied_and_untied_head():
+    tied = GPT2MEG(**TINY)
+    assert tied.head.weight is tied.tok_emb.weight
+    untied = GPT2MEG(**TINY, tie_weights=False)
+    assert untied.head.weight is not untied.tok_emb.weight
+
+
+def test_bad_inputs_raise(model):
+    with pytest.raises(ValueError, match="num_channels=3"):
+        model(torch.zeros(1, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_positions=12"):
+        model(torch.zeros(1, 3, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.zeros(1, 3, 5))
+    with pytest.raises(ValueError, match="divisible"):
+        GPT2MEG(**{**TINY, "n_heads": 3})
+    with pytest.raises(ValueError, match="slide_stride"):
+        GPT2MEG(**TINY, slide_stride=13)
+
+
+def test_bf16_autocast_forward_and_generate_are_finite(model):
+    x = ctx(T=12)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            gen = model.generate(x, 3, temperature=0.0)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.1
+    assert gen.shape == (2, 3, 15)
