@@ -78,8 +78,8 @@ class EvalQuantOptions(BaseModel):
                               "settings")
     gen_seconds: float = Field(10.0, gt=0, description="length of free-running generation")
     gen_context_seconds: float | None = Field(
-        None, gt=0, description="held-out context before free-running generation (default: "
-                                "one window)")
+        None, gt=0, description="held-out context before free-running generation (default "
+                                "and at most: one window, within the model's context)")
     n_generated: int = Field(1, ge=1, description="free-running sequences generated")
     gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
         "top_p", description="sampling rule for free-running generation")
@@ -183,6 +183,33 @@ def window_tokens(dataset, index: int) -> torch.Tensor:
                          f"(x[:, :-1], x[:, 1:]) of shape (C, T); found {inputs.dtype} "
                          f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
     return torch.cat([inputs, targets[:, -1:]], dim=-1)
+
+
+def window_steps(dataset, index: int) -> list[dict]:
+    """Stage-2 steps of the session window ``index`` comes from.
+
+    Normalization statistics are per session, so tokens are decoded with their own
+    session's steps (``dataset.session_steps``) when the dataset exposes them.
+    """
+    indices = getattr(dataset, "indices", None)
+    if callable(getattr(dataset, "session_steps", None)) and indices is not None:
+        return list(dataset.session_steps(int(indices[index][0])))
+    return list(dataset.steps)
+
+
+def decode(tokens: torch.Tensor, steps: Sequence[Sequence[dict]],
+           keep_normalized: bool = False) -> torch.Tensor:
+    """Tokens (B, C, T) → float signal (B, C, T), row ``b`` decoded with ``steps[b]``.
+
+    ``keep_normalized``: skip the ``normalize`` inversion (normalized units, comparable
+    across channels and sessions) instead of returning stage-1 SI units.
+    """
+    rows = []
+    for tok, st in zip(tokens, steps):
+        if keep_normalized:
+            st = [s for s in st if s.get("name") != "normalize"]
+        rows.append(tokens_to_signal(tok, st))
+    return torch.stack(rows)
 
 
 def spread_indices(n_items: int, n: int, seed: int) -> np.ndarray:
@@ -331,12 +358,11 @@ class EvalQuant:
                              f"{len(self.ch_names)} channels")
         self.max_context = max_context(self.model)
         self.window = window_tokens(ds, 0).shape[-1]
+        self.window_steps = lambda i: window_steps(ds, i)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if opts.precision.startswith("bf16") else nullcontext())
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.cpu_generator = torch.Generator().manual_seed(opts.seed)
-        # Signal decoding: all recorded steps (SI units) and all but normalize (z-units).
-        self.norm_steps = [s for s in self.steps if s.get("name") != "normalize"]
 
     def _build_splits(self):
         from ephys_gpt.dataset.datasplitter import get_splitter
@@ -375,20 +401,25 @@ class EvalQuant:
                              f"for context {tuple(context.shape)} and {steps} steps")
         return out[..., -steps:]
 
-    def _heldout_batches(self) -> list[torch.Tensor]:
+    def _heldout_batches(self) -> list[tuple[torch.Tensor, list[list[dict]]]]:
+        """Held-out windows in batches: ``(tokens (B, C, T), the steps of each window)``."""
         opts = self.options
-        idx = spread_indices(len(self.test), opts.max_batches * opts.batch_size, opts.seed)
-        wins = [window_tokens(self.test, int(i)) for i in idx]
-        return [torch.stack(wins[i:i + opts.batch_size]).to(self.device)
-                for i in range(0, len(wins), opts.batch_size)]
+        idx = [int(i) for i in spread_indices(len(self.test),
+                                              opts.max_batches * opts.batch_size, opts.seed)]
+        out = []
+        for j in range(0, len(idx), opts.batch_size):
+            part = idx[j:j + opts.batch_size]
+            out.append((torch.stack([window_tokens(self.test, i) for i in part]).to(self.device),
+                        [self.window_steps(i) for i in part]))
+        return out
 
     # -- metrics -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def teacher_forced(self, batches: list[torch.Tensor], unigram: torch.Tensor) -> dict:
+    def teacher_forced(self, batches: list, unigram: torch.Tensor) -> dict:
         """Accuracy by position and the history sweep, with both baselines."""
         opts = self.options
-        T = batches[0].shape[-1]
+        T = batches[0][0].shape[-1]
         n_in = T - 1 if self.max_context is None else min(T - 1, self.max_context)
         hist = opts.history_lengths or _default_lengths(n_in)
         too_long = [h for h in hist if h > n_in]
@@ -406,7 +437,8 @@ class EvalQuant:
         hist_rep = torch.zeros((), device=self.device)
         hist_uni = torch.zeros((), device=self.device)
         n_rows = 0
-        for x in tqdm(batches, desc="teacher-forced", disable=not opts.progress, leave=False):
+        for x, _ in tqdm(batches, desc="teacher-forced", disable=not opts.progress,
+                         leave=False):
             x = x[..., -(n_in + 1):]
             inp, tgt = x[..., :-1], x[..., 1:]  # (B, C, n_in)
             B, C, _ = inp.shape
@@ -439,15 +471,15 @@ class EvalQuant:
             "hist_acc": (hist_correct / n_rows).cpu().numpy(),
             "hist_rep": float(hist_rep / n_rows),
             "hist_uni": float(hist_uni / n_rows),
-            "n_windows": int(sum(b.shape[0] for b in batches)),
+            "n_windows": int(sum(b.shape[0] for b, _ in batches)),
         }
 
     @torch.no_grad()
-    def nstep(self, batches: list[torch.Tensor], unigram: torch.Tensor) -> dict:
+    def nstep(self, batches: list, unigram: torch.Tensor) -> dict:
         """N-step-ahead accuracy and RMSE (signal units) for the model and the baselines."""
         opts = self.options
         N = opts.future_steps
-        T = batches[0].shape[-1]
+        T = batches[0][0].shape[-1]
         if N >= T:
             raise ValueError(f"eval.future_steps ({N}) must be smaller than the window "
                              f"({T} samples); lower it or raise datasplitter.example_seconds")
@@ -460,21 +492,21 @@ class EvalQuant:
         sq = {k: {t: np.zeros(N) for t in types} for k in names}
         sq_norm = {k: np.zeros(N) for k in names}
         n_rows = 0
-        for x in tqdm(batches, desc="N-step rollouts", disable=not opts.progress, leave=False):
+        for x, steps in tqdm(batches, desc="N-step rollouts", disable=not opts.progress,
+                             leave=False):
             ctx, fut = x[..., :T - N], x[..., T - N:]  # (B, C, T-N), (B, C, N)
             preds = {
                 self.model_name: self._generate(ctx, N, sampling, "N-step"),
                 REPEAT_LAST: ctx[..., -1:].expand_as(fut),
                 UNIGRAM: sample_unigram(unigram, fut.shape, self.cpu_generator).to(self.device),
             }
-            true_sig = tokens_to_signal(fut, self.steps)
-            true_z = tokens_to_signal(fut, self.norm_steps)
+            true_sig, true_z = decode(fut, steps), decode(fut, steps, keep_normalized=True)
             for k, p in preds.items():
                 correct[k] += (p == fut).float().sum((0, 1)).cpu().numpy()
-                err = (tokens_to_signal(p, self.steps) - true_sig) ** 2  # (B, C, N)
+                err = (decode(p, steps) - true_sig) ** 2  # (B, C, N)
                 for t, idx in type_idx.items():
                     sq[k][t] += err[:, idx].double().sum((0, 1)).cpu().numpy()
-                sq_norm[k] += ((tokens_to_signal(p, self.norm_steps) - true_z) ** 2
+                sq_norm[k] += ((decode(p, steps, keep_normalized=True) - true_z) ** 2
                                ).double().sum((0, 1)).cpu().numpy()
             n_rows += x.shape[0] * x.shape[1]
         n_b = n_rows // len(self.ch_names)
@@ -494,24 +526,20 @@ class EvalQuant:
         """Generate ``gen_seconds`` after held-out contexts; decode to signal units."""
         opts = self.options
         n_new = max(1, round(opts.gen_seconds * self.sfreq))
-        ctx_len = self.window if opts.gen_context_seconds is None else max(
-            1, round(opts.gen_context_seconds * self.sfreq))
+        ctx_len = self.window if opts.gen_context_seconds is None else min(
+            self.window, max(1, round(opts.gen_context_seconds * self.sfreq)))
         if self.max_context is not None:
             ctx_len = min(ctx_len, self.max_context)
-        idx = spread_indices(len(self.test), opts.n_generated, opts.seed + 1)
-        contexts = []
-        for i in idx:
-            w = window_tokens(self.test, int(i))
-            while w.shape[-1] < ctx_len and int(i) + 1 < len(self.test):
-                i = int(i) + 1  # contexts longer than a window: append following windows
-                w = torch.cat([w, window_tokens(self.test, i)], dim=-1)
-            contexts.append(w[..., -ctx_len:])
-        ctx_len = min(c.shape[-1] for c in contexts)
-        context = torch.stack([c[..., -ctx_len:] for c in contexts]).to(self.device)
+        idx = [int(i) for i in spread_indices(len(self.test), opts.n_generated, opts.seed + 1)]
+        idx = (idx * opts.n_generated)[:opts.n_generated]  # fewer windows than sequences
+        context = torch.stack([window_tokens(self.test, i)[..., -ctx_len:] for i in idx])
         t0 = time.perf_counter()
-        new = self._generate(context, n_new, opts.gen_kwargs(), "free-running")
+        new = self._generate(context.to(self.device), n_new, opts.gen_kwargs(), "free-running")
         seconds = time.perf_counter() - t0
-        return {"tokens": new.cpu(), "signal": tokens_to_signal(new.cpu(), self.steps).numpy(),
+        new = new.cpu()
+        # each sequence continues its context's session: decode with that session's steps
+        signal = decode(new, [self.window_steps(i) for i in idx]).numpy()
+        return {"tokens": new, "signal": signal,
                 "context_samples": ctx_len, "wall_seconds": seconds,
                 "steps_per_second": n_new / max(seconds, 1e-9)}
 
@@ -519,7 +547,7 @@ class EvalQuant:
         """Real held-out windows decoded to signal units, (N, C, T)."""
         idx = spread_indices(len(self.test), self.options.psd_windows, self.options.seed + 2)
         wins = torch.stack([window_tokens(self.test, int(i)) for i in idx])
-        return tokens_to_signal(wins, self.steps).numpy()
+        return decode(wins, [self.window_steps(int(i)) for i in idx]).numpy()
 
     def compare_spectra(self, generated: np.ndarray, real: np.ndarray) -> dict:
         """PSD per channel type, alpha peaks and covariance/correlation comparisons."""

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
-from eval_token_store import TokenWindows, write_token_store
+from eval_token_store import write_token_store
+
+from ephys_gpt.dataset.datasplitter import split_datasets
 
 
 @pytest.fixture(scope="session")
-def token_splits(tmp_path_factory):
-    """Train (2 sessions) / val / test (1 session) windows of 65 samples of mu-law tokens."""
-    metas = write_token_store(tmp_path_factory.mktemp("tokens"))
-    window = 65
-    return SimpleNamespace(train=TokenWindows(metas[:2], window),
-                           val=TokenWindows(metas[2:], window),
-                           test=TokenWindows(metas[2:], window))
+def token_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    write_token_store(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def token_splits(token_store):
+    """ChunkDataset splits by session (2 train, 1 val, 1 test) of 64-sample windows."""
+    return split_datasets(token_store, dataset_class="ChunkDataset", example_seconds=0.64,
+                          val_ratio=0.25, test_ratio=0.25, seed=0)
 
 
 @pytest.fixture(autouse=True)

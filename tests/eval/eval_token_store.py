@@ -1,11 +1,10 @@
-"""A small token chunk store with an alpha rhythm, split into train/val/test windows."""
+"""A small chunk store of mu-law tokens with a 10 Hz rhythm (3 channels, 100 Hz)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ephys_gpt.dataset.store import list_sessions, load_chunk, write_session
+from ephys_gpt.dataset.store import list_sessions, write_session
 from ephys_gpt.preprocessing.transforms import mulaw_quantize, normalize_stats
 
 SFREQ = 100.0
@@ -27,7 +26,7 @@ def alpha_signal(n_samples: int, n_channels: int, seed: int) -> np.ndarray:
     return mix @ src + 0.3 * rng.standard_normal((n_channels, n_samples))
 
 
-def write_token_store(root, n_sessions: int = 3, seconds: float = 20.0, chunk_seconds=10.0):
+def write_token_store(root, n_sessions: int = 4, seconds: float = 20.0, chunk_seconds=10.0):
     """Sessions of mu-law tokens with recorded normalize + mulaw_quantize steps."""
     chunk = int(chunk_seconds * SFREQ)
     for s in range(n_sessions):
@@ -46,27 +45,3 @@ def write_token_store(root, n_sessions: int = 3, seconds: float = 20.0, chunk_se
         write_session(root, f"sub-{s:02d}", (tokens[:, i:i + chunk]
                                              for i in range(0, tokens.shape[1], chunk)), meta)
     return list_sessions(root)
-
-
-class TokenWindows(torch.utils.data.Dataset):
-    """Stand-in with the documented ChunkDataset interface (docs/internals.md)."""
-
-    input_kind = "tokens"
-
-    def __init__(self, metas, window_samples: int):
-        self.metas = metas
-        self.window_samples = window_samples
-        m = metas[0]
-        self.sfreq, self.ch_names, self.ch_types = m.sfreq, m.ch_names, m.ch_types
-        self.pos_2d, self.steps = m.pos_2d, m.steps
-        self.index = [(m, i, s) for m in metas for i, n in enumerate(m.chunk_lengths)
-                      for s in range(0, n - window_samples + 1, window_samples)]
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, k):
-        m, i, s = self.index[k]
-        x = torch.from_numpy(np.asarray(load_chunk(m, i)[:, s:s + self.window_samples],
-                                        dtype=np.int64))
-        return x[:, :-1], x[:, 1:]

@@ -16,12 +16,15 @@ from ephys_gpt.eval.eval_quant import (
     UNIGRAM,
     EvalQuant,
     EvalQuantOptions,
+    decode,
     unigram_distribution,
+    window_steps,
     window_tokens,
 )
 from ephys_gpt.eval.registry import get_eval_spec
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import build_model
+from ephys_gpt.preprocessing.transforms import tokens_to_signal
 
 V = 2**N_BITS
 TINY = {"num_channels": 3, "vocab_size": V, "n_positions": 64, "d_model": 32, "n_layers": 2,
@@ -172,16 +175,33 @@ def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path):
     assert not summary["next_step"]["beats_baselines"]
 
 
-def test_greedy_rollouts_are_reproducible(trained_export, token_splits, tmp_path):
+def test_greedy_rollouts_are_reproducible(trained_export, token_splits, token_store, tmp_path):
+    """Same seed, same numbers; splits built from the run config equal the injected ones."""
     kw = _opts(tmp_path, ckpt_path=str(trained_export), max_batches=1, gen_seconds=0.5)
     a = EvalQuant({}, EvalQuantOptions(**{**kw, "out_dir": str(tmp_path / "a")}),
                   splits=token_splits).run()
-    b = EvalQuant({}, EvalQuantOptions(**{**kw, "out_dir": str(tmp_path / "b")}),
-                  splits=token_splits).run()
+    config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega",
+              "datasplitter": {"dataset_root": str(token_store), "example_seconds": 0.64,
+                               "val_ratio": 0.25, "test_ratio": 0.25, "seed": 0}}
+    b = EvalQuant(config, EvalQuantOptions(**{**kw, "out_dir": None})).run()
     assert a["nstep"]["accuracy_at_8"] == b["nstep"]["accuracy_at_8"]
+    assert a["next_step"] == b["next_step"]
     ta = np.load(tmp_path / "a" / "generated_tokens.npy")
-    tb = np.load(tmp_path / "b" / "generated_tokens.npy")
+    tb = np.load(tmp_path / "run" / "evals" / "EvalQuant" / "generated_tokens.npy")
     np.testing.assert_array_equal(ta, tb)  # same seed, same sampled signal
+
+
+def test_windows_decode_with_their_own_session_steps(token_splits):
+    train = token_splits.train
+    sessions = train.indices[:, 0]
+    first, other = 0, int(np.flatnonzero(sessions != sessions[0])[0])
+    a, b = window_steps(train, first), window_steps(train, other)
+    assert a[0]["name"] == "normalize" and a[0]["center"] != b[0]["center"]
+    tok = torch.stack([window_tokens(train, first), window_tokens(train, other)])
+    sig = decode(tok, [a, b])
+    np.testing.assert_allclose(sig[1].numpy(), tokens_to_signal(tok[1], b).numpy())
+    z = decode(tok, [a, b], keep_normalized=True)
+    assert abs(float(z.abs().max())) <= 4.0 + 1e-5  # mu-law scale 4 in normalized units
 
 
 def test_bad_configurations_fail_clearly(trained_export, token_splits, tmp_path):
