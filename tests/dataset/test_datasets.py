@@ -236,3 +236,14 @@ def test_bad_indices_are_rejected(make_store):
         ChunkDatasetForecastCont(metas, idx, 0)
     with pytest.raises(TypeError, match="SessionMeta"):
         ChunkDatasetForecastCont(["x"], idx, 10)
+
+
+@pytest.mark.slow
+def test_dataloader_with_spawned_workers(make_store, allow_unix_sockets):
+    """Spawned workers receive the dataset pickled (no fork): memmaps must reopen there."""
+    ds = ChunkDatasetImageQuantized.from_root(make_store(), example_seconds=0.1, image_size=6,
+                                              quantize={"n_bits": 8})
+    loader = DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context="spawn")
+    got = torch.cat([x for x, _ in loader])
+    ref = torch.stack([ds[i][0] for i in range(len(ds))])
+    torch.testing.assert_close(got, ref)
