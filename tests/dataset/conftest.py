@@ -78,23 +78,3 @@ def megin_layout(megin_info):
     pos = lay.pos[idx, :2] + lay.pos[idx, 2:] / 2  # box centres
     return list(names), megin_info.get_channel_types(), pos
 
-
-@pytest.fixture
-def allow_unix_sockets(monkeypatch):
-    """Let DataLoader workers pass tensors over local UNIX sockets.
-
-    The project-wide ``_no_network`` guard blocks every ``connect``; torch's worker processes
-    share tensor storage through AF_UNIX sockets (local IPC, not network), so allow those.
-    """
-    import _socket
-    import socket
-
-    guarded = socket.socket.connect
-
-    def connect(self, address):
-        if self.family == socket.AF_UNIX:
-            return _socket.socket.connect(self, address)
-        return guarded(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    yield

@@ -155,7 +155,7 @@ def test_augmented_before_quantization(make_store):
     np.testing.assert_array_equal(x.numpy(), expect)
 
 
-def test_reproducible_per_worker(make_store, allow_unix_sockets):
+def test_reproducible_per_worker(make_store):
     ds = ChunkDatasetForecastCont.from_root(
         make_store(), example_seconds=0.1,
         augmentations=[{"name": "gaussian_noise", "std": 1.0, "p": 1.0}])

@@ -214,7 +214,7 @@ def test_pickling_drops_open_memmaps(make_store):
         torch.testing.assert_close(a, b)
 
 
-def test_dataloader_with_two_workers(make_store, allow_unix_sockets):
+def test_dataloader_with_two_workers(make_store):
     ds = ChunkDataset.from_root(make_store(), example_seconds=0.1, quantize={"n_bits": 8})
     ref = [torch.stack([ds[i][0] for i in range(j, min(j + 4, len(ds)))])
            for j in range(0, len(ds), 4)]
@@ -239,7 +239,7 @@ def test_bad_indices_are_rejected(make_store):
 
 
 @pytest.mark.slow
-def test_dataloader_with_spawned_workers(make_store, allow_unix_sockets):
+def test_dataloader_with_spawned_workers(make_store):
     """Spawned workers receive the dataset pickled (no fork): memmaps must reopen there."""
     ds = ChunkDatasetImageQuantized.from_root(make_store(), example_seconds=0.1, image_size=6,
                                               quantize={"n_bits": 8})

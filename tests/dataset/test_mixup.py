@@ -117,7 +117,7 @@ def test_bad_arguments(kwargs, match):
         MixupCollate(**kwargs)
 
 
-def test_workers(make_store, allow_unix_sockets):
+def test_workers(make_store):
     ds = ChunkDatasetForecastCont.from_root(make_store(), example_seconds=0.1)
     loader = MixupDataLoader(ds, batch_size=4, num_workers=2, quantize_bits=8)
     batches = list(loader)
