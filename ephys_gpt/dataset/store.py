@@ -32,6 +32,7 @@ FORMAT = "ephys-gpt-chunks"
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _TMP_PREFIX = ".tmp-"
+_NPY_MAGIC = b"\x93NUMPY"
 
 _REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "format_version": int,
@@ -172,6 +173,11 @@ def load_chunk(meta: SessionMeta, i: int, mmap: bool = True) -> np.ndarray:
     path = meta.chunk_path(i)
     if not path.is_file():
         raise StoreError(f"chunk file {path} is missing (meta.json lists {meta.n_chunks} chunks)")
+    with open(path, "rb") as fh:
+        magic = fh.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        raise StoreError(f"{path} is not a .npy file (it does not start with the NumPy magic "
+                         f"bytes; found {magic!r}): corrupt, or written by another program")
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as err:
