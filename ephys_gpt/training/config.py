@@ -142,6 +142,8 @@ class MixupConfig(_Block):
     quantize_bits: int | None = Field(None, description="mu-law quantize the mixed signal "
                                       "on the fly (continuous datasets feeding token models)")
     quantize_scale: float = Field(1.0, gt=0, description="signal scale before mu-law")
+    num_classes: int | None = Field(None, ge=2, description="soft-label classes for labelled "
+                                    "datasets (default: the dataset's num_classes)")
 
 
 class DataLoaderConfig(_Block):
@@ -283,7 +285,8 @@ def _resolve(path: str, base: Path) -> str:
 
 def _path_keys(cfg: dict) -> list[tuple[str, ...]]:
     """Key paths holding file-system paths (resolved against the config file's folder)."""
-    keys = [("save_dir",), ("datasplitter", "dataset_root"), ("eval", "ckpt_path")]
+    keys = [("save_dir",), ("datasplitter", "dataset_root"), ("datasplitter", "data_path"),
+            ("eval", "ckpt_path")]
     if isinstance(cfg.get("model_config"), str):
         keys.append(("model_config",))
     if isinstance(cfg.get("augmentations"), str):
@@ -442,7 +445,8 @@ def _check_dataset(cfg: dict, spec) -> None:
     skip = ("augmentations",) if cfg.get("augmentations") is not None else ()
     _check_callable_kwargs(splitter, dcfg, "datasplitter", skip=skip)
     root = dcfg.get("dataset_root")
-    if isinstance(root, str) and not Path(root).exists():
+    # LibriBrain roots may be download targets; chunk stores must exist already.
+    if name != "libribrain" and isinstance(root, str) and not Path(root).exists():
         raise ConfigFileNotFoundError(f"key 'datasplitter.dataset_root': {root} does not exist "
                                       "(run `ephys-gpt preprocess` first, or override it with "
                                       "datasplitter.dataset_root=PATH)")

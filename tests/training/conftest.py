@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from training_helpers import install_datasplitter_standin, make_store, tiny_run
-
-STANDIN = install_datasplitter_standin()
+from training_helpers import make_store, tiny_run
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,8 @@ def test_overrides(tmp_path, run_cfg, token_store, monkeypatch):
     assert cfg["trainer"]["max_epochs"] == 3
     assert cfg["lightning"]["lr"] == pytest.approx(1e-3) and isinstance(cfg["lightning"]["lr"], float)
     assert cfg["model_config"]["n_layers"] == 2 and cfg["model_config"]["d_model"] == 16
-    assert cfg["dataloader"]["mixup"] == {"alpha": 0.4, "quantize_bits": None, "quantize_scale": 1.0}
+    assert cfg["dataloader"]["mixup"] == {"alpha": 0.4, "quantize_bits": None, "quantize_scale": 1.0,
+                                         "num_classes": None}
     # relative override paths resolve against the working directory
     assert cfg["datasplitter"]["dataset_root"] == str(token_store)
     with pytest.raises(ConfigError, match="key.path=value"):

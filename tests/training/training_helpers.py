@@ -1,0 +1,64 @@
+"""Helpers shared by the training tests: a synthetic chunk store and a tiny run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+N_CH, SFREQ, N_BITS = 3, 100.0, 4
+
+
+def make_store(root: Path, n_sessions: int = 3, n_chunks: int = 2, chunk_samples: int = 200,
+               tokens: bool = True, seed: int = 0) -> Path:
+    """Write ``n_sessions`` sessions of AR(1)-like signals (as 4-bit tokens or float32)."""
+    from ephys_gpt.dataset.store import write_session
+    from ephys_gpt.preprocessing.transforms import mulaw_quantize
+
+    rng = np.random.default_rng(seed)
+    for s in range(n_sessions):
+        chunks = []
+        for _ in range(n_chunks):
+            x = np.cumsum(rng.standard_normal((N_CH, chunk_samples)), axis=-1) * 0.05
+            x = np.clip(x, -1, 1).astype(np.float32)
+            chunks.append(mulaw_quantize(x, N_BITS) if tokens else x)
+        steps = [{"name": "normalize", "method": "zscore", "center": [0.0] * N_CH,
+                  "scale": [1.0] * N_CH}]
+        if tokens:
+            steps.append({"name": "mulaw_quantize", "n_bits": N_BITS, "mu": 2**N_BITS - 1,
+                          "scale": 1.0})
+        write_session(root, f"sub-{s:02d}_ses-01", chunks, {
+            "sfreq": SFREQ, "ch_names": [f"MEG{i:03d}" for i in range(N_CH)],
+            "ch_types": ["mag"] * N_CH, "pos_2d": [[float(i), 0.0] for i in range(N_CH)],
+            "chunk_samples": chunk_samples, "steps": steps})
+    return root
+
+
+def tiny_run(store: Path, save_dir: Path, **extra) -> dict:
+    """A GPT2MEG run config small enough to train a few steps in about a second."""
+    cfg = {
+        "model_name": "GPT2MEG",
+        "model_config": {"n_positions": 32, "d_model": 16, "n_layers": 1, "n_heads": 2},
+        "loss_name": "CrossEntropy",
+        "loss": {"label_smoothing": 0.0},
+        "datasplitter": {"dataset_root": str(store), "dataset_class": "ChunkDataset",
+                         "example_seconds": 0.2, "val_ratio": 0.34, "test_ratio": 0.34},
+        "dataloader": {"batch_size": 4},
+        "lightning": {"lr": 1e-3, "warmup_steps": 2},
+        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2,
+                    "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "log_every_n_steps": 1,
+                    "num_sanity_val_steps": 0},
+        "save_dir": str(save_dir),
+        "seed": 1,
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
