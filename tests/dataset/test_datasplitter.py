@@ -222,8 +222,7 @@ def test_truncated_and_corrupt_chunks_name_the_file(make_store):
     with pytest.raises(StoreError, match=f"{path} is not a readable .npy array"):
         build_indices(root, 10)
     path.write_bytes(b"garbage that is no npy header" * 10)
-    # numpy reads a file without the .npy magic as a pickle; either way the file is named
-    with pytest.raises(StoreError, match=f"{path} (is not a readable|holds pickled)"):
+    with pytest.raises(StoreError, match=f"{path} is not a .npy file"):
         build_indices(root, 10)
     path.unlink()
     with pytest.raises(StoreError, match=f"chunk file {path} is missing"):
