@@ -102,8 +102,12 @@ class CausalConv1d(nn.Conv1d):
         state._ensure(x)
         T = x.shape[-1]
         if T == 1:
-            idx = torch.remainder(self._tap_offsets + state.pos, L)
-            window = torch.cat([state.buf.index_select(2, idx), x], dim=-1)  # (B, Cin, k)
+            if self.kernel_size[0] == 2:  # the common WaveNet case: one past tap, a view
+                j = (state.pos - L) % L
+                past = state.buf[:, :, j:j + 1]
+            else:
+                past = state.buf.index_select(2, torch.remainder(self._tap_offsets + state.pos, L))
+            window = torch.cat([past, x], dim=-1)  # (B, Cin, k)
             if self.groups == 1:
                 y = F.linear(window.flatten(1), self.weight.flatten(1), self.bias)[..., None]
             else:

@@ -68,7 +68,7 @@ class WavenetConfig:
 
 class GatedResidualLayer(nn.Module):
     """One WaveNet layer: dilated causal conv → (+ conditioning) → tanh·sigmoid gate →
-    residual (1×1) and skip (1×1) outputs.
+    residual and skip outputs (one fused 1×1 conv producing both).
 
     ``forward(x (B, Rc, T), g (B, 2Dc, 1) | None, l (B, Dl, T) | None, state=None)``
     → ``(residual (B, Rc, T) or None for the last layer, skip (B, Sc, T))``.
@@ -83,8 +83,8 @@ class GatedResidualLayer(nn.Module):
         self.local_proj = (PointwiseConv1d(cfg.local_channels, 2 * Dc, bias=False)
                            if cfg.local_channels else None)
         # the last layer's residual output would be unused (and never get a gradient)
-        self.res = None if last else PointwiseConv1d(Dc, cfg.residual_channels)
-        self.skip = PointwiseConv1d(Dc, cfg.skip_channels)
+        self.n_res = 0 if last else cfg.residual_channels
+        self.res_skip = PointwiseConv1d(Dc, self.n_res + cfg.skip_channels)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
                 state: ConvState | None = None):
@@ -95,8 +95,10 @@ class GatedResidualLayer(nn.Module):
             z = z + self.local_proj(local)
         f, gate = z.chunk(2, dim=1)
         h = torch.tanh(f) * torch.sigmoid(gate)  # (B, Dc, T)
-        res = None if self.res is None else x + self.res(h)
-        return res, self.skip(h)
+        out = self.res_skip(h)  # (B, Rc + Sc, T)
+        if not self.n_res:
+            return None, out
+        return x + out[:, :self.n_res], out[:, self.n_res:]
 
 
 @register_model(
@@ -142,14 +144,15 @@ class WavenetFullChannel(nn.Module):
                              f"Dl={Dl}, T>={T}), got {got}")
 
     def _run(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
-             states: list[ConvState] | None = None) -> torch.Tensor:
-        """Tokens ``(B, C, T)`` → logits ``(B, C, T, V)``, optionally streaming."""
+             states: list[ConvState] | None = None, last_only: bool = False) -> torch.Tensor:
+        """Tokens ``(B, C, T)`` → logits ``(B, C, T, V)`` (``T = 1`` with ``last_only``),
+        optionally streaming."""
         h = self.input_proj(rearrange(self.embed(x), "b c t e -> b (c e) t"))  # (B, Rc, T)
         skips = 0
         for i, layer in enumerate(self.layers):
             h, s = layer(h, g, local, None if states is None else states[i])
             skips = skips + s
-        logits = self.out(skips)  # (B, C·V, T)
+        logits = self.out(skips[..., -1:] if last_only else skips)  # (B, C·V, T)
         return rearrange(logits, "b (c v) t -> b c t v", c=self.config.num_channels)
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
@@ -216,7 +219,7 @@ class WavenetFullChannel(nn.Module):
             local = None if local_cond is None else local_cond[..., L - crop.shape[-1]:L]
             st["states"] = [layer.conv.new_state() for layer in self.layers] if cached else None
             st["t"] = L
-            return self._run(crop, g, local, st["states"])[:, :, -1]
+            return self._run(crop, g, local, st["states"], last_only=True)[:, :, -1]
 
         def step(tok: torch.Tensor) -> torch.Tensor:
             t = st["t"]
