@@ -193,7 +193,7 @@ class RunConfig(_Block):
     trainer: dict = Field(default_factory=dict)
     save_dir: str
     resume_from: str | None = None
-    augmentations: list | None = None
+    augmentations: list | dict | None = None
     seed: int = 42
     eval_class: str = "EvalQuant"
     eval: dict | None = None
@@ -344,15 +344,15 @@ def _load_augmentations(cfg: dict, source: str) -> None:
     value = cfg.get("augmentations")
     if isinstance(value, str):
         data = read_yaml(value, "augmentations")
-        if isinstance(data, dict) and "augmentations" in data:
+        if isinstance(data, dict) and set(data) == {"augmentations"}:
             data = data["augmentations"]
-        if data is not None and not isinstance(data, list):
-            raise ConfigTypeError(f"augmentations file {value} should hold a list, found "
-                                  f"{type(data).__name__}")
+        if data is not None and not isinstance(data, (list, dict)):
+            raise ConfigTypeError(f"augmentations file {value} should hold a list or a mapping "
+                                  f"of augmentations, found {type(data).__name__}")
         cfg["augmentations"] = data
-    elif value is not None and not isinstance(value, list):
-        raise ConfigTypeError(f"{source}: key 'augmentations' should be a path to a YAML list "
-                              f"or a list, got {_describe(value)}")
+    elif value is not None and not isinstance(value, (list, dict)):
+        raise ConfigTypeError(f"{source}: key 'augmentations' should be a path to a YAML file, "
+                              f"a list or a mapping, got {_describe(value)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,6 +584,13 @@ def _load(raw: dict, base: Path, overrides: Sequence[str], mode: str) -> dict:
 
     _check_trainer(cfg["trainer"])
     _check_dataset(cfg, spec)
+    if cfg["augmentations"] is not None:
+        from ephys_gpt.dataset.augmentations import parse_augmentations
+
+        try:
+            parse_augmentations(cfg["augmentations"])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"key 'augmentations': {err}") from None
 
     resume = cfg["resume_from"]
     if resume not in (None, "last") and not Path(resume).is_file():

@@ -243,3 +243,16 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(lst)
     with pytest.raises(FileNotFoundError, match="absent.yaml"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_augmentations_inline_file_and_errors(tmp_path, run_cfg):
+    augs = [{"name": "gaussian_noise", "std": 0.05, "p": 0.5}]
+    write_yaml(tmp_path / "cfg" / "augs.yaml", augs)
+    run_cfg["augmentations"] = "augs.yaml"  # relative to the config file
+    assert _load(tmp_path, run_cfg)["augmentations"] == augs
+    run_cfg["augmentations"] = [{"name": "gausian_noise", "p": 0.5}]
+    with pytest.raises(ConfigError, match="augmentations"):
+        _load(tmp_path, run_cfg)
+    run_cfg["augmentations"] = 3
+    with pytest.raises(ConfigTypeError, match="augmentations"):
+        _load(tmp_path, run_cfg)
