@@ -70,6 +70,10 @@ def generate_tokens(context: torch.Tensor, steps: int, *, prime: PrimeFn, step: 
         raise ValueError(f"window must be None or >= 1, got {window}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    if generator is not None and generator.device.type != context.device.type:
+        raise ValueError(f"generator is on {generator.device} but the context is on "
+                         f"{context.device}; create it with torch.Generator(device=...) on the "
+                         "model's device")
     B, C, T0 = context.shape
     seq = context.new_empty(B, C, T0 + steps)
     seq[..., :T0] = context

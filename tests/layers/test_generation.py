@@ -67,6 +67,9 @@ def test_zero_steps_and_bad_arguments():
         generate_tokens(ctx, -1, prime=r.prime, step=r.step)
     with pytest.raises(ValueError, match="top_p"):
         generate_tokens(ctx, 2, prime=r.prime, step=r.step, top_p=2.0)
+    with pytest.raises(ValueError, match="generator"):
+        generate_tokens(ctx.to("meta"), 2, prime=r.prime, step=r.step,
+                        generator=torch.Generator())
 
 
 def test_context_checks():
