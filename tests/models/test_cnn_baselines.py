@@ -88,3 +88,19 @@ def test_bad_inputs():
         m.forecast(torch.randn(1, 3, 8), -2)
     with pytest.raises(ValueError, match="hidden_channels"):
         CNNUnivariate(**{**CONT, "hidden_channels": 0})
+
+
+@pytest.mark.parametrize("cls, cfg", [
+    (CNNMultivariate, CONT), (CNNUnivariate, CONT),
+    (CNNMultivariateQuantized, QUANT), (CNNUnivariateQuantized, QUANT),
+])
+def test_bf16_autocast_forward_is_finite(cls, cfg):
+    torch.manual_seed(0)
+    m = cls(**cfg).eval()
+    x = m.example_inputs(2, 16)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+    assert out.shape == ref.shape and torch.isfinite(out.float()).all()
+    assert (out.float() - ref).abs().max() < 0.1
