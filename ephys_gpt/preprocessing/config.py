@@ -41,8 +41,8 @@ class MulawStep(_Strict):
     """Mu-law quantization to ``n_bits`` tokens (uint8 for n_bits <= 8); must be the last step."""
 
     n_bits: int = Field(8, ge=1, le=16)
-    # x / scale is companded; null = the largest |value| of the session's good samples after
-    # the previous steps (the clip bound when clipping precedes it)
+    # x / scale is companded; null = the largest clip bound when clip comes right before,
+    # else the largest |value| of the session's good samples after the previous steps
     scale: float | None = Field(None, gt=0)
 
 

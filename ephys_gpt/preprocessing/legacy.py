@@ -153,10 +153,10 @@ def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, progress: 
     Sessions already complete in ``dst`` are skipped; a session that fails is reported with
     its reason and the others go on.
     """
-    warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=2)
-    logger.warning(PICKLE_WARNING)
     src, dst = Path(src), Path(dst)
     sessions = find_legacy_sessions(src)
+    warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=2)
+    logger.warning(PICKLE_WARNING)
     dst.mkdir(parents=True, exist_ok=True)
     store.clean_partial(dst)
     result = LegacyResult()

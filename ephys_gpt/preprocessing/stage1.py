@@ -77,7 +77,32 @@ def notch_below_nyquist(dataset: dict, userargs: dict) -> dict:
     return dataset
 
 
-EXTRA_FUNCS = [notch_below_nyquist]
+def detect_flat_channels(dataset: dict, userargs: dict) -> dict:
+    """osl-ephys recipe step: add dead (flat) channels to ``info['bads']``.
+
+    A channel is flat when its standard deviation is below ``rel_threshold`` (default 1e-3)
+    times the median of its channel type's. osl-ephys's GESD channel test looks for outliers
+    in a distribution of standard deviations that spans orders of magnitude across sensors,
+    and can miss a single dead sensor; this check cannot.
+    """
+    import numpy as np
+
+    raw = dataset[userargs.get("target", "raw")]
+    rel = float(userargs.get("rel_threshold", 1e-3))
+    types = np.array(raw.get_channel_types())
+    std = raw.get_data().std(axis=1)
+    new = []
+    for kind in np.unique(types):
+        idx = np.flatnonzero(types == kind)
+        ref = np.median(std[idx])
+        new += [raw.ch_names[i] for i in idx if std[i] <= rel * ref]
+    raw.info["bads"] = list(dict.fromkeys([*raw.info["bads"], *new]))
+    if new:
+        logger.debug("flat channels: %s", new)
+    return dataset
+
+
+EXTRA_FUNCS = [notch_below_nyquist, detect_flat_channels]
 
 
 def default_recipe(params: RecipeConfig | None = None) -> dict[str, Any]:
@@ -86,7 +111,8 @@ def default_recipe(params: RecipeConfig | None = None) -> dict[str, Any]:
     Band-pass (zero-phase 5th-order Butterworth IIR), notch at the line frequencies below
     Nyquist, resample, then bad segments (GESD on the standard deviation of windows of
     ``bad_segment_seconds``; magnetometers and gradiometers separately, as osl-ephys
-    recommends) and bad channels (GESD across channels). Bad segments become ``bad_segment_*``
+    recommends) and bad channels (dead sensors via :func:`detect_flat_channels`, then GESD
+    across channels). Bad segments become ``bad_segment_*``
     annotations and bad channels go to ``info['bads']``; stage 2 acts on both.
     """
     p = params or RecipeConfig()
@@ -103,6 +129,7 @@ def default_recipe(params: RecipeConfig | None = None) -> dict[str, Any]:
             steps.append({"bad_segments": {"segment_len": seg, "picks": picks,
                                            "significance_level": p.significance_level}})
     if p.detect_bad_channels:
+        steps.append({"detect_flat_channels": {"rel_threshold": 1e-3}})
         for picks in ("mag", "grad"):
             steps.append({"bad_channels": {"picks": picks,
                                            "significance_level": p.significance_level}})

@@ -20,7 +20,8 @@ Per session:
    - ``clip``: per-channel ``[mean - s*std, mean + s*std]`` of the data after the previous
      steps (good samples), ``s = std_factor``.
    - ``mulaw_quantize``: tokens in ``[0, 2**n_bits - 1]`` of ``x / scale``; ``scale`` is the
-     configured value or the largest ``|x|`` over good samples (the clip bound after ``clip``).
+     configured value, else the largest clip bound (``max |low|, |high|`` over channels) when
+     ``clip`` comes right before, else the largest ``|x|`` over good samples.
 
 5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.dataset.store.write_session`
    (atomic; ``meta.json`` last). Sessions whose ``meta.json`` exists are skipped on re-runs.
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -176,24 +177,31 @@ def chunk_bounds(spans: Sequence[tuple[int, int]], chunk: int, min_len: int
 
 
 def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
-                ) -> tuple[np.ndarray, list[dict]]:
-    """Apply the stage-2 steps to ``x`` (C, T) float32 in order; return the result and the
-    recorded steps (with their fitted statistics). ``good`` (T,) selects the samples that
-    statistics come from."""
+                ) -> tuple[np.ndarray, list[dict], Callable[[np.ndarray], np.ndarray]]:
+    """Fit and apply the stage-2 steps to ``x`` (C, T) float32, in place where possible.
+
+    Returns ``(x, recorded, finish)``: ``normalize`` and ``clip`` are applied to ``x``;
+    ``mulaw_quantize`` (always last) is fitted here but applied by ``finish`` one chunk at a
+    time (cheaper on memory and cache than a whole-session pass). ``recorded`` lists the steps
+    with their fitted statistics, in the format of :mod:`~ephys_gpt.preprocessing.transforms`.
+    ``good`` (T,) selects the samples that statistics come from.
+    """
     recorded: list[dict] = []
+    finish: Callable[[np.ndarray], np.ndarray] = _identity
+    all_good = bool(good.all())
     for name, params in steps.items():
-        sample = x[:, good] if not good.all() else x  # (C, T_good)
+        sample = x if all_good else x[:, good]  # (C, T_good)
         if name == "normalize":
             method = params.get("method", "robust")
             center, scale = transforms.normalize_stats(sample, method)
             x -= center[:, None].astype(np.float32)
-            x /= scale[:, None].astype(np.float32)
+            x *= (1.0 / scale)[:, None].astype(np.float32)
             recorded.append({"name": "normalize", "method": method,
                              "center": center.tolist(), "scale": scale.tolist()})
         elif name == "clip":
             s = float(params.get("std_factor", 6.0))
-            mean = sample.mean(axis=1, dtype=np.float64)
-            std = sample.std(axis=1, dtype=np.float64)
+            mean = sample.mean(axis=1).astype(np.float64)
+            std = sample.std(axis=1).astype(np.float64)
             low, high = mean - s * std, mean + s * std
             np.clip(x, low[:, None].astype(np.float32), high[:, None].astype(np.float32), out=x)
             recorded.append({"name": "clip", "std_factor": s,
@@ -201,15 +209,25 @@ def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
         elif name == "mulaw_quantize":
             n_bits = int(params.get("n_bits", 8))
             scale = params.get("scale")
-            if scale is None:
-                scale = float(np.abs(sample).max()) if sample.size else 1.0
-                scale = scale if scale > 0 else 1.0
-            x = transforms.mulaw_quantize(x, n_bits, float(scale))
+            if scale is None and recorded and recorded[-1]["name"] == "clip":
+                scale = float(max(-min(recorded[-1]["low"]), max(recorded[-1]["high"])))
+            elif scale is None:
+                scale = float(max(-sample.min(), sample.max())) if sample.size else 1.0
+            scale = scale if scale > 0 else 1.0
+            scale = float(scale)
             recorded.append({"name": "mulaw_quantize", "n_bits": n_bits,
-                             "mu": transforms.mulaw_mu(n_bits), "scale": float(scale)})
+                             "mu": transforms.mulaw_mu(n_bits), "scale": scale})
+
+            def finish(chunk: np.ndarray, _n=n_bits, _s=scale) -> np.ndarray:
+                return transforms.mulaw_quantize(chunk, _n, _s)
         else:
             raise ValueError(f"unknown stage-2 step {name!r}")
-    return x, recorded
+        del sample
+    return x, recorded, finish
+
+
+def _identity(chunk: np.ndarray) -> np.ndarray:
+    return chunk
 
 
 def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
@@ -242,13 +260,6 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
         raw.load_data()
     sfreq = float(raw.info["sfreq"])
     bads = [b for b in raw.info["bads"] if b in raw.ch_names]
-    data = raw.get_data()  # (C, T) float64
-    finite = np.isfinite(data).all(axis=1)
-    if not finite.all():
-        bad_ch = [raw.ch_names[i] for i in np.flatnonzero(~finite)][:5]
-        raise ValueError(f"{fif}: the data contains NaN or Inf (channels {bad_ch}"
-                         f"{' ...' if (~finite).sum() > 5 else ''}); fix or exclude this "
-                         "recording")
     if bads and settings.bad_channels == "interpolate":
         try:
             with mne.utils.use_log_level("ERROR"):
@@ -256,9 +267,17 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
         except Exception as err:
             raise ValueError(f"{fif}: could not interpolate bad channels {bads}: {err}; "
                              "set bad_channels: zero or keep") from None
-        data = raw.get_data()
-    elif bads and settings.bad_channels == "zero":
+    data = raw.get_data()  # (C, T) float64
+    if bads and settings.bad_channels == "zero":
         data[[raw.ch_names.index(b) for b in bads]] = 0.0
+    # checked after interpolation (NaN in a good channel would also spread into the
+    # interpolated ones, which are then listed after it)
+    finite = np.isfinite(data).all(axis=1)
+    if not finite.all():
+        nonfinite = [raw.ch_names[i] for i in np.flatnonzero(~finite)]
+        first = [c for c in nonfinite if c not in bads] + [c for c in nonfinite if c in bads]
+        raise ValueError(f"{fif}: the data contains NaN or Inf (channels {first[:5]}"
+                         f"{' ...' if len(first) > 5 else ''}); fix or exclude this recording")
     mask, bad_spans = good_mask(raw)
     n_good = int(mask.sum())
     chunk = max(int(round(settings.chunk_seconds * sfreq)), 1)
@@ -271,7 +290,7 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
     n_times = raw.n_times
     x = data.astype(np.float32)  # (C, T); stage 2 works in float32 from here on
     del data, raw
-    x, steps = apply_steps(x, mask, settings.steps)
+    x, steps, finish = apply_steps(x, mask, settings.steps)
     meta = {
         "sfreq": sfreq,
         **sensors,
@@ -293,7 +312,7 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
 
     def chunks() -> Iterator[np.ndarray]:
         for a, b in bounds:
-            yield x[:, a:b]
+            yield finish(x[:, a:b])
 
     return store.write_session(out_root, name, chunks(), meta)
 

@@ -1,0 +1,105 @@
+"""Stage 1 through osl-ephys: outputs, detected faults, failures with reasons, re-runs."""
+
+from __future__ import annotations
+
+import json
+
+import mne
+import numpy as np
+import pytest
+
+from ephys_gpt.preprocessing.config import RecipeConfig
+from ephys_gpt.preprocessing.stage1 import (
+    default_recipe,
+    find_outputs,
+    load_recipe,
+    output_path,
+    run_stage1,
+)
+
+
+def test_outputs_resampled_with_faults_marked(stage1_run, simulated):
+    out, recordings, result = stage1_run
+    names = [r.name for r in recordings if r.name != "broken"]
+    assert [p.parent.name for p in find_outputs(out)] == names
+    assert not list(out.glob(".tmp-*"))  # the temporary osl-ephys folder is gone
+    for rec in recordings[:2]:
+        fif = output_path(out, rec.name)
+        raw = mne.io.read_raw_fif(fif, verbose="error")
+        assert raw.info["sfreq"] == 100.0 and raw.n_times == 3000
+        side = json.loads(rec.path.with_name(f"{rec.name}_simulation.json").read_text())["faults"]
+        # flat channels are always caught; injected bad segments overlap bad annotations
+        assert set(side["flat_channel_names"]) <= set(raw.info["bads"])
+        bad = [(a["onset"], a["onset"] + a["duration"]) for a in raw.annotations
+               if a["description"].startswith("bad")]
+        for a, b in side["bad_segments_seconds"]:
+            assert any(lo < b and a < hi for lo, hi in bad), (a, b, bad)
+        prov = json.loads((fif.parent / f"{rec.name}_recording.json").read_text())
+        assert prov["subject"] == "01" and prov["task"] == "rest"
+        assert prov["path"] == str(rec.path)
+
+
+def test_unreadable_recording_is_reported_and_others_continue(stage1_run):
+    out, _, result = stage1_run
+    assert list(result.failed) == ["broken"]
+    reason = result.failed["broken"]
+    assert "broken_meg.fif" in reason and "import_data" in reason and "file id tag" in reason
+    assert len(result.outputs) == 2 and not result.ok
+
+
+def test_rerun_skips_finished_recordings(stage1_run):
+    out, recordings, _ = stage1_run
+    fif = output_path(out, recordings[0].name)
+    mtime = fif.stat().st_mtime_ns
+    again = run_stage1(recordings[:2], out, progress=False)
+    assert again.skipped == [r.name for r in recordings[:2]] and again.ok
+    assert fif.stat().st_mtime_ns == mtime
+
+
+def test_default_recipe_follows_parameters():
+    recipe = default_recipe(RecipeConfig(l_freq=0.5, h_freq=40, sfreq=200,
+                                         bad_segment_seconds=1.5, detect_bad_channels=False))
+    steps = [next(iter(s)) for s in recipe["preproc"]]
+    assert steps == ["filter", "notch_below_nyquist", "resample", "bad_segments", "bad_segments"]
+    steps = [next(iter(s)) for s in default_recipe()["preproc"]]
+    assert steps[-3:] == ["detect_flat_channels", "bad_channels", "bad_channels"]
+    assert recipe["preproc"][2]["resample"]["sfreq"] == 200
+    assert recipe["preproc"][3]["bad_segments"]["segment_len"] == 300
+
+
+def test_notch_skips_frequencies_above_nyquist():
+    from ephys_gpt.preprocessing.stage1 import notch_below_nyquist
+
+    info = mne.create_info(2, 150.0, "mag")
+    t = np.arange(1500) / 150.0
+    x = np.vstack([np.sin(2 * np.pi * 50 * t), np.sin(2 * np.pi * 10 * t)]) * 1e-12
+    raw = mne.io.RawArray(x, info, verbose="error")
+    notch_below_nyquist({"raw": raw}, {"freqs": [50, 100], "verbose": "error"})  # 100 >= 75 Hz
+    y = raw.get_data()
+    assert np.std(y[0, 300:-300]) < 0.1 * np.std(x[0])  # 50 Hz removed
+    assert np.std(y[1]) > 0.9 * np.std(x[1])  # 10 Hz kept
+
+
+def test_user_recipe_is_checked(tmp_path):
+    bad = tmp_path / "recipe.yml"
+    bad.write_text("preproc:\n  - filter: {l_freq: 1}\n    resample: {sfreq: 100}\n")
+    with pytest.raises(ValueError, match="recipe.yml: preproc step 0 should be a mapping with one"):
+        load_recipe(bad)
+    bad.write_text("steps: []\n")
+    with pytest.raises(ValueError, match="'preproc' list"):
+        load_recipe(bad)
+    good = tmp_path / "good.yml"
+    good.write_text("preproc:\n  - resample: {sfreq: 50}\n")
+    assert load_recipe(good)["preproc"] == [{"resample": {"sfreq": 50}}]
+
+
+def test_user_recipe_runs(simulated, tmp_path):
+    from ephys_gpt.preprocessing.discovery import discover
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("preproc:\n  - resample: {sfreq: 50}\n")
+    rec = discover(simulated[0])[:1]
+    result = run_stage1(rec, tmp_path / "s1", osl_config=recipe, progress=False)
+    assert result.ok
+    raw = mne.io.read_raw_fif(result.outputs[0], verbose="error")
+    assert raw.info["sfreq"] == 50.0
