@@ -193,7 +193,24 @@ class GPT2MEG(nn.Module):
         cfg = self.config
         check_token_context(context, cfg.num_channels, "GPT2MEG")
         B = context.shape[0]
-        labels = self._labels(B, subject, condition)
+        prime, step = self.incremental_decoder(B, subject=subject, condition=condition)
+        return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
+                               window=cfg.n_positions, stride=cfg.stride,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator, progress=progress, desc="GPT2MEG")
+
+    def incremental_decoder(self, batch_size: int, subject: torch.Tensor | None = None,
+                            condition: torch.Tensor | None = None):
+        """The KV-cached decoder :meth:`generate` runs on, for callers that drive decoding
+        themselves (benchmarks, custom samplers).
+
+        Returns ``(prime, step)``: ``prime(window (B, C, L), use_cache) -> logits (B, C, V)``
+        for the last step of ``window`` (``L <= n_positions``; with ``use_cache`` the per-layer
+        caches are reset and filled with ``window`` at positions ``0..L-1``), and
+        ``step(tokens (B, C)) -> logits (B, C, V)``, which appends one step to the caches.
+        """
+        cfg = self.config
+        labels = self._labels(batch_size, subject, condition)
         caches = [KVCache(cfg.n_positions) for _ in self.blocks]
         pos = [0]
 
@@ -204,19 +221,19 @@ class GPT2MEG(nn.Module):
                     cache.reset()
                 h = block(h, cache=cache if cached else None)
             pos[0] = window.shape[-1]
-            return self._logits(h[:, -1:], B)[:, :, 0]
+            return self._logits(h[:, -1:], batch_size)[:, :, 0]
 
         def step(tok: torch.Tensor) -> torch.Tensor:
+            if pos[0] >= cfg.n_positions:
+                raise ValueError(f"GPT2MEG decoder: the cache is full (n_positions="
+                                 f"{cfg.n_positions}); prime a shorter window first")
             h = self._embed(tok[..., None], pos[0], labels)
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache=cache)
             pos[0] += 1
-            return self._logits(h, B)[:, :, 0]
+            return self._logits(h, batch_size)[:, :, 0]
 
-        return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
-                               window=cfg.n_positions, stride=cfg.stride,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, progress=progress, desc="GPT2MEG")
+        return prime, step
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())

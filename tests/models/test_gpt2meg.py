@@ -138,3 +138,14 @@ def test_bf16_autocast_forward_and_generate_are_finite(model):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1
     assert gen.shape == (2, 3, 15)
+
+
+def test_incremental_decoder_matches_forward_and_refuses_overflow(model):
+    x = ctx(T=12)
+    prime, step = model.incremental_decoder(2)
+    with torch.no_grad():
+        full = model(x)
+        got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
+    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
+    with pytest.raises(ValueError, match="cache is full"):
+        step(x[..., 0])
