@@ -454,6 +454,9 @@ def _check_dataset(cfg: dict, spec) -> None:
         kind = ds.dataset_input_kind(name, dcfg)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"key 'datasplitter': {err}") from None
+    mixup = cfg["dataloader"].get("mixup") or {}
+    if kind == "continuous" and mixup.get("quantize_bits"):
+        kind = "tokens"  # MixupDataLoader quantizes the mixed signals to tokens
     if kind != spec.input_kind:
         fitting = sorted(n for n, c in getattr(ds, "DATASET_CLASSES", {}).items()
                          if getattr(c, "input_kind", None) == spec.input_kind)

@@ -79,6 +79,32 @@ def mixup_loader_class():
     raise ImportError("dataloader.mixup is set but ephys_gpt.dataset provides no MixupDataLoader")
 
 
+class QuantizeCollate:
+    """Collate continuous ``(x, y)`` windows, then mu-law quantize both to int64 tokens.
+
+    Evaluation counterpart of ``MixupDataLoader(quantize_bits=...)``: validation and test
+    batches get the same tokens as training, without mixing.
+    """
+
+    def __init__(self, bits: int, scale: float = 1.0):
+        self.bits, self.scale = int(bits), float(scale)
+
+    def __call__(self, items):
+        from torch.utils.data import default_collate
+
+        from ephys_gpt.preprocessing.transforms import mulaw_quantize
+
+        def quantize(t: torch.Tensor) -> torch.Tensor:
+            return mulaw_quantize(t, self.bits, self.scale) if t.is_floating_point() else t
+
+        x, y = default_collate(items)
+        if isinstance(x, (list, tuple)):  # (x, pos_2d, ch_type): only the signal
+            x = (quantize(x[0]), *x[1:])
+        else:
+            x = quantize(x)
+        return x, quantize(y)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -114,6 +140,12 @@ class ExperimentDL:
             kwargs["augmentations"] = cfg["augmentations"]
         self.splits = get_splitter(cfg["dataset_name"])(**kwargs)
         self.data_info = dataset_info(self.splits.train, cfg["dataset_name"])
+        mix = cfg["dataloader"]["mixup"] or {}
+        if mix.get("quantize_bits"):  # tokens are made on the fly by MixupDataLoader
+            bits = int(mix["quantize_bits"])
+            self.data_info["steps"] = list(self.data_info.get("steps") or []) + [
+                {"name": "mulaw_quantize", "n_bits": bits, "mu": 2**bits - 1,
+                 "scale": float(mix.get("quantize_scale", 1.0))}]
         self._fit_model_config()
         self.lit = LitModel(cfg["model_name"], cfg["model_config"], cfg["loss_name"], cfg["loss"],
                             cfg["lightning"], data_info=self.data_info, run_config=cfg)
@@ -160,8 +192,11 @@ class ExperimentDL:
             kw["persistent_workers"] = d["persistent_workers"]
             if d["prefetch_factor"]:
                 kw["prefetch_factor"] = d["prefetch_factor"]
-        if train and d["mixup"]:
-            return mixup_loader_class()(dataset, **d["mixup"], **kw)
+        mix = d["mixup"]
+        if train and mix:
+            return mixup_loader_class()(dataset, **mix, **kw)
+        if mix and mix.get("quantize_bits"):
+            kw["collate_fn"] = QuantizeCollate(mix["quantize_bits"], mix.get("quantize_scale", 1.0))
         return DataLoader(dataset, **kw)
 
     def _make_trainer(self, with_val: bool) -> L.Trainer:

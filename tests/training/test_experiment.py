@@ -114,3 +114,38 @@ def test_load_model_errors(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, bad)
     with pytest.raises(ValueError, match="model_name"):
         load_model(bad)
+
+
+def test_mixup_continuous_model(tmp_path, run_cfg, tmp_path_factory):
+    from training_helpers import make_store
+
+    store = make_store(tmp_path_factory.mktemp("cont") / "chunks", tokens=False)
+    run_cfg.update(model_name="CNNMultivariate", loss_name="MSE", loss={},
+                   model_config={"hidden_channels": 8, "n_layers": 2, "kernel_size": 2})
+    run_cfg["datasplitter"].update(dataset_root=str(store),
+                                   dataset_class="ChunkDatasetForecastCont")
+    run_cfg["dataloader"]["mixup"] = {"alpha": 0.4}
+    exp = ExperimentDL(run_cfg)
+    assert type(exp._loader(exp.splits.train, train=True)).__name__ == "MixupDataLoader"
+    out = exp.train()
+    assert out["global_step"] == 3
+    assert torch.isfinite(exp.trainer.callback_metrics["val/loss"])
+    assert "val/acc" not in exp.trainer.callback_metrics  # no token metrics for MSE models
+
+
+def test_mixup_quantized_feeds_token_model(tmp_path, run_cfg, tmp_path_factory):
+    from training_helpers import make_store
+
+    store = make_store(tmp_path_factory.mktemp("cont") / "chunks", tokens=False)
+    run_cfg["datasplitter"].update(dataset_root=str(store),
+                                   dataset_class="ChunkDatasetForecastCont")
+    with pytest.raises(ConfigError, match="'tokens'.*'continuous'"):
+        ExperimentDL(run_cfg)
+    run_cfg["dataloader"]["mixup"] = {"alpha": 0.4, "quantize_bits": 5}
+    exp = ExperimentDL(run_cfg)
+    assert exp.config["model_config"]["vocab_size"] == 32
+    assert exp.data_info["steps"][-1] == {"name": "mulaw_quantize", "n_bits": 5, "mu": 31,
+                                          "scale": 1.0}
+    assert exp.train()["global_step"] == 3
+    _, info = load_model(tmp_path / "run" / "export")
+    assert info["steps"][-1]["n_bits"] == 5
