@@ -176,7 +176,8 @@ def chunk_bounds(spans: Sequence[tuple[int, int]], chunk: int, min_len: int
     return out
 
 
-def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
+def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict],
+                ch_types: Sequence[str] | None = None
                 ) -> tuple[np.ndarray, list[dict], Callable[[np.ndarray], np.ndarray]]:
     """Fit and apply the stage-2 steps to ``x`` (C, T) float32, in place where possible.
 
@@ -184,7 +185,9 @@ def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
     ``mulaw_quantize`` (always last) is fitted here but applied by ``finish`` one chunk at a
     time (cheaper on memory and cache than a whole-session pass). ``recorded`` lists the steps
     with their fitted statistics, in the format of :mod:`~ephys_gpt.preprocessing.transforms`.
-    ``good`` (T,) selects the samples that statistics come from.
+    ``good`` (T,) selects the samples that statistics come from. A flat (constant) channel
+    is normalized with the median scale of its channel type (``ch_types``), so that it stays
+    at the signal level of its neighbours instead of getting a scale of 1 in physical units.
     """
     recorded: list[dict] = []
     finish: Callable[[np.ndarray], np.ndarray] = _identity
@@ -194,6 +197,7 @@ def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
         if name == "normalize":
             method = params.get("method", "robust")
             center, scale = transforms.normalize_stats(sample, method)
+            scale = _fix_flat_scales(sample, scale, ch_types)
             x -= center[:, None].astype(np.float32)
             x *= (1.0 / scale)[:, None].astype(np.float32)
             recorded.append({"name": "normalize", "method": method,
@@ -224,6 +228,20 @@ def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict]
             raise ValueError(f"unknown stage-2 step {name!r}")
         del sample
     return x, recorded, finish
+
+
+def _fix_flat_scales(sample: np.ndarray, scale: np.ndarray,
+                     ch_types: Sequence[str] | None) -> np.ndarray:
+    flat = sample.min(axis=1) == sample.max(axis=1)
+    if not flat.any():
+        return scale
+    types = np.asarray(ch_types if ch_types is not None else [""] * len(scale))
+    scale = scale.copy()
+    for kind in np.unique(types[flat]):
+        ref = ~flat & (types == kind)
+        if ref.any():
+            scale[flat & (types == kind)] = np.median(scale[ref])
+    return scale
 
 
 def _identity(chunk: np.ndarray) -> np.ndarray:
@@ -290,7 +308,7 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
     n_times = raw.n_times
     x = data.astype(np.float32)  # (C, T); stage 2 works in float32 from here on
     del data, raw
-    x, steps, finish = apply_steps(x, mask, settings.steps)
+    x, steps, finish = apply_steps(x, mask, settings.steps, sensors["ch_types"])
     meta = {
         "sfreq": sfreq,
         **sensors,

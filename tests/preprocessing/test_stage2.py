@@ -249,3 +249,17 @@ def test_zero_bad_channels_option(stage1_files, tmp_path):
     meta = store.read_meta(out)
     idx = [meta.ch_names.index(c) for c in meta.provenance["bad_channels"]]
     assert np.all(np.asarray(store.load_chunk(meta, 0))[idx] == 0)
+
+
+def test_flat_channel_gets_its_type_median_scale():
+    from ephys_gpt.preprocessing.stage2 import apply_steps
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 1000)).astype(np.float32) * np.array([[1e-12], [2e-12], [0], [1e-11]],
+                                                                  dtype=np.float32)
+    good = np.ones(1000, dtype=bool)
+    _, steps, _ = apply_steps(x.copy(), good, {"normalize": {"method": "zscore"}},
+                              ["mag", "mag", "mag", "grad"])
+    scale = steps[0]["scale"]
+    assert scale[2] == pytest.approx(np.median(scale[:2]))  # not 1.0 tesla
+    assert scale[3] == pytest.approx(1e-11, rel=0.1)
