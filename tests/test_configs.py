@@ -135,3 +135,30 @@ def test_train_config_trains_one_step(path, stores, tmp_path):
     out = ExperimentDL(path, ov).train()
     assert out["global_step"] == 1
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+EVAL = [p for p in RUN if read_yaml(p).get("eval") is not None
+        and (p.parent / "train.yaml").is_file()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EVAL, ids=IDS(EVAL))
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_eval_config_runs_after_training(path, stores, tmp_path):
+    """train.yaml then eval.yaml of the same folder, end to end through the CLI."""
+    from ephys_gpt.cli import main as cli_main
+
+    raw = read_yaml(path)
+    kind = "tokens" if get_model_spec(raw["model_name"]).input_kind == "tokens" else "continuous"
+    common = [f"save_dir={tmp_path / 'run'}", f"datasplitter.dataset_root={stores[kind]}",
+              "datasplitter.val_ratio=0.34", "datasplitter.test_ratio=0.34"]
+    assert cli_main(["train", "--args", str(path.parent / "train.yaml"), *common,
+                     "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                     "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
+                     "trainer.enable_progress_bar=false"]) == 0
+    assert cli_main(["eval", "--args", str(path), *common,
+                     f"eval.ckpt_path={tmp_path / 'run' / 'export'}", "eval.max_batches=1",
+                     "eval.batch_size=2", "eval.future_steps=4", "eval.gen_seconds=1.0",
+                     "eval.psd_windows=2", "eval.psd_seconds=0.5", "eval.progress=false",
+                     "eval.accelerator=cpu"]) == 0
+    assert (tmp_path / "run" / "evals" / raw.get("eval_class", "EvalQuant")).is_dir()
