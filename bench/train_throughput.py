@@ -1,0 +1,299 @@
+"""Training throughput: forward + backward + AdamW step, tokens/s and the fraction of matmul peak.
+
+Cases:
+
+- ``GPT2MEG`` and ``STGPT2MEG`` at the **demo** configuration (``configs/<name>/model.yaml``,
+  306 channels, 8-bit tokens, 100-sample windows, the train.yaml batch size) and at the
+  **SPEC** size (8 layers, width 128, 400 positions, batch 1). The SPEC model has 272
+  channels; to keep the default run short it is timed with 16 (``--spec-channels 272`` for
+  the full width). GPT2MEG's cost per token does not depend on the channel count (channels
+  are independent sequences); STGPT2MEG's channel attention adds 12·L·C·d FLOPs per token,
+  so its per-token cost at 272 channels is higher (the analytic figure shows by how much);
+- every other registered model that ships ``configs/<name lower>/model.yaml`` (samples/s for
+  models that do not predict tokens).
+
+Each case runs in fp32 and under bf16 autocast (``torch.autocast``; the loss in fp32).
+
+FLOPs per token (one token = one channel at one time step), counted two ways:
+
+- ``flops_per_token_analytic`` = 6·N + 6·L·T·d [+ 12·L·C·d for STGPT2MEG], where N is the
+  number of weights used in matrix multiplies (every ``nn.Linear``/conv weight, the output
+  head included even when tied to the embedding; embedding look-ups are free), L layers,
+  d width, T the window: the forward pass costs 2 FLOPs per weight and 4·d per attended
+  position and layer (QKᵀ and AV; causal time attention sees T/2 positions on average,
+  channel attention all C), and backward costs twice the forward.
+- ``flops_per_token_counted``: ``torch.utils.flop_counter.FlopCounterMode`` over one real
+  forward + backward (matmuls, convolutions and attention kernels).
+
+The machine's matmul peak is measured here (square fp32 and bf16 matmuls); ``mfu`` is
+achieved FLOP/s (counted FLOPs) over the peak of the same precision.
+
+Run ``python bench/train_throughput.py`` (about 2-3 minutes on an idle 2-core CPU); options:
+``--steps``, ``--device``, ``--only NAME``, ``--no-spec``. The last line printed is one JSON
+object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ephys_gpt.models.registry import build_loss, build_model, get_model_spec, list_models  # noqa: E402
+from ephys_gpt.training.lit_model import param_groups  # noqa: E402
+
+logger = logging.getLogger("bench.train_throughput")
+
+DEMO_CHANNELS = 306  # the simulated MEGIN template (ephys-gpt simulate / demo)
+DEMO_VOCAB = 256     # 8-bit mu-law (configs/local/preprocess.yaml)
+SPEC = {"num_channels": 272, "vocab_size": 256, "n_positions": 400, "d_model": 128,
+        "n_layers": 8, "n_heads": 4}
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.5) -> float:
+    """Sustained FLOP/s of square ``n × n`` matmuls in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        _sync(device) if reps % 4 == 0 else None
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _demo_case(name: str) -> dict | None:
+    folder = ROOT / "configs" / name.lower()
+    model_yaml = folder / "model.yaml"
+    if not model_yaml.is_file():
+        return None
+    cfg = yaml.safe_load(model_yaml.read_text()) or {}
+    spec = get_model_spec(name)
+    fields = spec.config_fields() or set()
+    batch, seconds, sfreq = 4, 1.0, 100.0
+    train_yaml = folder / "train.yaml"
+    if train_yaml.is_file():
+        run = yaml.safe_load(train_yaml.read_text()) or {}
+        batch = int((run.get("dataloader") or {}).get("batch_size", batch))
+        seconds = float((run.get("datasplitter") or {}).get("example_seconds", seconds))
+    if "num_channels" in fields:
+        cfg.setdefault("num_channels", DEMO_CHANNELS)
+    if "vocab_size" in fields and spec.input_kind in ("tokens", "image_tokens"):
+        cfg.setdefault("vocab_size", DEMO_VOCAB)
+    return {"model": name, "size": "demo", "config": cfg, "batch": batch,
+            "seq_len": int(round(seconds * sfreq))}
+
+
+def cases(args) -> list[dict]:
+    out = []
+    for spec in list_models():
+        if args.only and spec.name not in args.only:
+            continue
+        demo = _demo_case(spec.name)
+        if demo is not None:
+            out.append(demo)
+        if spec.name in ("GPT2MEG", "STGPT2MEG") and not args.no_spec:
+            out.append({"model": spec.name, "size": "spec",
+                        "config": {**SPEC, "num_channels": args.spec_channels}, "batch": 1,
+                        "seq_len": SPEC["n_positions"]})
+    return out
+
+
+def _targets(spec, out, inputs):
+    """Synthetic targets of the right kind for the model's default loss."""
+    main = out[0] if isinstance(out, (tuple, list)) else out
+    if spec.input_kind in ("tokens", "image_tokens"):
+        return torch.randint(0, main.shape[-1], main.shape[:-1], device=main.device)
+    if spec.input_kind == "labelled":
+        return torch.randint(0, main.shape[-1], main.shape[:1], device=main.device)
+    return torch.randn_like(main.float())
+
+
+def _call(model, inputs):
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _matmul_weights(model: nn.Module, cfg: dict) -> int:
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            n += mod.weight.numel()
+    head = getattr(model, "lm_head", None) or getattr(model, "head", None)
+    if head is None and {"vocab_size", "d_model"} <= set(cfg):  # head as F.linear(emb.weight)
+        n += cfg["vocab_size"] * cfg["d_model"]
+    return n
+
+
+def analytic_flops_per_token(name: str, model: nn.Module, cfg: dict, seq_len: int) -> float | None:
+    if name not in ("GPT2MEG", "STGPT2MEG"):
+        return None
+    N = _matmul_weights(model, cfg)
+    L, d = cfg["n_layers"], cfg["d_model"]
+    flops = 6 * N + 6 * L * seq_len * d  # 3 × (2·N + 4·d·T/2 per layer)
+    if name == "STGPT2MEG":
+        flops += 12 * L * cfg["num_channels"] * d
+    return float(flops)
+
+
+def counted_flops(name: str, cfg: dict, inputs, loss_fn, spec) -> float:
+    """FLOPs of one forward + backward, counted on the meta device (nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(name, cfg).train()
+    inputs = tuple(t.to("meta") for t in inputs) if isinstance(inputs, tuple) else inputs.to("meta")
+    with FlopCounterMode(display=False) as fc:
+        out = _call(model, inputs)
+        main = out[0] if isinstance(out, (tuple, list)) else out
+        main.float().sum().backward()  # the loss itself is negligible next to the model
+    return float(fc.get_total_flops())
+
+
+def _loss(loss_fn, out, targets):
+    if loss_fn is not None:
+        try:
+            val = loss_fn(out, targets)
+            return val["loss"] if isinstance(val, dict) else val
+        except (ValueError, TypeError, RuntimeError):
+            pass
+    main = out[0] if isinstance(out, (tuple, list)) else out
+    return main.float().pow(2).mean()
+
+
+def run_case(case: dict, precision: str, steps: int, device: str, peaks: dict) -> dict:
+    name, spec = case["model"], get_model_spec(case["model"])
+    torch.manual_seed(0)
+    model = build_model(name, case["config"]).to(device).train()
+    loss_fn = build_loss(spec.default_loss) if spec.default_loss else None
+    inputs = model.example_inputs(batch_size=case["batch"], seq_len=case["seq_len"] + (
+        1 if spec.input_kind == "tokens" else 0))
+    if spec.input_kind == "tokens":
+        inputs = inputs[..., :-1]
+    inputs = tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else inputs.to(device)
+    primary = inputs[0] if isinstance(inputs, tuple) else inputs
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    ctx = (torch.autocast(device.split(":")[0], dtype=dtype) if dtype else nullcontext())
+    n_tokens = primary.numel() if spec.input_kind in ("tokens", "image_tokens") else None
+    n_samples = primary.shape[0]
+
+    def step():
+        with ctx:
+            out = _call(model, inputs)
+            loss = _loss(loss_fn, out, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    with torch.no_grad(), ctx:
+        targets = _targets(spec, _call(model, inputs), inputs)
+    step()  # warm-up (allocations, autocast caches)
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]  # median
+    res = {"model": name, "size": case["size"], "precision": precision, "batch": n_samples,
+           "seq_len": case["seq_len"], "step_s": round(sec, 4),
+           "params": sum(p.numel() for p in model.parameters()),
+           "loss": round(float(loss.detach().float()), 4),
+           "samples_per_s": round(n_samples / sec, 2)}
+    if "num_channels" in case["config"]:
+        res["channels"] = case["config"]["num_channels"]
+    if n_tokens is not None:
+        res["tokens_per_step"] = n_tokens
+        res["tokens_per_s"] = round(n_tokens / sec, 1)
+        analytic = analytic_flops_per_token(name, model, case["config"], case["seq_len"])
+        res["flops_per_token_analytic"] = analytic
+        if case["size"] == "spec" and name == "STGPT2MEG":
+            full = {**case["config"], "num_channels": SPEC["num_channels"]}
+            res["flops_per_token_analytic_272ch"] = analytic_flops_per_token(
+                name, model, full, case["seq_len"])
+    # FLOPs counted once per case in fp32 on a single sample (per-token cost is batch-free).
+    one = tuple(t[:1] for t in inputs) if isinstance(inputs, tuple) else inputs[:1]
+    counted = counted_flops(name, case["config"], one, loss_fn, spec)
+    per_item = counted / (one[0] if isinstance(one, tuple) else one).numel() \
+        if n_tokens is not None else counted
+    if n_tokens is not None:
+        res["flops_per_token_counted"] = per_item
+        achieved = per_item * n_tokens / sec
+    else:
+        res["flops_per_sample_counted"] = per_item
+        achieved = per_item * n_samples / sec
+    res["achieved_tflops"] = round(achieved / 1e12, 4)
+    res["mfu"] = round(achieved / peaks[precision], 4)
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1,
+                   help="timed steps per case, after 1 warm-up (median reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", nargs="*", default=None, help="model names to run")
+    p.add_argument("--no-spec", action="store_true", help="skip the SPEC-sized cases")
+    p.add_argument("--spec-channels", type=int, default=16,
+                   help="channels of the SPEC-sized cases (the SPEC model has 272)")
+    p.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    t_start = time.perf_counter()
+    peaks = {"fp32": matmul_peak(torch.float32, args.device),
+             "bf16": matmul_peak(torch.bfloat16, args.device)}
+    logger.info("matmul peak: fp32 %.1f GFLOP/s, bf16 %.1f GFLOP/s",
+                peaks["fp32"] / 1e9, peaks["bf16"] / 1e9)
+    results = []
+    for case in cases(args):
+        for prec in args.precisions:
+            t0 = time.perf_counter()
+            try:
+                r = run_case(case, prec, args.steps, args.device, peaks)
+            except Exception as err:  # report, keep benchmarking the others
+                r = {"model": case["model"], "size": case["size"], "precision": prec,
+                     "error": f"{type(err).__name__}: {err}"[:300]}
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            logger.info("%s", json.dumps(r))
+            results.append(r)
+    out = {
+        "benchmark": "train_throughput",
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+        "steps": args.steps,
+        "results": results,
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
