@@ -1,0 +1,10 @@
+"""Training: run-config validation, the Lightning module, experiment runners, checkpoints.
+
+- :mod:`~ephys_gpt.training.config`: ``load_config(path, overrides=(), mode="train")``
+- :mod:`~ephys_gpt.training.lit_model`: ``LitModel``
+- :mod:`~ephys_gpt.training.experiment`: ``ExperimentDL(config).train() / .test()``
+- :mod:`~ephys_gpt.training.checkpoint`: ``load_model(path) -> (model, info)``
+- :mod:`~ephys_gpt.training.commands`: the ``train``/``test``/``eval``/``list-models`` commands
+
+Submodules are imported on use (Lightning is only loaded when training).
+"""
