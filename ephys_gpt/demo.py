@@ -1,0 +1,381 @@
+"""``ephys-gpt demo``: the whole pipeline on simulated MEG, end to end, on a laptop CPU.
+
+simulate (osl-ephys MVAR template, 4 subjects x 2 sessions) → stage 1 (osl-ephys: filter,
+notch, resample, bad segments/channels) → stage 2 (normalize, clip, mu-law tokens) → train a
+small GPT2MEG (a fixed step budget) → EvalQuant (next-step accuracy vs baselines, N-step
+curves, free-running generation compared by PSD and covariance) → ``<out>/report.md``.
+
+It drives the pipeline through the command line functions (``ephys_gpt.cli.main``) with the
+YAML files it writes into ``<out>/``, so it exercises exactly what users run, and the written
+configs are a starting point for one's own runs::
+
+    <out>/raw/                      simulated .fif sessions (BIDS-like)
+    <out>/preprocess.yaml           stage 1 + 2 config
+    <out>/preprocessed/stage1/      *_preproc-raw.fif
+    <out>/preprocessed/chunks/      the chunk store (mu-law tokens)
+    <out>/run.yaml                  training + eval config
+    <out>/train/                    checkpoints, logs, export/, evals/EvalQuant/
+    <out>/report.md                 what was done and the key figures
+    <out>/demo_summary.json
+
+A re-run skips stages whose outputs are complete (and made with the same settings) unless
+``--force``; evaluation always runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ephys_gpt.eval import report as report_io
+
+logger = logging.getLogger(__name__)
+
+STAMP_DIR = ".stages"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and settings of one demo run (``FULL`` and ``QUICK`` below).
+
+    The full plan is tuned so the whole demo takes well under 15 minutes on a 2-core CPU
+    while GPT2MEG still has enough data and steps to beat the baselines.
+    """
+
+    subjects: int = 4               # simulated subjects (split by subject: 2 train, 1 val, 1 test)
+    sessions: int = 2               # sessions per subject
+    seconds: float = 150.0          # seconds per session (150 Hz template)
+    seed: int = 0
+    sfreq: float = 100.0            # stage-1 resampling rate (Hz)
+    picks: str = "mag"              # stage-2 channels (magnetometers: 102 sensors)
+    n_bits: int = 8                 # mu-law bits (vocabulary 256)
+    example_seconds: float = 1.0    # training window
+    split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
+    model: dict = field(default_factory=lambda: {
+        "n_positions": 128, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0})
+    steps: int = 300                # optimizer steps in total
+    batch_size: int = 2             # windows per step (x channels sequences)
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    precision: str = "bf16-mixed"   # CPU AMX bf16 matmuls; "32-true" for full precision
+    val_batches: int = 8
+    eval: dict = field(default_factory=lambda: {
+        "batch_size": 4, "max_batches": 6, "future_steps": 20, "gen_seconds": 20.0,
+        "gen_sampling": "top_p", "top_p": 0.98, "temperature": 1.0, "psd_windows": 64,
+        "psd_seconds": 1.0, "psd_fmax": 45.0, "precision": "32"})
+
+    def stage_key(self, stage: str) -> dict:
+        """The settings a stage's output depends on (a changed value re-runs the stage)."""
+        d = dataclasses.asdict(self)
+        keys = {"simulate": ["subjects", "sessions", "seconds", "seed"],
+                "preprocess": ["subjects", "sessions", "seconds", "seed", "sfreq", "picks",
+                               "n_bits"],
+                "train": [k for k in d if k != "eval"]}[stage]
+        return {k: d[k] for k in keys}
+
+
+FULL = DemoPlan()
+QUICK = DemoPlan(subjects=2, sessions=2, seconds=24.0, split_by="session", steps=6, batch_size=1,
+                 warmup_steps=2, val_batches=2,
+                 model={"n_positions": 64, "d_model": 16, "n_layers": 1, "n_heads": 2},
+                 example_seconds=0.5,
+                 eval={"batch_size": 2, "max_batches": 1, "future_steps": 4, "gen_seconds": 1.0,
+                       "gen_sampling": "top_p", "top_p": 0.98, "psd_windows": 8,
+                       "psd_seconds": 0.5, "history_lengths": [1, 49]})
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str], verbosity: list[str]) -> None:
+    """Run one ``ephys-gpt`` command; a non-zero exit code stops the demo."""
+    from ephys_gpt.cli import main
+
+    logger.info("$ ephys-gpt %s", " ".join(argv))
+    code = main([*verbosity, *argv])
+    if code != 0:
+        raise RuntimeError(f"`ephys-gpt {' '.join(argv)}` failed with exit code {code} "
+                           "(see the messages above)")
+
+
+def _stamp_path(out: Path, stage: str) -> Path:
+    return out / STAMP_DIR / f"{stage}.json"
+
+
+def _is_done(out: Path, stage: str, key: dict, outputs: list[Path]) -> bool:
+    stamp = _stamp_path(out, stage)
+    if not stamp.is_file() or not all(p.exists() for p in outputs):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("settings") == report_io.to_jsonable(key)
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _mark_done(out: Path, stage: str, key: dict, seconds: float) -> None:
+    report_io.write_json(_stamp_path(out, stage), {"settings": key, "seconds": seconds})
+
+
+def _write_yaml(path: Path, obj: dict, header: str) -> Path:
+    text = header.rstrip() + "\n" + yaml.safe_dump(report_io.to_jsonable(obj), sort_keys=False)
+    return report_io.write_text(path, text)
+
+
+def preprocess_config(plan: DemoPlan) -> dict:
+    """The preprocessing YAML (paths relative to the demo folder)."""
+    return {
+        "data_path": "raw",
+        "save_folder": "preprocessed",
+        "dataset": "auto",
+        "osl_config": None,
+        "recipe": {"l_freq": 1.0, "h_freq": 45.0, "notch_freqs": [50.0], "sfreq": plan.sfreq,
+                   "detect_bad_segments": True, "detect_bad_channels": True},
+        "gen_report": False,
+        "n_workers": 1,
+        "chunk_seconds": 10,
+        "picks": plan.picks,
+        "preproc_config": {"normalize": {"method": "robust"}, "clip": {"std_factor": 6},
+                           "mulaw_quantize": {"n_bits": plan.n_bits}},
+    }
+
+
+def run_config(plan: DemoPlan, progress: bool) -> dict:
+    """The training + evaluation YAML (paths relative to the demo folder)."""
+    half = max(1, plan.steps // 2)
+    return {
+        "model_name": "GPT2MEG",
+        "model_config": dict(plan.model),
+        "loss_name": "CrossEntropy",
+        "dataset_name": "omega",
+        "datasplitter": {"dataset_root": "preprocessed/chunks", "dataset_class": "ChunkDataset",
+                         "example_seconds": plan.example_seconds, "split_by": plan.split_by,
+                         "val_ratio": 0.25, "test_ratio": 0.25, "seed": plan.seed},
+        "dataloader": {"batch_size": plan.batch_size, "num_workers": 0},
+        "lightning": {"lr": plan.lr, "warmup_steps": plan.warmup_steps, "scheduler": "cosine",
+                      "total_steps": 2 * half},
+        # two epochs of half the budget each: validation (and the best checkpoint) after each
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": plan.precision,
+                    "max_epochs": 2, "limit_train_batches": half,
+                    "limit_val_batches": plan.val_batches, "gradient_clip_val": 1.0,
+                    "log_every_n_steps": max(1, min(25, half)),
+                    "enable_progress_bar": progress, "enable_model_summary": False},
+        "save_dir": "train",
+        "seed": plan.seed,
+        "eval_class": "EvalQuant",
+        "eval": {"ckpt_path": "train/export", "accelerator": "cpu", "seed": plan.seed,
+                 "progress": progress, **plan.eval},
+    }
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, force: bool = False,
+             progress: bool = True, verbosity: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the demo into ``out`` and return its summary (also written as JSON)."""
+    plan = QUICK if quick else FULL
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    verbosity = list(verbosity or [])
+    no_progress = [] if progress else ["--no-progress"]
+    timings: dict[str, float] = {}
+    skipped: list[str] = []
+    t_all = time.perf_counter()
+    logger.info("ephys-gpt demo (%s) into %s", "quick" if quick else "full", out)
+
+    # 1. simulate
+    raw = out / "raw"
+    key = plan.stage_key("simulate")
+    if not force and _is_done(out, "simulate", key, [raw / "dataset_description.json"]):
+        skipped.append("simulate")
+        logger.info("simulation: already done (%s), skipping", raw)
+    else:
+        for stage in ("simulate", "preprocess", "train"):
+            _stamp_path(out, stage).unlink(missing_ok=True)
+        if raw.exists():
+            shutil.rmtree(raw)
+        t = time.perf_counter()
+        _cli(["simulate", "--out", str(raw), "--subjects", str(plan.subjects), "--sessions",
+              str(plan.sessions), "--seconds", str(plan.seconds), "--seed", str(plan.seed),
+              *no_progress], verbosity)
+        timings["simulate"] = time.perf_counter() - t
+        _mark_done(out, "simulate", key, timings["simulate"])
+
+    # 2. stage 1 + stage 2
+    pre_yaml = _write_yaml(out / "preprocess.yaml", preprocess_config(plan),
+                           "# written by `ephys-gpt demo`; run with\n"
+                           "#   ephys-gpt preprocess --args preprocess.yaml\n"
+                           "# relative paths resolve against this file's folder\n")
+    chunks = out / "preprocessed" / "chunks"
+    key = plan.stage_key("preprocess")
+    if not force and _is_done(out, "preprocess", key, [chunks]):
+        skipped.append("preprocess")
+        logger.info("preprocessing: already done (%s), skipping", chunks)
+    else:
+        _stamp_path(out, "train").unlink(missing_ok=True)
+        if (out / "preprocessed").exists():
+            shutil.rmtree(out / "preprocessed")
+        t = time.perf_counter()
+        _cli(["preprocess", "--args", str(pre_yaml), "--stage", "both"], verbosity)
+        timings["preprocess"] = time.perf_counter() - t
+        _mark_done(out, "preprocess", key, timings["preprocess"])
+
+    # 3. train
+    run_yaml = _write_yaml(out / "run.yaml", run_config(plan, progress),
+                           "# written by `ephys-gpt demo`; run with\n"
+                           "#   ephys-gpt train --args run.yaml   # then: ephys-gpt eval --args run.yaml\n"
+                           "# relative paths resolve against this file's folder\n")
+    export = out / "train" / "export"
+    key = plan.stage_key("train")
+    if not force and _is_done(out, "train", key, [export / "model.safetensors"]):
+        skipped.append("train")
+        logger.info("training: already done (%s), skipping", export)
+    else:
+        if (out / "train").exists():
+            shutil.rmtree(out / "train")
+        t = time.perf_counter()
+        _cli(["train", "--args", str(run_yaml)], verbosity)
+        timings["train"] = time.perf_counter() - t
+        _mark_done(out, "train", key, timings["train"])
+
+    # 4. evaluate
+    t = time.perf_counter()
+    _cli(["eval", "--args", str(run_yaml)], verbosity)
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    eval_dir = out / "train" / "evals" / "EvalQuant"
+    summary_path = eval_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"evaluation wrote no {summary_path}")
+    ev = json.loads(summary_path.read_text())
+    demo = _demo_summary(plan, quick, out, ev, timings, skipped)
+    report_io.write_json(out / "demo_summary.json", demo)
+    _write_report(out, demo, ev, eval_dir)
+    logger.info("demo finished in %.0f s; report: %s", timings["total"], out / "report.md")
+    return demo
+
+
+def _demo_summary(plan: DemoPlan, quick: bool, out: Path, ev: dict, timings: dict,
+                  skipped: list[str]) -> dict:
+    acc = ev["next_step"]["accuracy"]
+    model = ev["model_name"]
+    base = {k: v for k, v in acc.items() if k != model}
+    psd = ev["generation"]["psd"]
+    return {
+        "mode": "quick" if quick else "full",
+        "plan": dataclasses.asdict(plan),
+        "timings_seconds": timings,
+        "skipped_stages": skipped,
+        "next_step_accuracy": acc,
+        "beats_baselines": all(acc[model] > v for v in base.values()),
+        "nstep_accuracy_at_1": ev["nstep"]["accuracy_at_1"],
+        "alpha_peak_hz": {t: {"held-out": d["alpha_peak_heldout_hz"],
+                              "generated": d["alpha_peak_generated_hz"],
+                              "generated_detected": d["alpha_peak_detected_generated"],
+                              "generated_peak_ratio": d["alpha_peak_ratio_generated"]}
+                          for t, d in psd.items()},
+        "correlation_similarity": ev["generation"]["correlation_similarity"],
+        "eval_dir": str((out / "train" / "evals" / "EvalQuant").relative_to(out)),
+    }
+
+
+def _write_report(out: Path, demo: dict, ev: dict, eval_dir: Path) -> Path:
+    plan = demo["plan"]
+    model = ev["model_name"]
+    rep = report_io.MarkdownReport("ephys-gpt demo")
+    t = demo["timings_seconds"]
+    rep.text(f"Mode **{demo['mode']}**, finished in {t['total']:.0f} s"
+             + (f" (skipped, already done: {', '.join(demo['skipped_stages'])})"
+                if demo["skipped_stages"] else "") + ".")
+    rep.section("What was done")
+    rep.bullets([
+        f"**Simulate**: {plan['subjects']} subjects × {plan['sessions']} sessions × "
+        f"{plan['seconds']:g} s of 306-channel MEGIN MEG from the osl-ephys MVAR template "
+        f"(150 Hz) → `raw/`" + _took(t, "simulate"),
+        f"**Stage 1** (osl-ephys): 1–45 Hz band-pass, 50 Hz notch, resample to "
+        f"{plan['sfreq']:g} Hz, bad segments/channels → `preprocessed/stage1/`; **stage 2**: "
+        f"pick `{plan['picks']}`, robust normalize, clip at 6 SD, {plan['n_bits']}-bit mu-law "
+        f"tokens in 10 s chunks → `preprocessed/chunks/` (config `preprocess.yaml`)"
+        + _took(t, "preprocess"),
+        f"**Train** GPT2MEG ({_fmt_model(plan['model'])}) for {plan['steps']} steps of "
+        f"{plan['batch_size']} × {plan['example_seconds']:g} s windows, lr {plan['lr']:g}, "
+        f"{plan['precision']}; split by {plan['split_by']} (train / val / test) → `train/` "
+        f"(config `run.yaml`)" + _took(t, "train"),
+        f"**Evaluate** with EvalQuant on the held-out test {plan['split_by']}(s) → "
+        f"`{demo['eval_dir']}/`" + _took(t, "eval"),
+    ])
+    rep.section("Next-step accuracy on held-out data")
+    acc = demo["next_step_accuracy"]
+    rows = [[k, v, demo["nstep_accuracy_at_1"].get(k)] for k, v in acc.items()]
+    rep.table(["predictor", "teacher-forced accuracy", "1-step rollout accuracy"], rows)
+    verdict = "beats" if demo["beats_baselines"] else "does **not** beat"
+    rep.text(f"{model} {verdict} both baselines (`repeat-last`: copy the previous token; "
+             f"`unigram`: draw from each channel's training-set token distribution). "
+             f"Chance with {2 ** plan['n_bits']} tokens is {1 / 2 ** plan['n_bits']:.4f}.")
+    rep.section(f"Free-running generation ({ev['generation']['seconds']:g} s, "
+                f"{ev['generation']['sampling']})")
+    rep.table(["channel type", "alpha peak held-out (Hz)", "alpha peak generated (Hz)",
+               "generated peak / 1/f background", "generated peak detected"],
+              [[k, d["held-out"], d["generated"], d["generated_peak_ratio"],
+                "yes" if d["generated_detected"] else "no"]
+               for k, d in demo["alpha_peak_hz"].items()])
+    sim = demo["correlation_similarity"]["offdiag_correlation"]
+    rep.text(f"Channel-correlation similarity of generated vs held-out (off-diagonal r): "
+             f"{report_io.fmt_value(sim, 3)} — GPT2MEG models each channel separately "
+             "(shared weights, channel embedding), so little spatial correlation is expected.")
+    rep.section("Figures")
+    for name, caption in [("accuracy_by_position", "Next-step accuracy vs history length"),
+                          ("nstep_accuracy", "N-step-ahead accuracy, model vs baselines"),
+                          ("nstep_rmse", "N-step-ahead RMSE in signal units"),
+                          ("psd", "PSD of generated vs held-out signal (alpha band shaded)"),
+                          ("channel_correlation", "Channel correlation matrices"),
+                          ("traces", "Held-out vs generated traces")]:
+        rep.figure(eval_dir / f"{name}.png", caption, relative_to=out)
+    rep.text(f"All curves (`.npy` + `.json`), PDFs, `summary.json`, the evaluation's own "
+             f"`report.md` and the generated signal `generated_raw.fif` (open with "
+             f"`mne.io.read_raw_fif`) are in `{demo['eval_dir']}/`.")
+    return rep.write(out / "report.md")
+
+
+def _took(timings: dict, stage: str) -> str:
+    return f" ({timings[stage]:.0f} s)" if stage in timings else " (already done)"
+
+
+def _fmt_model(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    verbosity = ["-q"] if args.quiet else ["-v"] * args.verbose
+    try:
+        run_demo(args.out, quick=args.quick, force=args.force, progress=not args.no_progress,
+                 verbosity=verbosity)
+    except RuntimeError as err:  # a stage failed; its own error was logged already
+        logger.error("demo stopped: %s", err)
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``ephys-gpt demo`` to the command line."""
+    p = subparsers.add_parser(
+        "demo", help="simulate MEG, preprocess, train GPT2MEG and evaluate it, end to end",
+        description="Run the whole pipeline on simulated MEG (CPU, offline) and write a "
+                    "report; re-running skips finished stages.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (about a minute) that checks the pipeline, not the model")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
