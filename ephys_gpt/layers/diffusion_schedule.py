@@ -70,22 +70,38 @@ class NoiseSchedule(nn.Module):
         ab = _expand(self.alphas_cumprod[t], x_t)
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
+    def _x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, clip: float | None):
+        """Predicted clean signal (optionally clipped) and the noise consistent with it."""
+        ab = self.alphas_cumprod[t]
+        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return x0, eps
+
     def ddpm_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """One ancestral step ``x_t -> x_{t-1}`` given the predicted noise ``eps``."""
-        beta, ab = self.betas[t], self.alphas_cumprod[t]
-        mean = (x_t - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()
+                  generator: torch.Generator | None = None, clip: float | None = None
+                  ) -> torch.Tensor:
+        """One ancestral step ``x_t -> x_{t-1}`` given the predicted noise ``eps``.
+
+        ``clip`` bounds the implied clean signal to ``[-clip, clip]`` (the last levels of a
+        cosine schedule divide by ``sqrt(abar)`` ~ 0 and would otherwise explode).
+        """
+        x0, _ = self._x0(x_t, t, eps, clip)
+        beta, ab, ab_prev = self.betas[t], self.alphas_cumprod[t], self.alphas_cumprod_prev[t]
+        mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * x_t) / (1 - ab)
         if t == 0:
             return mean
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return mean + self.posterior_variance[t].sqrt() * z
 
     def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor,
-                  eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                  eta: float = 0.0, generator: torch.Generator | None = None,
+                  clip: float | None = None) -> torch.Tensor:
         """One DDIM step from level ``t`` to ``t_prev`` (``-1``: the clean signal)."""
         ab = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else ab.new_tensor(1.0)
-        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x0, eps = self._x0(x_t, t, eps, clip)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
         direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
         x = ab_prev.sqrt() * x0 + direction

@@ -60,6 +60,8 @@ class NTDConfig:
     sampler: str = "ddim"            # "ddim" | "ddpm"
     sampling_steps: int = 50         # DDIM levels per sample (<= diffusion_steps)
     eta: float = 0.0                 # DDIM stochasticity (0: deterministic)
+    clip_denoised: float | None = 10.0  # bound predicted clean samples while sampling (signal
+                                        # units; stage 2 clips at a few std); None: no bound
     forecast_chunk: int | None = None  # samples generated per window in forecast(); None: L//2
 
     def __post_init__(self):
@@ -286,10 +288,11 @@ class NTD(nn.Module):
                 x = torch.where(obs, self.schedule.q_sample(known, t, z), x)
             eps = self._denoise(x, obs, cond, t).float()
             if sampler == "ddpm":
-                x = self.schedule.ddpm_step(x, lv, eps, generator)
+                x = self.schedule.ddpm_step(x, lv, eps, generator, cfg.clip_denoised)
             else:
                 nxt = levels[i + 1] if i + 1 < len(levels) else -1
-                x = self.schedule.ddim_step(x, lv, nxt, eps, eta, generator)
+                x = self.schedule.ddim_step(x, lv, nxt, eps, eta, generator,
+                                            cfg.clip_denoised)
         return torch.where(obs, known, x)
 
     @torch.no_grad()
