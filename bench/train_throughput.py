@@ -22,8 +22,10 @@ FLOPs per token (one token = one channel at one time step), counted two ways:
   d width, T the window: the forward pass costs 2 FLOPs per weight and 4·d per attended
   position and layer (QKᵀ and AV; causal time attention sees T/2 positions on average,
   channel attention all C), and backward costs twice the forward.
-- ``flops_per_token_counted``: ``torch.utils.flop_counter.FlopCounterMode`` over one real
-  forward + backward (matmuls, convolutions and attention kernels).
+- ``flops_per_token_counted``: ``torch.utils.flop_counter.FlopCounterMode`` over one
+  forward + backward on the meta device (matmuls, convolutions and attention kernels). It is
+  higher than the analytic figure mainly because the counter charges causal attention for
+  all T positions (the masked half included): 6·L·(T/2)·d more.
 
 The machine's matmul peak is measured here (square fp32 and bf16 matmuls); ``mfu`` is
 achieved FLOP/s (counted FLOPs) over the peak of the same precision.
