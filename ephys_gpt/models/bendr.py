@@ -67,7 +67,7 @@ class BENDRForecastConfig:
     n_heads: int = 4                   # attention heads
     mlp_ratio: float = 4.0             # transformer MLP hidden = mlp_ratio * d_model
     n_spatial_queries: int = 4         # learned queries pooling channels into a frame token
-    n_sensor_types: int = 4            # size of the ch_type vocabulary (codes 0..n-1)
+    n_sensor_types: int = 11           # ch_type vocabulary (codes 0..n-1; dataset CH_TYPE_CODES)
     dropout: float = 0.0               # dropout in the transformer
     predict_residual: bool = True      # predict x[t+1] - x[t] (identity is the prior)
     example_length: int = 64           # T of example_inputs()
