@@ -13,6 +13,16 @@ from ephys_gpt.models.registry import build_model, get_model_spec
 TINY = get_model_spec("BENDRForecast").tiny_config
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make these
+    small-tensor loops orders of magnitude slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(**over):
     torch.manual_seed(0)
     return build_model("BENDRForecast", {**TINY, **over})
@@ -90,7 +100,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="pos_2d must be"):
         model(torch.randn(2, 4, 16), torch.zeros(2, 4, 3), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="n_sensor_types"):
-        model.forecast(torch.randn(1, 4, 8), 2, ch_type=torch.full((1, 4), 9))
+        model.forecast(torch.randn(1, 4, 8), 2, ch_type=torch.full((1, 4), 20))
     with pytest.raises(ValueError, match="horizon"):
         model.forecast(torch.randn(1, 4, 8), -1)
     with pytest.raises(ValueError, match="n_heads"):
