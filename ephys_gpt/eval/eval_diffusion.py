@@ -179,7 +179,7 @@ class EvalDiffusion(ContinuousEval):
                                      gen_time / max(opts.gen_seconds * len(gen), 1e-9),
                                  **self.spectra_outputs(spec, gen, real,
                                                         f"{opts.gen_seconds:g} s recursive")}
-        if opts.n_unconditional:
+        if opts.n_unconditional and callable(getattr(self.model, "sample", None)):
             L = getattr(getattr(self.model, "config", None), "signal_length", T)
             with self.autocast:
                 unc = self.model.sample(opts.n_unconditional, L, progress=opts.progress,

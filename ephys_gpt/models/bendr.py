@@ -153,10 +153,10 @@ class BENDRForecast(nn.Module):
         self.sensor_type.copy_(typ)
 
     def _meta(self, x, pos_2d, ch_type):
-        B, C, _ = x.shape
-        if x.ndim != 3 or C != self.config.num_channels:
+        if x.ndim != 3 or x.shape[1] != self.config.num_channels:
             raise ValueError(f"BENDRForecast expects x of shape (B, {self.config.num_channels}, T),"
                              f" got {tuple(x.shape)}")
+        B, C, _ = x.shape
         pos = self.sensor_pos.expand(B, -1, -1) if pos_2d is None else pos_2d
         typ = self.sensor_type.expand(B, -1) if ch_type is None else ch_type
         if pos.shape != (B, C, 2) or typ.shape != (B, C):
