@@ -252,12 +252,28 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     return result
 
 
+def _prepare_dask_worker() -> None:
+    """Runs in every Dask worker before tasks arrive: the osl-ephys import fix must be in
+    place there too, or unpickling the osl-ephys task function fails."""
+    from ephys_gpt.preprocessing.osl_compat import import_osl_ephys
+
+    import_osl_ephys()
+
+
 def _run_dask(batch, config, todo, n_workers, kwargs) -> None:
     require("distributed")
     from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _OslImportFix(WorkerPlugin):
+        name = "ephys-gpt-osl-import-fix"
+
+        def setup(self, worker):
+            _prepare_dask_worker()
 
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster):
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.register_plugin(_OslImportFix())
         logger.info("stage 1: %d recording(s) on a Dask cluster of %d workers", len(todo),
                     n_workers)
         with _contained_osl_logging():

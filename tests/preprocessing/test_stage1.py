@@ -103,3 +103,27 @@ def test_user_recipe_runs(simulated, tmp_path):
     assert result.ok
     raw = mne.io.read_raw_fif(result.outputs[0], verbose="error")
     assert raw.info["sfreq"] == 50.0
+
+
+@pytest.mark.slow
+def test_dask_workers_give_the_same_outputs(simulated, stage1_run, tmp_path):
+    """n_workers > 1 runs osl-ephys on a local Dask cluster (a subprocess: the test process
+    blocks sockets, which Dask's scheduler needs)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from ephys_gpt.preprocessing.discovery import discover\n"
+        "from ephys_gpt.preprocessing.stage1 import run_stage1\n"
+        f"r = run_stage1(discover({str(simulated[0])!r}), {str(tmp_path)!r}, n_workers=2,"
+        " progress=False)\n"
+        "assert r.ok, r.failed\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for fif in find_outputs(stage1_run[0]):
+        other = tmp_path / fif.parent.name / fif.name
+        a = mne.io.read_raw_fif(fif, verbose="error")
+        b = mne.io.read_raw_fif(other, verbose="error")
+        assert a.info["bads"] == b.info["bads"]
+        np.testing.assert_allclose(a.get_data(), b.get_data())
