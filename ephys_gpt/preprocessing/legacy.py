@@ -66,9 +66,9 @@ def load_legacy_chunk(path: str | os.PathLike) -> dict:
     """Unpickle one legacy chunk dict (trusted files only; see the module docstring)."""
     path = Path(path)
     try:
-        # legacy format: the ONLY place in ephys-gpt that unpickles (allow_pickle=True). It
-        # executes code from the file; convert-legacy warns about it and it is opt-in.
-        obj = np.load(path, allow_pickle=True)
+        # The ONLY place in ephys-gpt that unpickles: it executes code from the file;
+        # convert-legacy is opt-in and warns about it.
+        obj = np.load(path, allow_pickle=True)  # legacy pickled-dict chunks, trusted files only
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path}: not a readable .npy file: {err}") from None
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
