@@ -306,13 +306,14 @@ def _contained_osl_logging() -> Iterator[None]:
     osl-ephys configures logging with ``logging.config.dictConfig(disable_existing_loggers=
     True)``, which silences every logger created before (ours included), and prints to
     stdout at INFO whatever level is asked. Here its console output goes to our logger at
-    DEBUG, and afterwards the loggers' ``disabled`` flags are restored and osl-ephys's
-    handlers (one holds the last recording's log file open) are closed.
+    DEBUG, and afterwards the loggers' ``disabled`` flags and MNE's log level are restored
+    and osl-ephys's handlers (one holds the last recording's log file open) are closed.
     """
     manager = logging.Logger.manager
     before = {name: lg.disabled for name, lg in manager.loggerDict.items()
               if isinstance(lg, logging.Logger)}
     sink = _LineLogger(logger, logging.DEBUG)
+    mne_level = logging.getLogger("mne").level  # osl-ephys sets MNE's global level
     try:
         with redirect_stdout(sink), redirect_stderr(sink):
             yield
@@ -320,6 +321,7 @@ def _contained_osl_logging() -> Iterator[None]:
         for name, lg in manager.loggerDict.items():
             if isinstance(lg, logging.Logger):
                 lg.disabled = before.get(name, False) and not name.startswith("ephys_gpt")
+        logging.getLogger("mne").setLevel(mne_level)
         osl = logging.getLogger("osl_ephys")
         for h in list(osl.handlers):
             osl.removeHandler(h)

@@ -127,3 +127,18 @@ def test_dask_workers_give_the_same_outputs(simulated, stage1_run, tmp_path):
         b = mne.io.read_raw_fif(other, verbose="error")
         assert a.info["bads"] == b.info["bads"]
         np.testing.assert_allclose(a.get_data(), b.get_data())
+
+
+def test_osl_logging_does_not_leak(simulated, tmp_path):
+    """osl-ephys's dictConfig disables existing loggers; stage 1 puts everything back."""
+    import logging
+
+    from ephys_gpt.preprocessing.discovery import discover
+
+    mine = logging.getLogger("ephys_gpt.preprocessing.test_probe")
+    other = logging.getLogger("some.other.library")
+    mne_level = logging.getLogger("mne").level
+    run_stage1(discover(simulated[0])[:1], tmp_path, progress=False)
+    assert not mine.disabled and not other.disabled
+    assert logging.getLogger("mne").level == mne_level
+    assert not logging.getLogger("osl_ephys").handlers
