@@ -101,6 +101,10 @@ def plot_curves(x: np.ndarray, curves: Mapping[str, np.ndarray], *, xlabel: str,
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
     if logx:
         ax.set_xscale("log")
+    elif np.issubdtype(x.dtype, np.integer):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -177,7 +181,7 @@ def plot_traces(signals: Mapping[str, np.ndarray], sfreq: float, *, ch_names: Se
                 title: str = ""):
     """The first ``max_channels`` channels of each signal (C, T) over the first ``seconds``."""
     n = min(max_channels, len(ch_names))
-    fig, axes = new_figure(n, 1, width=7.0, height=1.4, sharex=True)
+    fig, axes = new_figure(n, 1, width=7.0, height=max(1.5, 3.0 / n), sharex=True)
     for label, sig in signals.items():
         sig = np.asarray(sig)
         n_t = sig.shape[-1] if seconds is None else min(sig.shape[-1], int(seconds * sfreq))
