@@ -9,7 +9,8 @@ Cases:
   the full width). GPT2MEG's cost per token does not depend on the channel count (channels
   are independent sequences); STGPT2MEG's channel attention adds 12·L·C·d FLOPs per token,
   so its per-token cost at 272 channels is higher (the analytic figure shows by how much);
-- every other registered model that ships ``configs/<name lower>/model.yaml`` (samples/s for
+- every other registered model with an example config (the ``configs/*/`` folder whose
+  ``train.yaml`` names it; samples/s for
   models that do not predict tokens).
 
 Each case runs in fp32 and under bf16 autocast (``torch.autocast``; the loss in fp32).
@@ -85,8 +86,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _config_folder(name: str) -> Path | None:
+    """The example config folder of model ``name``: the one whose train.yaml names it."""
+    for train_yaml in sorted((ROOT / "configs").glob("*/train.yaml")):
+        run = yaml.safe_load(train_yaml.read_text()) or {}
+        if run.get("model_name") == name:
+            return train_yaml.parent
+    return None
+
+
 def _demo_case(name: str) -> dict | None:
-    folder = ROOT / "configs" / name.lower()
+    folder = _config_folder(name)
+    if folder is None:
+        return None
     model_yaml = folder / "model.yaml"
     if not model_yaml.is_file():
         return None
