@@ -63,14 +63,14 @@ class DemoPlan:
     split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
     model: dict = field(default_factory=lambda: {
         "n_positions": 128, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0})
-    steps: int = 300                # optimizer steps in total
+    steps: int = 1000               # optimizer steps in total
     batch_size: int = 2             # windows per step (x channels sequences)
-    lr: float = 3e-3
+    lr: float = 6e-3
     warmup_steps: int = 20
     precision: str = "bf16-mixed"   # CPU AMX bf16 matmuls; "32-true" for full precision
     val_batches: int = 8
     eval: dict = field(default_factory=lambda: {
-        "batch_size": 4, "max_batches": 6, "future_steps": 20, "gen_seconds": 20.0,
+        "batch_size": 8, "max_batches": 8, "future_steps": 20, "gen_seconds": 20.0,
         "gen_sampling": "top_p", "top_p": 0.98, "temperature": 1.0, "psd_windows": 64,
         "psd_seconds": 1.0, "psd_fmax": 45.0, "precision": "32"})
 
@@ -151,7 +151,7 @@ def preprocess_config(plan: DemoPlan) -> dict:
 
 def run_config(plan: DemoPlan, progress: bool) -> dict:
     """The training + evaluation YAML (paths relative to the demo folder)."""
-    half = max(1, plan.steps // 2)
+    val_every = max(1, plan.steps // 4)
     return {
         "model_name": "GPT2MEG",
         "model_config": dict(plan.model),
@@ -162,12 +162,14 @@ def run_config(plan: DemoPlan, progress: bool) -> dict:
                          "val_ratio": 0.25, "test_ratio": 0.25, "seed": plan.seed},
         "dataloader": {"batch_size": plan.batch_size, "num_workers": 0},
         "lightning": {"lr": plan.lr, "warmup_steps": plan.warmup_steps, "scheduler": "cosine",
-                      "total_steps": 2 * half},
-        # two epochs of half the budget each: validation (and the best checkpoint) after each
+                      "total_steps": plan.steps},
+        # exactly plan.steps optimizer steps, however many epochs that is; validation (and
+        # the best checkpoint) every quarter of the budget, the last one at the final step
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": plan.precision,
-                    "max_epochs": 2, "limit_train_batches": half,
+                    "max_steps": plan.steps, "max_epochs": -1,
+                    "val_check_interval": val_every, "check_val_every_n_epoch": None,
                     "limit_val_batches": plan.val_batches, "gradient_clip_val": 1.0,
-                    "log_every_n_steps": max(1, min(25, half)),
+                    "log_every_n_steps": max(1, min(25, val_every)),
                     "enable_progress_bar": progress, "enable_model_summary": False},
         "save_dir": "train",
         "seed": plan.seed,
@@ -233,7 +235,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, force
                            "#   ephys-gpt train --args run.yaml   # then: ephys-gpt eval --args run.yaml\n"
                            "# relative paths resolve against this file's folder\n")
     export = out / "train" / "export"
-    key = plan.stage_key("train")
+    # a changed plan or training config redoes training (progress bars do not count)
+    key = {**plan.stage_key("train"), "run_config": run_config(plan, progress=False)}
     if not force and _is_done(out, "train", key, [export / "model.safetensors"]):
         skipped.append("train")
         logger.info("training: already done (%s), skipping", export)
