@@ -153,8 +153,8 @@ class ExperimentDL:
 
     # ------------------------------------------------------------------ set-up
     def _fit_model_config(self) -> None:
-        """Fill ``num_channels``/``vocab_size`` from the data when the model config omits them,
-        and refuse a model config that contradicts the data."""
+        """Fill ``num_channels``/``num_classes``/``vocab_size`` from the data when the model
+        config omits them, and refuse a model config that contradicts the data."""
         cfg, info = self.config, self.data_info
         fields = self.spec.config_fields() or set()
         mcfg = cfg["model_config"]
@@ -166,6 +166,15 @@ class ExperimentDL:
             elif mcfg["num_channels"] != n_ch:
                 raise ConfigError(f"key 'model_config.num_channels' is {mcfg['num_channels']} but "
                                   f"the dataset has {n_ch} channels; remove the key to take it "
+                                  "from the data")
+        n_cls = getattr(self.splits.train, "num_classes", None)
+        if "num_classes" in fields and n_cls:
+            if "num_classes" not in mcfg:
+                mcfg["num_classes"] = int(n_cls)
+                logger.info("model_config.num_classes = %d (from the dataset's labels)", n_cls)
+            elif mcfg["num_classes"] != n_cls:
+                raise ConfigError(f"key 'model_config.num_classes' is {mcfg['num_classes']} but "
+                                  f"the dataset has {n_cls} classes; remove the key to take it "
                                   "from the data")
         quant = next((s for s in info.get("steps") or [] if s.get("name") == "mulaw_quantize"), None)
         if "vocab_size" in fields and quant and self.spec.input_kind in _TOKEN_KINDS:
