@@ -7,8 +7,12 @@ import socket
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
+# The tests run tiny models; on a 2-core machine (CI), intra-op threads only add
+# synchronisation overhead, and they stall badly when the cores are shared.
+torch.set_num_threads(1)
 os.environ.setdefault("MNE_DONTWRITE_HOME", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

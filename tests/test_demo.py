@@ -87,3 +87,17 @@ def test_demo_configs_are_valid_run_configs(tmp_path):
 def test_demo_command_line():
     args = build_parser().parse_args(["demo", "--quick", "--force"])
     assert args.quick and args.force and args.out == "runs/demo"
+
+
+@pytest.mark.parametrize("plan", [FULL, QUICK], ids=["full", "quick"])
+def test_demo_context_is_one_training_window(plan):
+    """Every GPT2MEG position the demo generates with is trained: n_positions == window."""
+    assert plan.model["n_positions"] == round(plan.example_seconds * plan.sfreq)
+
+
+def test_demo_plan_rejects_untrained_positions():
+    from ephys_gpt.demo import DemoPlan
+
+    with pytest.raises(ValueError, match="n_positions"):
+        DemoPlan(example_seconds=1.0, model={"n_positions": 128, "d_model": 16,
+                                             "n_layers": 1, "n_heads": 2})

@@ -20,14 +20,3 @@ def token_splits(token_store):
     """ChunkDataset splits by session (2 train, 1 val, 1 test) of 64-sample windows."""
     return split_datasets(token_store, dataset_class="ChunkDataset", example_seconds=0.64,
                           val_ratio=0.25, test_ratio=0.25, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and the test machine's cores are shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

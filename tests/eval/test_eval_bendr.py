@@ -19,16 +19,6 @@ SFREQ = 100.0
 SCALE = 1e-13  # normalized units -> tesla
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make these
-    small-tensor loops orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_store(root, n_sessions=3, n_ch=4, seconds=6.0, seed=0):
     """Continuous store: 10 Hz + noise, normalized (with recorded steps) like stage 2."""
     rng = np.random.default_rng(seed)

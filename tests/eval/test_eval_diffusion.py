@@ -17,16 +17,6 @@ from ephys_gpt.models.registry import build_model, get_model_spec
 SFREQ = 100.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make these
-    small-tensor loops orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_store(root, n_sessions=3, n_ch=3, seconds=6.0, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SFREQ)) / SFREQ

@@ -41,8 +41,6 @@ def _opts(tmp_path, **kw):
 @pytest.fixture(scope="module")
 def trained_export(token_splits, tmp_path_factory):
     """A tiny GPT2MEG trained for a hundred steps on the training windows, exported."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the per-test one-thread fixture
     torch.manual_seed(0)
     model = build_model("GPT2MEG", TINY)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -58,7 +56,6 @@ def trained_export(token_splits, tmp_path_factory):
         opt.step()
     out = tmp_path_factory.mktemp("model") / "export"
     save_pretrained(model.eval(), out)
-    torch.set_num_threads(threads)
     return out
 
 

@@ -13,16 +13,6 @@ from ephys_gpt.models.registry import build_model, get_model_spec
 TINY = get_model_spec("BENDRForecast").tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make these
-    small-tensor loops orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(**over):
     torch.manual_seed(0)
     return build_model("BENDRForecast", {**TINY, **over})

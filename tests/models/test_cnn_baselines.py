@@ -18,15 +18,6 @@ QUANT = dict(num_channels=3, vocab_size=16, embed_dim=4, hidden_channels=8, n_la
              kernel_size=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threading only adds overhead (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturb_channel_1(x):
     x2 = x.clone()
     if x.is_floating_point():

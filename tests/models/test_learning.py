@@ -35,15 +35,6 @@ TOKEN_MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threading only adds overhead (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", list(TOKEN_MODELS))
 def test_token_model_loss_goes_down(name):
     torch.manual_seed(0)

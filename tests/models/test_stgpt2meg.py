@@ -11,15 +11,6 @@ from ephys_gpt.models.stgpt2meg import STGPT2MEG
 TINY = dict(num_channels=4, vocab_size=16, n_positions=10, d_model=16, n_layers=2, n_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threading only adds overhead (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)

@@ -12,15 +12,6 @@ TINY = dict(num_channels=3, vocab_size=16, embed_dim=4, residual_channels=8,
             dilation_channels=8, skip_channels=8, layers_per_block=3, n_blocks=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threading only adds overhead (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tokens(T=20, B=2):
     return torch.randint(0, 16, (B, 3, T), generator=torch.Generator().manual_seed(2))
 
