@@ -62,7 +62,7 @@ class DemoPlan:
     example_seconds: float = 1.0    # training window
     split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
     model: dict = field(default_factory=lambda: {
-        "n_positions": 128, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0})
+        "n_positions": 100, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0})
     steps: int = 1000               # optimizer steps in total
     batch_size: int = 2             # windows per step (x channels sequences)
     lr: float = 6e-3
@@ -73,6 +73,18 @@ class DemoPlan:
         "batch_size": 8, "max_batches": 8, "future_steps": 20, "gen_seconds": 20.0,
         "gen_sampling": "top_p", "top_p": 0.98, "temperature": 1.0, "psd_windows": 64,
         "psd_seconds": 1.0, "psd_fmax": 45.0, "precision": "32"})
+
+    def __post_init__(self):
+        # GPT2MEG learns one position embedding per context slot from the training windows
+        # only: slots past the window length keep their random initialization, and generation
+        # (which fills the whole context before sliding) would run on them — that made the
+        # free-running signal drift with twice the real amplitude. So the context is exactly
+        # one training window.
+        window = round(self.example_seconds * self.sfreq)
+        if self.model.get("n_positions") != window:
+            raise ValueError(f"DemoPlan: model n_positions ({self.model.get('n_positions')}) "
+                             f"must equal the training window (example_seconds × sfreq = "
+                             f"{window} samples), or the extra positions are never trained")
 
     def stage_key(self, stage: str) -> dict:
         """The settings a stage's output depends on (a changed value re-runs the stage)."""
@@ -87,7 +99,7 @@ class DemoPlan:
 FULL = DemoPlan()
 QUICK = DemoPlan(subjects=2, sessions=2, seconds=24.0, split_by="session", steps=6, batch_size=1,
                  warmup_steps=2, val_batches=2,
-                 model={"n_positions": 64, "d_model": 16, "n_layers": 1, "n_heads": 2},
+                 model={"n_positions": 50, "d_model": 16, "n_layers": 1, "n_heads": 2},
                  example_seconds=0.5,
                  eval={"batch_size": 2, "max_batches": 1, "future_steps": 4, "gen_seconds": 1.0,
                        "gen_sampling": "top_p", "top_p": 0.98, "psd_windows": 8,
