@@ -167,6 +167,13 @@ class ExperimentDL:
                 raise ConfigError(f"key 'model_config.num_channels' is {mcfg['num_channels']} but "
                                   f"the dataset has {n_ch} channels; remove the key to take it "
                                   "from the data")
+        T = getattr(self.splits.train, "window_samples", None)
+        if T and self.spec.generation and mcfg.get("n_positions", 0) > T:
+            logger.warning(
+                "model_config.n_positions is %d but training windows have %d samples: positions "
+                "%d-%d are never trained, yet generation uses them before its context window "
+                "slides (free-running output then drifts); set n_positions to %d or lengthen "
+                "datasplitter.example_seconds", mcfg["n_positions"], T, T, mcfg["n_positions"] - 1, T)
         n_cls = getattr(self.splits.train, "num_classes", None)
         if "num_classes" in fields and n_cls:
             if "num_classes" not in mcfg:

@@ -149,3 +149,19 @@ def test_mixup_quantized_feeds_token_model(tmp_path, run_cfg, tmp_path_factory):
     assert exp.train()["global_step"] == 3
     _, info = load_model(tmp_path / "run" / "export")
     assert info["steps"][-1]["n_bits"] == 5
+
+
+def test_warns_when_positions_outgrow_training_window(run_cfg, monkeypatch):
+    """Positions past the training window are never trained; generation would use them."""
+    from ephys_gpt.training import experiment
+
+    said = []
+    monkeypatch.setattr(experiment.logger, "warning", lambda msg, *a: said.append(msg % a))
+    window = ExperimentDL(run_cfg).splits.train.window_samples
+    assert run_cfg["model_config"]["n_positions"] > window
+    ExperimentDL(run_cfg)
+    assert any("n_positions is 32" in m and f"{window} samples" in m for m in said), said
+    said.clear()
+    run_cfg["model_config"]["n_positions"] = window
+    ExperimentDL(run_cfg)
+    assert not any("n_positions" in m for m in said), said
