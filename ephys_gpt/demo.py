@@ -58,7 +58,8 @@ class DemoPlan:
     seed: int = 0
     sfreq: float = 100.0            # stage-1 resampling rate (Hz)
     picks: str = "mag"              # stage-2 channels (magnetometers: 102 sensors)
-    n_bits: int = 8                 # mu-law bits (vocabulary 256)
+    n_bits: int = 6                 # mu-law bits (vocabulary 64): coarser tokens that a small
+                                    # model learns within the CPU budget (8 bits: no alpha)
     example_seconds: float = 1.0    # training window
     split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
     model: dict = field(default_factory=lambda: {

@@ -140,7 +140,9 @@ def aperiodic_fit(freqs: np.ndarray, psd: np.ndarray, band: tuple[float, float],
     """Power-law (1/f) background under ``band``, fitted on the band's flanks.
 
     A straight line in log-power vs log-frequency is fitted on ``[lo - flank, lo)`` and
-    ``(hi, hi + flank]``; returns the background evaluated at every frequency (F,).
+    ``(hi, hi + flank]``, then refitted on the bins that lie on or below the first line, so
+    a neighbouring rhythm on a flank (e.g. a beta peak just above the alpha band) does not
+    lift the background. Returns the background evaluated at every frequency (F,).
     """
     lo, hi = band
     mask = (((freqs >= lo - flank) & (freqs < lo)) | ((freqs > hi) & (freqs <= hi + flank)))
@@ -148,7 +150,11 @@ def aperiodic_fit(freqs: np.ndarray, psd: np.ndarray, band: tuple[float, float],
     if mask.sum() < 2:
         raise ValueError(f"too few frequency bins around the band {band} Hz to fit the "
                          f"background (frequency resolution {np.diff(freqs[:2])} Hz)")
-    slope, intercept = np.polyfit(np.log10(freqs[mask]), np.log10(psd[mask]), 1)
+    lf, lp = np.log10(freqs[mask]), np.log10(psd[mask])
+    slope, intercept = np.polyfit(lf, lp, 1)
+    below = lp <= intercept + slope * lf + 1e-12
+    if below.sum() >= 2 and not below.all():
+        slope, intercept = np.polyfit(lf[below], lp[below], 1)
     safe = np.where(freqs > 0, freqs, freqs[freqs > 0].min() if (freqs > 0).any() else 1.0)
     return 10.0 ** (intercept + slope * np.log10(safe))
 

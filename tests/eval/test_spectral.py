@@ -121,3 +121,17 @@ def test_bad_signals_are_rejected():
         spectral.welch_psd(np.ones((2, 3)), SFREQ)
     with pytest.raises(ValueError, match="sfreq"):
         spectral.welch_psd(np.ones((2, 30)), 0)
+
+
+def test_alpha_peak_beside_a_stronger_beta_peak_is_found():
+    """A beta peak on the band's upper flank must not lift the fitted 1/f background."""
+    f = np.arange(1.0, 46.0)
+    psd = 1.0 / f
+    psd[f == 10] *= 3.0   # alpha: 3x its background
+    psd[f == 17] *= 30.0  # beta, much stronger, inside the (13, 17] flank
+    peak = spectral.alpha_peak(f, psd)
+    assert peak.freq == 10.0 and peak.detected
+    assert 2.5 < peak.ratio < 3.5
+    flat = 1.0 / f
+    flat[f == 17] *= 30.0
+    assert not spectral.alpha_peak(f, flat).detected
