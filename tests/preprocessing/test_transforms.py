@@ -11,6 +11,7 @@ import torch
 from ephys_gpt.preprocessing.transforms import (
     invert_steps,
     mulaw_dequantize,
+    mulaw_encode,
     mulaw_mu,
     mulaw_quantize,
 )
@@ -61,3 +62,22 @@ def test_invert_steps_with_recorded_normalize_and_mulaw():
     back = invert_steps(tokens, steps)
     assert back.shape == x.shape
     assert np.max(np.abs(back - x)) < 0.05 * scale.max()
+
+
+@pytest.mark.parametrize("n_bits", [6, 8, 10])
+def test_numpy_and_torch_quantizers_agree_with_the_companding_formula(n_bits):
+    """The in-place numpy path gives exactly the tokens of the plain formula, as torch does."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 501)) * 0.4).astype(np.float32)
+    x[0, :5] = [-3.0, -1.0, 0.0, 1.0, 3.0]
+    scale = np.linspace(0.5, 2.0, 64).astype(np.float32)
+    mu = 2**n_bits - 1
+    for sc in (1.0, scale):
+        ref_scale = sc[:, None] if np.ndim(sc) else sc
+        y = mulaw_encode(x / ref_scale, mu)
+        ref = np.clip(np.rint((y + 1.0) * (mu / 2.0)), 0, mu)
+        got = mulaw_quantize(x, n_bits, sc)
+        np.testing.assert_array_equal(got, ref)
+        assert got.dtype == np.dtype(np.uint8 if n_bits <= 8 else np.int16)
+        tq = mulaw_quantize(torch.from_numpy(x), n_bits, torch.as_tensor(sc) if np.ndim(sc) else sc)
+        np.testing.assert_array_equal(tq.numpy(), ref)
