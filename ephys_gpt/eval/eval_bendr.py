@@ -37,9 +37,8 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.eval import plots, report, spectral
 from ephys_gpt.eval.eval_quant import (
+    EvalRunner,
     display_unit,
-    load_checkpoint,
-    resolve_device,
     spread_indices,
     window_steps,
 )
@@ -111,36 +110,17 @@ def window_signal(dataset, index: int) -> tuple[torch.Tensor, tuple]:
     return x, extra
 
 
-class ContinuousEval:
+class ContinuousEval(EvalRunner):
     """Shared machinery of the continuous eval runners (see the module docstring)."""
 
     name = "ContinuousEval"
     options_class = ContinuousEvalOptions
     input_kinds: tuple[str, ...] = ("continuous", "continuous_meta")
 
-    def __init__(self, config: dict, options, *, model: torch.nn.Module | None = None,
-                 info: dict | None = None, splits: Any = None):
-        self.config = dict(config or {})
-        self.options = (options if isinstance(options, self.options_class)
-                        else self.options_class.model_validate(options))
-        self._model, self._info, self._splits = model, info, splits
-        if self.options.out_dir:
-            self.out_dir = Path(self.options.out_dir)
-        elif self.config.get("save_dir"):
-            self.out_dir = Path(self.config["save_dir"]) / "evals" / self.name
-        else:
-            raise ValueError(f"{self.name} needs save_dir in the run config or eval.out_dir")
-        self.device = resolve_device(self.options.accelerator, self.options.device)
-        self.files: list[Path] = []
-
     # -- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
         opts = self.options
-        if self._model is None:
-            self._model, self._info = load_checkpoint(opts.ckpt_path, self.device)
-        self.info = dict(self._info or {})
-        self.model = self._model.to(self.device).eval()
-        self.model_name = str(getattr(self.model, "registry_name", type(self.model).__name__))
+        self._load_model()
         from ephys_gpt.models.registry import MODELS
 
         spec = MODELS.get(self.model_name)

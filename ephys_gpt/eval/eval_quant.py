@@ -271,8 +271,43 @@ def sample_unigram(probs: torch.Tensor, shape: Sequence[int],
 # -- the runner ------------------------------------------------------------------------------
 
 
+
+class EvalRunner:
+    """What every eval runner shares: options, output folder, device and model loading.
+
+    ``model``/``info``/``splits`` may be passed in (tests, notebooks); otherwise they come
+    from ``options.ckpt_path`` and the run config's ``datasplitter``.
+    """
+
+    name = "EvalRunner"
+    options_class: type[BaseModel]
+
+    def __init__(self, config: dict, options: BaseModel | dict, *,
+                 model: torch.nn.Module | None = None, info: dict | None = None,
+                 splits: Any = None):
+        self.config = dict(config or {})
+        self.options = (options if isinstance(options, self.options_class)
+                        else self.options_class.model_validate(options))
+        self._model, self._info, self._splits = model, info, splits
+        if self.options.out_dir:
+            self.out_dir = Path(self.options.out_dir)
+        elif self.config.get("save_dir"):
+            self.out_dir = Path(self.config["save_dir"]) / "evals" / self.name
+        else:
+            raise ValueError(f"{self.name} needs save_dir in the run config or eval.out_dir")
+        self.device = resolve_device(self.options.accelerator, self.options.device)
+        self.files: list[Path] = []
+
+    def _load_model(self) -> None:
+        """Set ``self.model`` (on the device, eval mode), ``self.info`` and ``self.model_name``."""
+        if self._model is None:
+            self._model, self._info = load_checkpoint(self.options.ckpt_path, self.device)
+        self.info = dict(self._info or {})
+        self.model = self._model.to(self.device).eval()
+        self.model_name = str(getattr(self.model, "registry_name", type(self.model).__name__))
+
 @register_eval("EvalQuant", options=EvalQuantOptions)
-class EvalQuant:
+class EvalQuant(EvalRunner):
     """Evaluate a token-level autoregressive model against baselines and held-out data.
 
     Parameters
@@ -289,34 +324,13 @@ class EvalQuant:
     """
 
     name = "EvalQuant"
-
-    def __init__(self, config: dict, options: EvalQuantOptions | dict, *,
-                 model: torch.nn.Module | None = None, info: dict | None = None,
-                 splits: Any = None):
-        self.config = dict(config or {})
-        self.options = (options if isinstance(options, EvalQuantOptions)
-                        else EvalQuantOptions.model_validate(options))
-        self._model, self._info, self._splits = model, info, splits
-        save_dir = self.config.get("save_dir")
-        if self.options.out_dir:
-            self.out_dir = Path(self.options.out_dir)
-        elif save_dir:
-            self.out_dir = Path(save_dir) / "evals" / self.name
-        else:
-            raise ValueError("EvalQuant needs save_dir in the run config or eval.out_dir")
-        self.device = resolve_device(self.options.accelerator, self.options.device)
-        self.files: list[Path] = []
+    options_class = EvalQuantOptions
 
     # -- setup -------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         opts = self.options
-        if self._model is None:
-            self._model, self._info = load_checkpoint(opts.ckpt_path, self.device)
-        self.info = dict(self._info or {})
-        self.model = self._model.to(self.device).eval()
-        name = getattr(self.model, "registry_name", type(self.model).__name__)
-        self.model_name = str(name)
+        self._load_model()
         if not callable(getattr(self.model, "generate", None)):
             raise ValueError(f"EvalQuant evaluates token models with a generate() method; "
                              f"{self.model_name} has none (use the eval runner for its kind)")
