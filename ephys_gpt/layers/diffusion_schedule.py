@@ -14,7 +14,8 @@ Schedules:
 
 Reverse steps: :meth:`NoiseSchedule.ddpm_step` (ancestral sampling with the posterior
 variance) and :meth:`NoiseSchedule.ddim_step` (Song et al. 2021, "DDIM"; ``eta = 0`` is
-deterministic, and it can skip steps).
+deterministic, and it can skip steps). Both take the denoiser's prediction either as noise
+(``eps``) or as the clean signal (``x0``).
 
 Shapes: B batch; any trailing signal dims (e.g. C channels x L samples).
 """
@@ -70,24 +71,32 @@ class NoiseSchedule(nn.Module):
         ab = _expand(self.alphas_cumprod[t], x_t)
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
-    def _x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, clip: float | None):
-        """Predicted clean signal (optionally clipped) and the noise consistent with it."""
+    def _resolve(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None,
+                 x0: torch.Tensor | None, clip: float | None):
+        """The clean-signal estimate (clipped if ``clip``) and the noise consistent with it,
+        from whichever of ``eps`` / ``x0`` the denoiser predicted."""
         ab = self.alphas_cumprod[t]
-        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if (eps is None) == (x0 is None):
+            raise ValueError("give exactly one of eps (predicted noise) or x0 (predicted "
+                             "clean signal)")
+        if x0 is None:
+            x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if eps is None or clip is not None:
             eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
         return x0, eps
 
-    def ddpm_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor,
-                  generator: torch.Generator | None = None, clip: float | None = None
-                  ) -> torch.Tensor:
-        """One ancestral step ``x_t -> x_{t-1}`` given the predicted noise ``eps``.
+    def ddpm_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, clip: float | None = None, *,
+                  x0: torch.Tensor | None = None) -> torch.Tensor:
+        """One ancestral step ``x_t -> x_{t-1}`` given the predicted noise ``eps`` or the
+        predicted clean signal ``x0``.
 
-        ``clip`` bounds the implied clean signal to ``[-clip, clip]`` (the last levels of a
-        cosine schedule divide by ``sqrt(abar)`` ~ 0 and would otherwise explode).
+        ``clip`` bounds the implied clean signal to ``[-clip, clip]`` (with ``eps``, the last
+        levels of a cosine schedule divide by ``sqrt(abar)`` ~ 0 and could explode).
         """
-        x0, _ = self._x0(x_t, t, eps, clip)
+        x0, _ = self._resolve(x_t, t, eps, x0, clip)
         beta, ab, ab_prev = self.betas[t], self.alphas_cumprod[t], self.alphas_cumprod_prev[t]
         mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * x_t) / (1 - ab)
         if t == 0:
@@ -95,13 +104,15 @@ class NoiseSchedule(nn.Module):
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return mean + self.posterior_variance[t].sqrt() * z
 
-    def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor,
-                  eta: float = 0.0, generator: torch.Generator | None = None,
-                  clip: float | None = None) -> torch.Tensor:
-        """One DDIM step from level ``t`` to ``t_prev`` (``-1``: the clean signal)."""
+    def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int,
+                  eps: torch.Tensor | None = None, eta: float = 0.0,
+                  generator: torch.Generator | None = None, clip: float | None = None, *,
+                  x0: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDIM step from level ``t`` to ``t_prev`` (``-1``: the clean signal), given the
+        predicted noise ``eps`` or the predicted clean signal ``x0``."""
         ab = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else ab.new_tensor(1.0)
-        x0, eps = self._x0(x_t, t, eps, clip)
+        x0, eps = self._resolve(x_t, t, eps, x0, clip)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
         direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
         x = ab_prev.sqrt() * x0 + direction
@@ -109,6 +120,11 @@ class NoiseSchedule(nn.Module):
             z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
             x = x + sigma * z
         return x
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` of levels ``t``."""
+        ab = self.alphas_cumprod[t]
+        return ab / (1 - ab)
 
     def ddim_timesteps(self, n: int) -> list[int]:
         """``n`` evenly spaced levels from ``T - 1`` down to 0."""

@@ -10,24 +10,29 @@ from ephys_gpt.models.registry import register_loss
 
 @register_loss("DiffusionMSE")
 class DiffusionMSE(nn.Module):
-    """Masked noise-prediction MSE: mean of ``(pred_noise - noise)^2`` where ``mask`` is 1.
+    """Weighted diffusion MSE: the mean of ``weight * (prediction - target)^2`` over the
+    elements with ``weight > 0``.
 
-    Called as ``loss(outputs, targets)`` with ``outputs = (noise, pred_noise, mask)`` as
-    returned by :meth:`ephys_gpt.models.ntd.NTD.forward` (each (B, C, L); ``mask`` may also be
-    (B, 1, L) or any shape broadcastable to the noise). ``targets`` are ignored: the
-    target of noise prediction is the noise the model drew. Observed (in-painted) samples
-    carry no loss; an all-observed batch gives 0.
+    Called as ``loss(outputs, targets)`` with ``outputs = (target, prediction, weight)`` as
+    returned by :meth:`ephys_gpt.models.ntd.NTD.forward` (each (B, C, L); ``weight`` may also
+    be (B, 1, L) or any shape broadcastable to the target). ``targets`` are ignored: the
+    target of denoising is the clean signal or the noise the model drew. ``weight`` is 0 on
+    observed (in-painted) samples, which carry no loss (an all-observed batch gives 0), and
+    the noise level's min-SNR-gamma weight elsewhere; with weights of 1 this is the masked
+    noise-prediction MSE of DDPM.
     """
 
     def forward(self, outputs, targets=None) -> torch.Tensor:
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
-            raise TypeError("DiffusionMSE expects model outputs (noise, pred_noise, mask), got "
-                            f"{type(outputs).__name__}"
-                            f"{'' if not isinstance(outputs, (tuple, list)) else len(outputs)}")
-        noise, pred, mask = outputs
-        if pred.shape != noise.shape:
-            raise ValueError(f"DiffusionMSE: pred_noise {tuple(pred.shape)} and noise "
-                             f"{tuple(noise.shape)} differ in shape")
-        err = (pred.float() - noise.float()).pow(2)
-        mask = mask.to(err.dtype).expand_as(err)
-        return (err * mask).sum() / mask.sum().clamp(min=1.0)
+            got = type(outputs).__name__
+            if isinstance(outputs, (tuple, list)):
+                got += f" of {len(outputs)}"
+            raise TypeError(f"DiffusionMSE expects model outputs (target, prediction, weight), "
+                            f"got {got}")
+        target, pred, weight = outputs
+        if pred.shape != target.shape:
+            raise ValueError(f"DiffusionMSE: prediction {tuple(pred.shape)} and target "
+                             f"{tuple(target.shape)} differ in shape")
+        err = (pred.float() - target.float()).pow(2)
+        weight = weight.to(err.dtype).expand_as(err)
+        return (err * weight).sum() / (weight > 0).sum().clamp(min=1).to(err.dtype)

@@ -47,15 +47,16 @@ def test_forward_masks_and_determinism():
     model = _model(p_forecast=1.0, p_impute=0.0)
     x = model.example_inputs(4)
     torch.manual_seed(3)
-    noise, pred, mask = model(x)
+    target, pred, mask = model(x)
     torch.manual_seed(3)
-    noise2, pred2, mask2 = model(x)
+    target2, pred2, mask2 = model(x)
     assert torch.equal(pred, pred2) and torch.equal(mask, mask2)  # seeded forward repeats
-    assert noise.shape == pred.shape == mask.shape == x.shape
+    assert target.shape == pred.shape == mask.shape == x.shape
+    assert torch.equal(target, x)  # prediction: x0 (the default) targets the clean signal
     L = x.shape[-1]
     n_obs = (mask == 0).sum(-1)  # observed prefix per (b, c)
     assert (n_obs >= int(0.25 * L)).all() and (n_obs <= int(0.75 * L)).all()
-    assert (mask[..., -1] == 1).all() and (mask[..., 0] == 0).all()  # prefix observed
+    assert (mask[..., -1] > 0).all() and (mask[..., 0] == 0).all()  # prefix observed
     # observed samples reach the denoiser clean: changing the noise there changes nothing
     obs = mask == 0
     t = torch.full((4,), 5)
@@ -73,7 +74,7 @@ def test_diffusion_loss_is_masked_mse():
     mask = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
     assert loss((noise, pred, mask), None).item() == pytest.approx((9 + 16) / 2)
     assert loss((noise, pred, torch.zeros_like(mask))).item() == 0.0
-    with pytest.raises(TypeError, match="noise, pred_noise, mask"):
+    with pytest.raises(TypeError, match="target, prediction, weight"):
         DiffusionMSE()(pred, None)
 
 
@@ -121,11 +122,12 @@ def test_forecast_longer_than_window_and_conditioning():
     assert torch.isfinite(out).all()
 
 
-def test_training_lowers_loss_and_inpainted_forecast_beats_zero():
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+def test_training_lowers_loss_and_inpainted_forecast_beats_zero(prediction):
     torch.manual_seed(0)
     cfg = dict(num_channels=2, signal_length=64, hidden=32, n_layers=6, dilation_cycle=6,
                diffusion_steps=50, sampling_steps=10, p_forecast=1.0, p_impute=0.0,
-               forecast_chunk=16)
+               forecast_chunk=16, prediction=prediction)
     model = build_model("NTD", cfg)
     loss_fn = build_loss("DiffusionMSE")
     val = _sines(64, 2, 64, seed=99)
@@ -156,3 +158,67 @@ def test_training_lowers_loss_and_inpainted_forecast_beats_zero():
     mse_model = (fc - future).pow(2).mean().item()
     mse_zero = future.pow(2).mean().item()
     assert mse_model < 0.5 * mse_zero, (mse_model, mse_zero)
+
+
+def test_x0_and_eps_losses_are_the_same_min_snr_objective():
+    """min(SNR, g) |x0_hat - x0|^2 == min(1, g / SNR) |eps_hat - eps|^2 for the implied eps_hat,
+    so both parameterizations train (and report) the same number."""
+    model = _model(p_forecast=0.0, p_impute=0.0)
+    x = model.example_inputs(4)
+    t = torch.tensor([0, 3, 6, 9])
+    noise = torch.randn_like(x)
+    obs = torch.zeros_like(x, dtype=torch.bool)
+    obs[..., :5] = True
+    target, x0_hat, w = model(x, t=t, noise=noise, observed=obs)
+    snr = model.schedule.snr(t)
+    assert torch.allclose(w[:, 0, -1], snr.clamp(max=5.0)) and (w[..., :5] == 0).all()
+    ab = model.schedule.alphas_cumprod[t][:, None, None]
+    x_t = torch.where(obs, x, model.schedule.q_sample(x, t, noise))
+    eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    w_eps = (5.0 / snr).clamp(max=1.0)[:, None, None] * (~obs)
+    loss = DiffusionMSE()
+    assert loss((target, x0_hat, w)).item() == pytest.approx(
+        loss((noise, eps_hat, w_eps)).item(), rel=1e-4)
+    eps_model = _model(prediction="eps", p_forecast=0.0, p_impute=0.0)
+    target_e, _, w_e = eps_model(x, t=t, noise=noise, observed=obs)
+    assert torch.equal(target_e, noise) and torch.allclose(w_e, w_eps.to(w_e.dtype))
+    with pytest.raises(ValueError, match="prediction"):
+        _model(prediction="v")
+
+
+def test_wide_low_rank_signal_more_channels_than_hidden():
+    """MEG-like data: many channels mixing a few sources, C > hidden. The x0 denoiser with
+    its full-rank linear path learns it, samples stay in the data's range (no pile-up at
+    ``clip_denoised``), and the mean of in-painted forecasts beats the zero forecast."""
+    torch.manual_seed(0)
+    C, L = 24, 64
+    mix = torch.randn(C, 3, generator=torch.Generator().manual_seed(5))
+    mix = mix / mix.norm(dim=1, keepdim=True)
+
+    def data(B, seed):
+        g = torch.Generator().manual_seed(seed)
+        t = torch.arange(L, dtype=torch.float32)
+        freq = torch.tensor([1 / 10, 1 / 6, 1 / 17])[None, :, None]
+        src = torch.sin(2 * math.pi * freq * t + torch.rand(B, 3, 1, generator=g) * 6.3)
+        return torch.einsum("cs,bsl->bcl", mix, src) * 1.4 + 0.05 * torch.randn(
+            B, C, L, generator=g)
+
+    model = build_model("NTD", dict(num_channels=C, signal_length=L, hidden=12, n_layers=6,
+                                    dilation_cycle=6, diffusion_steps=50, sampling_steps=10,
+                                    p_forecast=0.7, p_impute=0.0, forecast_chunk=16))
+    loss_fn = build_loss("DiffusionMSE")
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+    for step in range(300):
+        opt.zero_grad()
+        loss_fn(model(data(16, step))).backward()
+        opt.step()
+    model.eval()
+    test = data(8, 999)
+    past, future = test[..., :48], test[..., 48:]
+    torch.manual_seed(0)
+    draws = torch.stack([model.forecast(past, 16)[..., 48:] for _ in range(4)])
+    mse_mean = (draws.mean(0) - future).pow(2).mean().item()
+    assert mse_mean < 0.5 * future.pow(2).mean().item()
+    samples = model.sample(8, L, progress=False)
+    ratio = (samples.std() / test.std()).item()
+    assert 0.5 < ratio < 1.5 and samples.abs().max() < 0.9 * model.config.clip_denoised, ratio
