@@ -3,10 +3,16 @@
 On held-out windows of a continuous chunk store:
 
 1. **Horizon MSE**: the last ``future_steps`` (H) samples of each window forecast by
-   in-painting from the rest (``model.forecast``); RMSE at each horizon step in signal and
-   normalized units, against repeat-last-value and zero (the normalized mean) baselines.
-2. **History sweep**: the same H samples forecast from only the ``h`` samples before them,
-   for each ``h`` in ``history_lengths``: how much context the model uses.
+   in-painting from the rest (``model.forecast``), ``n_samples`` draws per window. The
+   point forecast is the mean of the draws (it estimates the conditional mean, which is what
+   RMSE rewards; a single draw of a good model of a noisy signal has ~sqrt(2) times the
+   error of the conditional mean far ahead, and is reported beside it). RMSE at each horizon
+   step in signal and normalized units, against repeat-last-value and zero (the normalized
+   mean) baselines; and the CRPS of the draws (the ensemble's probabilistic skill, fair
+   estimator; the deterministic baselines' CRPS is their mean absolute error).
+2. **History sweep**: the same H samples forecast (mean of the draws) from only the ``h``
+   samples before them, for each ``h`` in ``history_lengths``: how much context the model
+   uses.
 3. **Recursive forecasting**: ``recursive_steps`` samples forecast window by window (each
    window in-paints ``forecast_chunk`` new samples after the latest ones), error vs horizon.
 4. **Samples vs data**: ``gen_seconds`` generated recursively after a held-out context, and
@@ -47,6 +53,8 @@ class EvalDiffusionOptions(ContinuousEvalOptions):
                                                                "forecast (default: half the "
                                                                "window)")
     n_unconditional: int = Field(4, ge=0, description="unconditional sample windows")
+    n_samples: int = Field(8, ge=1, description="forecasts drawn per window: their mean is "
+                                                "the point forecast, their spread gives CRPS")
     sampler: Literal["ddim", "ddpm"] | None = Field(None, description="default: the model's")
     sampling_steps: int | None = Field(None, ge=1, description="DDIM levels (default: the "
                                                                "model's)")
@@ -79,6 +87,27 @@ class EvalDiffusion(ContinuousEval):
             out = self.model.forecast(ctx, steps, **self._sample_kw())
         return out[..., -steps:].float()
 
+    def _draws(self, ctx: torch.Tensor, steps: int) -> torch.Tensor:
+        """``n_samples`` forecasts (K, B, C, steps) of ``ctx`` (B, C, T), in one batch."""
+        K = self.options.n_samples
+        out = self._forecast(ctx.repeat(K, 1, 1), steps)
+        return out.reshape(K, *ctx.shape[:2], steps)
+
+    @staticmethod
+    def crps_sums(draws: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+        """Summed CRPS over (B, channels) per time step → (T,), normalized units.
+
+        ``draws`` (K, B, C, T): the fair ensemble estimator
+        ``mean_k |x_k - y| - sum_{k != j} |x_k - x_j| / (2 K (K - 1))``; with K = 1 it is the
+        absolute error.
+        """
+        K = draws.shape[0]
+        skill = (draws - true[None]).abs().mean(0)
+        if K > 1:
+            spread = (draws[:, None] - draws[None]).abs().sum((0, 1)) / (2 * K * (K - 1))
+            skill = skill - spread
+        return skill.sum((0, 1)).cpu().double().numpy()
+
     @torch.no_grad()
     def run(self) -> dict:
         opts = self.options
@@ -98,8 +127,11 @@ class EvalDiffusion(ContinuousEval):
         if R >= T:
             raise ValueError(f"eval.recursive_steps ({R}) must be smaller than the window ({T})")
         batches = self.heldout(opts.max_batches * opts.batch_size)
+        K = opts.n_samples
+        one = f"{m} (single draw)"
         preds = (m, REPEAT_LAST, ZERO)
-        hor = {p: {} for p in preds}
+        hor = {p: {} for p in (m, one, REPEAT_LAST, ZERO)}
+        crps = {p: np.zeros(H) for p in preds}
         rec = {p: {} for p in preds}
         sweep = {p: np.zeros(len(hist)) for p in preds}
         n_win = 0
@@ -112,16 +144,20 @@ class EvalDiffusion(ContinuousEval):
                                 disable=not opts.progress, leave=False):
             ctx, fut = x[..., :T - H], x[..., T - H:]
             base = {REPEAT_LAST: ctx[..., -1:].expand_as(fut), ZERO: torch.zeros_like(fut)}
-            add(hor[m], self.sq_errors(self._forecast(ctx, H), fut, steps))
+            draws = self._draws(ctx, H)
+            add(hor[m], self.sq_errors(draws.mean(0), fut, steps))
+            add(hor[one], self.sq_errors(draws[0], fut, steps))
+            crps[m] += self.crps_sums(draws, fut)
             for p, v in base.items():
                 add(hor[p], self.sq_errors(v, fut, steps))
+                crps[p] += self.crps_sums(v[None], fut)
             for j, h in enumerate(hist):
-                err = self.sq_errors(self._forecast(ctx[..., -h:], H), fut, steps)
+                err = self.sq_errors(self._draws(ctx[..., -h:], H).mean(0), fut, steps)
                 sweep[m][j] += err["normalized"].sum()
                 for p, v in base.items():
                     sweep[p][j] += self.sq_errors(v, fut, steps)["normalized"].sum()
             rctx, rfut = x[..., :T - R], x[..., T - R:]
-            add(rec[m], self.sq_errors(self._forecast(rctx, R), rfut, steps))
+            add(rec[m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
             add(rec[REPEAT_LAST], self.sq_errors(rctx[..., -1:].expand_as(rfut), rfut, steps))
             add(rec[ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
             n_win += x.shape[0]
@@ -129,17 +165,28 @@ class EvalDiffusion(ContinuousEval):
         hor_rmse = {p: self.rmse(v, n_win) for p, v in hor.items()}
         rec_rmse = {p: self.rmse(v, n_win) for p, v in rec.items()}
         sweep_rmse = {p: np.sqrt(v / (n_win * C * H)) for p, v in sweep.items()}
+        crps_mean = {p: v / (n_win * C) for p, v in crps.items()}
         baselines = (REPEAT_LAST, ZERO)
         step_ms = f"1 step = {1e3 / self.sfreq:.3g} ms"
         self.error_curves("horizon_rmse", np.arange(1, H + 1), hor_rmse,
                           xlabel=f"Steps ahead ({step_ms})", baselines=baselines,
-                          title="Forecast error vs horizon (in-painting, held-out)",
-                          n_windows=n_win, context_samples=T - H)
+                          title=f"Forecast error vs horizon (in-painting, mean of {K} draws, "
+                                "held-out)",
+                          n_windows=n_win, context_samples=T - H, n_samples=K)
+        from ephys_gpt.eval import plots
+
+        self.curve("horizon_crps", np.arange(1, H + 1), crps_mean,
+                   xlabel=f"Steps ahead ({step_ms})", ylabel="CRPS (normalized)",
+                   n_windows=n_win, n_samples=K)
+        fig, _ = plots.plot_curves(np.arange(1, H + 1), crps_mean, baselines=list(baselines),
+                                   xlabel=f"Steps ahead ({step_ms})",
+                                   ylabel="CRPS (normalized)",
+                                   title=f"Probabilistic forecast skill ({K} draws; lower is "
+                                         "better)")
+        self.figure(fig, "horizon_crps")
         self.curve("history_sweep", np.asarray(hist), sweep_rmse,
                    xlabel="Context length (samples)", ylabel="RMSE (normalized)",
                    horizon=H, n_windows=n_win)
-        from ephys_gpt.eval import plots
-
         fig, _ = plots.plot_curves(np.asarray(hist), sweep_rmse, baselines=list(baselines),
                                    logx=len(hist) > 2, xlabel="Context length (samples)",
                                    ylabel=f"RMSE over {H} steps (normalized)",
@@ -164,9 +211,12 @@ class EvalDiffusion(ContinuousEval):
         summary["n_windows"] = n_win
         summary["sampling"] = self._sample_kw() or "model defaults"
         summary["horizon"] = {
-            "future_steps": H, "context_samples": T - H,
+            "future_steps": H, "context_samples": T - H, "n_samples": K,
             "rmse_mean_normalized": {p: float(v["normalized"].mean())
                                      for p, v in hor_rmse.items()},
+            "rmse_at_1_normalized": {p: float(v["normalized"][0])
+                                     for p, v in hor_rmse.items()},
+            "crps_mean_normalized": {p: float(v.mean()) for p, v in crps_mean.items()},
             "beats_baselines": bool(hor_rmse[m]["normalized"].mean()
                                     < min(hor_rmse[p]["normalized"].mean() for p in baselines)),
         }
@@ -199,9 +249,15 @@ class EvalDiffusion(ContinuousEval):
                  f"{T} samples at {self.sfreq:g} Hz, {C} channels; sampling "
                  f"{summary['sampling']}.")
         rep.section(f"Forecast error over {H} steps (normalized units)")
-        rep.table(["predictor", "horizon RMSE", f"recursive RMSE ({R} steps)"],
-                  [[p, summary["horizon"]["rmse_mean_normalized"][p],
-                    summary["recursive"]["rmse_mean_normalized"][p]] for p in preds])
+        rep.text(f"{m}: the mean of {K} in-painted draws per window; {one}: the first draw "
+                 "alone. CRPS scores the draws as a forecast distribution (for the "
+                 "deterministic baselines it is their mean absolute error).")
+        hz, rc = summary["horizon"], summary["recursive"]["rmse_mean_normalized"]
+        rep.table(["predictor", "RMSE at 1 step", "horizon RMSE", "horizon CRPS",
+                   f"recursive RMSE ({R} steps)"],
+                  [[p, hz["rmse_at_1_normalized"][p], hz["rmse_mean_normalized"][p],
+                    hz["crps_mean_normalized"].get(p, "—"), rc.get(p, "—")]
+                   for p in (m, one, REPEAT_LAST, ZERO)])
         rep.section("History sweep")
         rep.table(["context (samples)", *preds],
                   [[h, *(sweep_rmse[p][j] for p in preds)] for j, h in enumerate(hist)])
@@ -213,6 +269,7 @@ class EvalDiffusion(ContinuousEval):
                    for t, d in summary["generation"]["psd"].items()])
         rep.section("Figures")
         for name, cap in [("horizon_rmse", "Error vs horizon"),
+                          ("horizon_crps", "CRPS vs horizon"),
                           ("history_sweep", "Error vs history"),
                           ("recursive_rmse", "Recursive forecast error"), ("psd", "PSD"),
                           ("channel_correlation", "Channel correlation")]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ephys_gpt.dataset.store import write_session
+from ephys_gpt.eval.eval_diffusion import EvalDiffusion
 from ephys_gpt.eval.registry import get_eval_spec
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import build_model, get_model_spec
@@ -46,14 +47,16 @@ def test_eval_diffusion_writes_all_outputs(tmp_path):
         "ckpt_path": str(export), "batch_size": 2, "max_batches": 1, "future_steps": 8,
         "history_lengths": [4, 16], "recursive_steps": 20, "gen_seconds": 0.4,
         "n_unconditional": 2, "psd_windows": 4, "psd_seconds": 0.2, "sampling_steps": 3,
+        "n_samples": 3,
         "accelerator": "cpu", "progress": False})
     config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega", "datasplitter": dsp}
     summary = spec.cls(config, opts).run()
     out = tmp_path / "run" / "evals" / "EvalDiffusion"
     for name in ["horizon_rmse_mag", "horizon_rmse_grad", "horizon_rmse_normalized",
-                 "history_sweep", "recursive_rmse_normalized", "psd_mag", "psd_grad"]:
+                 "history_sweep", "recursive_rmse_normalized", "psd_mag", "psd_grad",
+                 "horizon_crps"]:
         assert (out / f"{name}.npy").is_file() and (out / f"{name}.json").is_file(), name
-    for fig in ["horizon_rmse", "history_sweep", "recursive_rmse", "psd",
+    for fig in ["horizon_rmse", "horizon_crps", "history_sweep", "recursive_rmse", "psd",
                 "channel_correlation"]:
         assert (out / f"{fig}.png").is_file() and (out / f"{fig}.pdf").is_file()
     assert (out / "generated_raw.fif").is_file() and (out / "report.md").is_file()
@@ -66,7 +69,29 @@ def test_eval_diffusion_writes_all_outputs(tmp_path):
     assert summary["sampling"] == {"steps": 3}
     assert json.loads((out / "summary.json").read_text())["horizon"]["future_steps"] == 8
     # the zero baseline's error is the held-out signal's RMS: finite and positive
-    assert summary["horizon"]["rmse_mean_normalized"]["zero (mean)"] > 0.1
+    hz = summary["horizon"]
+    assert hz["rmse_mean_normalized"]["zero (mean)"] > 0.1
+    assert hz["n_samples"] == 3 and set(hz["rmse_mean_normalized"]) == {
+        "NTD", "NTD (single draw)", "repeat-last", "zero (mean)"}
+    # a deterministic forecast's CRPS is its mean absolute error, so never above its RMSE
+    for p in ("repeat-last", "zero (mean)"):
+        assert 0 < hz["crps_mean_normalized"][p] <= hz["rmse_mean_normalized"][p]
+    assert "CRPS" in (out / "report.md").read_text()
+
+
+def test_crps_estimator():
+    crps = EvalDiffusion.crps_sums
+    y = torch.tensor([[[1.0, -2.0]]])                     # (B=1, C=1, T=2)
+    one = torch.tensor([[[[3.0, -2.5]]]])                 # K=1: absolute error
+    assert np.allclose(crps(one, y), [2.0, 0.5])
+    same = one.expand(4, -1, -1, -1)                      # identical draws: still the MAE
+    assert np.allclose(crps(same, y), [2.0, 0.5])
+    pair = torch.tensor([[[[0.0, -2.0]]], [[[2.0, -2.0]]]])   # {0, 2} around 1: fair CRPS 0
+    assert np.allclose(crps(pair, y), [0.0, 0.0])
+    # a sharp ensemble centred on the truth beats the same spread shifted away from it
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(16, 1, 1, 2, generator=g) * 0.1
+    assert crps(draws + y, y).sum() < crps(draws + y + 1.0, y).sum()
 
 
 def test_eval_diffusion_option_errors(tmp_path):
