@@ -170,6 +170,12 @@ def analytic_flops_per_token(name: str, model: nn.Module, cfg: dict, seq_len: in
     return float(flops)
 
 
+def _differentiable(out) -> torch.Tensor:
+    """The first output that carries a gradient (NTD returns (target, prediction, weight))."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return next((o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad), outs[0])
+
+
 def counted_flops(name: str, cfg: dict, inputs, loss_fn, spec) -> float:
     """FLOPs of one forward + backward, counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -179,8 +185,7 @@ def counted_flops(name: str, cfg: dict, inputs, loss_fn, spec) -> float:
     inputs = tuple(t.to("meta") for t in inputs) if isinstance(inputs, tuple) else inputs.to("meta")
     with FlopCounterMode(display=False) as fc:
         out = _call(model, inputs)
-        main = out[0] if isinstance(out, (tuple, list)) else out
-        main.float().sum().backward()  # the loss itself is negligible next to the model
+        _differentiable(out).float().sum().backward()  # the loss is negligible next to the model
     return float(fc.get_total_flops())
 
 
@@ -191,8 +196,7 @@ def _loss(loss_fn, out, targets):
             return val["loss"] if isinstance(val, dict) else val
         except (ValueError, TypeError, RuntimeError):
             pass
-    main = out[0] if isinstance(out, (tuple, list)) else out
-    return main.float().pow(2).mean()
+    return _differentiable(out).float().pow(2).mean()
 
 
 def run_case(case: dict, precision: str, steps: int, device: str, peaks: dict) -> dict:
