@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 import ephys_gpt
 
@@ -42,6 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's rank-zero "💡 Tip" advertisements on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_third_party() -> None:
+    """Silence known, harmless third-party chatter on the command line (not on import).
+
+    - Lightning's "Tip: ... litlogger" line on every Trainer;
+    - Lightning's own use of torch's deprecated ``LeafSpec`` (a warning per run);
+    - at ``test``/``eval`` time, the note that the training-time checkpoint callback is not
+      re-created (evaluation needs only the weights).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+            log.addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler()
@@ -58,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    quiet_third_party()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

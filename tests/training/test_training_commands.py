@@ -86,3 +86,25 @@ def test_eval_dispatches_to_registered_runner(tmp_path, run_cfg, monkeypatch):
     seen.clear()
     assert cli_main(["eval", "--args", str(path), "eval.ckpt_path=/no/such/dir"]) == 1
     assert not seen
+
+
+def test_cli_silences_only_known_third_party_chatter(caplog):
+    import logging
+    import warnings
+
+    from ephys_gpt.cli import quiet_third_party
+
+    quiet_third_party()
+    quiet_third_party()  # idempotent: one filter, not two
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        log.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        log.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("default")
+        quiet_third_party()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", stacklevel=1)
+        warnings.warn("something the user must see", stacklevel=1)
+    assert [str(w.message) for w in got] == ["something the user must see"]
