@@ -104,8 +104,7 @@ def cmd_convert_legacy(args) -> int:
 
     result = convert_legacy(args.src, args.dst, progress=not args.no_progress,
                             default_ch_type=args.ch_type)
-    logger.info("convert-legacy: %d converted, %d already done, %d failed -> %s",
-                len(result.written), len(result.skipped), len(result.failed), args.dst)
+    logger.info("convert-legacy: %s -> %s", result.counts(), args.dst)
     for name, reason in result.failed.items():
         logger.error("  %s: %s", name, reason)
     return 1 if result.failed else 0

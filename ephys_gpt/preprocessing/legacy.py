@@ -15,7 +15,6 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +22,12 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt.dataset import store
+from ephys_gpt.preprocessing.result import RunResult
 
 logger = logging.getLogger(__name__)
 
 PICKLE_WARNING = ("convert-legacy unpickles the original toolkit's .npy chunks: unpickling "
                   "executes code from the file. Only convert files from a source you trust.")
-
-
-@dataclass
-class LegacyResult:
-    written: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 def _chunk_files(folder: Path) -> list[Path]:
@@ -147,7 +136,7 @@ def convert_session(folder: str | os.PathLike, dst: str | os.PathLike, name: str
 
 
 def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True,
-                   default_ch_type: str = "mag") -> LegacyResult:
+                   default_ch_type: str = "mag") -> RunResult:
     """Convert every legacy session under ``src`` into the chunk store ``dst``.
 
     Sessions already complete in ``dst`` are skipped; a session that fails is reported with
@@ -159,7 +148,7 @@ def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, progress: 
     logger.warning(PICKLE_WARNING)
     dst.mkdir(parents=True, exist_ok=True)
     store.clean_partial(dst)
-    result = LegacyResult()
+    result = RunResult()
     base = [f.name for f in sessions]
     for folder in tqdm(sessions, desc="convert-legacy", unit="session", disable=not progress):
         name = folder.name  # the relative path where two sessions share a folder name

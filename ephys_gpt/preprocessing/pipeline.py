@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ephys_gpt.preprocessing.config import PreprocessConfig
 from ephys_gpt.preprocessing.discovery import discover
-from ephys_gpt.preprocessing.stage1 import Stage1Result, find_outputs, run_stage1
-from ephys_gpt.preprocessing.stage2 import Stage2Result, Stage2Settings, run_stage2
+from ephys_gpt.preprocessing.result import RunResult
+from ephys_gpt.preprocessing.stage1 import find_outputs, run_stage1
+from ephys_gpt.preprocessing.stage2 import Stage2Settings, run_stage2
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +20,8 @@ STAGES = ("stage_1", "stage_2", "both")
 
 @dataclass
 class PipelineResult:
-    stage1: Stage1Result | None = None
-    stage2: Stage2Result | None = None
+    stage1: RunResult | None = None
+    stage2: RunResult | None = None
     failed: dict[str, str] = field(default_factory=dict)  # "stage N: name" -> reason
 
     @property
@@ -64,11 +65,7 @@ def run_preprocess(cfg: PreprocessConfig, stage: str = "both") -> PipelineResult
 def summarize(result: PipelineResult, cfg: PreprocessConfig) -> str:
     parts = []
     if result.stage1 is not None:
-        s = result.stage1
-        parts.append(f"stage 1: {len(s.outputs) - len(s.skipped)} new, {len(s.skipped)} "
-                     f"already done, {len(s.failed)} failed -> {cfg.stage1_dir}")
+        parts.append(f"stage 1: {result.stage1.counts()} -> {cfg.stage1_dir}")
     if result.stage2 is not None:
-        s = result.stage2
-        parts.append(f"stage 2: {len(s.written)} new, {len(s.skipped)} already done, "
-                     f"{len(s.failed)} failed -> {Path(cfg.chunks_dir)}")
+        parts.append(f"stage 2: {result.stage2.counts()} -> {Path(cfg.chunks_dir)}")
     return "; ".join(parts)

@@ -26,7 +26,6 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,13 @@ from ephys_gpt._optional import require
 from ephys_gpt.dataset.store import write_json_atomic
 from ephys_gpt.preprocessing.config import RecipeConfig
 from ephys_gpt.preprocessing.discovery import Recording
+from ephys_gpt.preprocessing.result import RunResult
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIX = "_preproc-raw.fif"
 RECORDING_SUFFIX = "_recording.json"
 _TMP_PREFIX = ".tmp-"
-
-
-@dataclass
-class Stage1Result:
-    """What a stage-1 run did: output files, recordings skipped as done, failures with reasons."""
-
-    outputs: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 def notch_below_nyquist(dataset: dict, userargs: dict) -> dict:
@@ -182,7 +169,7 @@ def clean_partial(stage1_dir: str | os.PathLike) -> None:
 def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *,
                osl_config: str | os.PathLike | None = None, recipe: RecipeConfig | None = None,
                n_workers: int = 1, gen_report: bool = False, progress: bool = True,
-               random_seed: int = 0) -> Stage1Result:
+               random_seed: int = 0) -> RunResult:
     """Run osl-ephys over ``recordings``, writing ``<stage1_dir>/<name>/<name>_preproc-raw.fif``.
 
     Parameters
@@ -207,13 +194,12 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     stage1_dir.mkdir(parents=True, exist_ok=True)
     clean_partial(stage1_dir)
     config = load_recipe(osl_config) if osl_config is not None else default_recipe(recipe)
-    result = Stage1Result()
+    result = RunResult()
     todo = []
     for rec in recordings:
         out = output_path(stage1_dir, rec.name)
         if out.is_file():
             result.skipped.append(rec.name)
-            result.outputs.append(out)
         elif " " in str(rec.path):
             result.failed[rec.name] = (f"{rec.path}: osl-ephys cannot read paths containing "
                                        "spaces; rename the file or folder")
@@ -329,7 +315,7 @@ def _contained_osl_logging() -> Iterator[None]:
 
 
 def _collect(rec: Recording, tmp: Path, stage1_dir: Path, logs: Path,
-             result: Stage1Result) -> None:
+             result: RunResult) -> None:
     """Move a finished recording into place (with its provenance) or record why it failed."""
     produced = tmp / rec.name / f"{rec.name}{OUTPUT_SUFFIX}"
     if not produced.is_file():
@@ -342,7 +328,7 @@ def _collect(rec: Recording, tmp: Path, stage1_dir: Path, logs: Path,
     if final.exists():  # a stale folder without output (an earlier failure)
         shutil.rmtree(final)
     os.replace(tmp / rec.name, final)
-    result.outputs.append(final / f"{rec.name}{OUTPUT_SUFFIX}")
+    result.written.append(final / f"{rec.name}{OUTPUT_SUFFIX}")
 
 
 def _failure_reason(logs: Path, name: str) -> str:

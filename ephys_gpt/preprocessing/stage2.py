@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 import ephys_gpt
 from ephys_gpt.dataset import store
 from ephys_gpt.preprocessing import transforms
+from ephys_gpt.preprocessing.result import RunResult
 from ephys_gpt.preprocessing.sensors import channel_metadata
 
 logger = logging.getLogger(__name__)
@@ -95,19 +96,6 @@ class Stage2Settings:
                                  "mulaw_quantize")
         if "mulaw_quantize" in names and names[-1] != "mulaw_quantize":
             raise ValueError("'mulaw_quantize' must be the last stage-2 step")
-
-
-@dataclass
-class Stage2Result:
-    """Sessions written, skipped as complete, and failed (name -> reason)."""
-
-    written: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 def session_name(fif: str | os.PathLike) -> str:
@@ -342,7 +330,7 @@ def _process_one(fif: str, out_root: str, settings: Stage2Settings, name: str) -
 
 def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
                settings: Stage2Settings | None = None, *, n_workers: int = 1,
-               progress: bool = True) -> Stage2Result:
+               progress: bool = True) -> RunResult:
     """Run stage 2 over stage-1 files ``inputs`` into the chunk store ``out_root``.
 
     Finished sessions (``meta.json`` present) are skipped; leftovers of interrupted runs are
@@ -352,7 +340,7 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     store.clean_partial(out_root)
-    result = Stage2Result()
+    result = RunResult()
     todo: list[tuple[str, str]] = []
     names: dict[str, Path] = {}
     for fif in inputs:
@@ -391,7 +379,7 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     return result
 
 
-def _record(result: Stage2Result, name: str, err: BaseException | None, fut) -> None:
+def _record(result: RunResult, name: str, err: BaseException | None, fut) -> None:
     if err is None:
         result.written.append(Path(fut.result()))
         return

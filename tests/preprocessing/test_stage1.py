@@ -44,7 +44,7 @@ def test_unreadable_recording_is_reported_and_others_continue(stage1_run):
     assert list(result.failed) == ["broken"]
     reason = result.failed["broken"]
     assert "broken_meg.fif" in reason and "import_data" in reason and "file id tag" in reason
-    assert len(result.outputs) == 2 and not result.ok
+    assert len(result.written) == 2 and not result.ok
 
 
 def test_rerun_skips_finished_recordings(stage1_run):
@@ -101,7 +101,7 @@ def test_user_recipe_runs(simulated, tmp_path):
     rec = discover(simulated[0])[:1]
     result = run_stage1(rec, tmp_path / "s1", osl_config=recipe, progress=False)
     assert result.ok
-    raw = mne.io.read_raw_fif(result.outputs[0], verbose="error")
+    raw = mne.io.read_raw_fif(result.written[0], verbose="error")
     assert raw.info["sfreq"] == 50.0
 
 
