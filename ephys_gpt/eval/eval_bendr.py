@@ -36,14 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from ephys_gpt.eval import plots, report, spectral
-from ephys_gpt.eval.eval_quant import (
-    EvalRunner,
-    display_unit,
-    spread_indices,
-    window_steps,
-)
+from ephys_gpt.eval.eval_quant import window_steps
 from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
 from ephys_gpt.eval.registry import register_eval
+from ephys_gpt.eval.runner import EvalRunner, display_unit, spread_indices
 from ephys_gpt.preprocessing.transforms import invert_steps
 
 logger = logging.getLogger(__name__)
