@@ -37,7 +37,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,22 @@ class Stage2Settings:
                                  "mulaw_quantize")
         if "mulaw_quantize" in names and names[-1] != "mulaw_quantize":
             raise ValueError("'mulaw_quantize' must be the last stage-2 step")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as plain JSON (kept in each session's ``meta.json``)."""
+        import json
+
+        return json.loads(json.dumps(asdict(self)))
+
+
+def settings_change(recorded: dict | None, current: Stage2Settings) -> list[str]:
+    """``["key: old -> new", ...]`` where ``recorded`` (from a ``meta.json``) differs from
+    ``current``; empty when they match or nothing was recorded (older stores)."""
+    if not recorded:
+        return []
+    now = current.record()
+    return [f"{k}: {recorded.get(k)!r} -> {now[k]!r}" for k in now
+            if k in recorded and recorded[k] != now[k]]
 
 
 def session_name(fif: str | os.PathLike) -> str:
@@ -309,6 +325,7 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
             "ephys_gpt_version": ephys_gpt.__version__,
             "bad_channels": bads,
             "bad_channel_handling": settings.bad_channels,
+            "stage2_settings": settings.record(),
             "bad_segments_seconds": bad_spans,
             "samples_total": int(n_times),
             "samples_in_chunks": int(sum(b - a for a, b in bounds)),
@@ -351,7 +368,15 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
             continue
         names[name] = Path(fif)
         if store.is_complete(out_root, name):
-            result.skipped.append(name)
+            change = settings_change(_recorded_settings(out_root / name), settings)
+            if change:
+                result.failed[name] = (
+                    f"{out_root / name} is complete but was written with other stage-2 "
+                    f"settings ({'; '.join(change)}); it was left as it is. Delete it (or the "
+                    "whole chunks folder) to rebuild with the new settings, or write to "
+                    "another save_folder")
+            else:
+                result.skipped.append(name)
         else:
             todo.append((str(fif), name))
     if result.skipped:
@@ -377,6 +402,18 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
                 len(result.skipped), len(result.failed))
     return result
+
+
+def _recorded_settings(session_dir: Path) -> dict | None:
+    """The ``stage2_settings`` a finished session was written with (None if not recorded)."""
+    import json
+
+    try:
+        meta = json.loads((session_dir / store.META_NAME).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable meta: the dataset's own checks will name the problem
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    return prov.get("stage2_settings") if isinstance(prov, dict) else None
 
 
 def _record(result: RunResult, name: str, err: BaseException | None, fut) -> None:

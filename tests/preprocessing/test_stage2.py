@@ -244,6 +244,34 @@ def test_rerun_skips_and_process_pool_matches_serial(stage1_files, tmp_path):
         np.testing.assert_array_equal(store.load_chunk(ma, 1), store.load_chunk(mb, 1))
 
 
+def test_rerun_with_changed_settings_refuses_and_keeps_the_store(stage1_files, tmp_path):
+    """A complete session written with other stage-2 settings is neither reused silently nor
+    overwritten: the run reports it (naming the session and what changed) and leaves it."""
+    import dataclasses
+
+    first = run_stage2(stage1_files, tmp_path, FAST_TOKENS, progress=False)
+    assert first.ok
+    name = stage1_files[0].parent.name
+    before = (tmp_path / name / "meta.json").read_text()
+    changed = dataclasses.replace(FAST_TOKENS, chunk_seconds=FAST_TOKENS.chunk_seconds / 2)
+    again = run_stage2(stage1_files, tmp_path, changed, progress=False)
+    assert not again.ok and not again.written and not again.skipped
+    reason = again.failed[name]
+    assert "chunk_seconds" in reason and str(tmp_path / name) in reason and "Delete" in reason
+    assert (tmp_path / name / "meta.json").read_text() == before
+    # the same settings still skip
+    assert len(run_stage2(stage1_files, tmp_path, FAST_TOKENS, progress=False).skipped) == 2
+    # a session from before settings were recorded cannot be checked: it is skipped as before
+    import json
+
+    for session in {p.parent.name for p in stage1_files}:
+        meta_path = tmp_path / session / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["provenance"]["stage2_settings"]
+        meta_path.write_text(json.dumps(meta))
+    assert len(run_stage2(stage1_files, tmp_path, changed, progress=False).skipped) == 2
+
+
 def test_zero_bad_channels_option(stage1_files, tmp_path):
     out = process_session(stage1_files[0], tmp_path, Stage2Settings(steps={}, bad_channels="zero"))
     meta = store.read_meta(out)
