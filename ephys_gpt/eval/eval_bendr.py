@@ -28,18 +28,17 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from ephys_gpt.eval import plots, report, spectral
 from ephys_gpt.eval.eval_quant import window_steps
 from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
 from ephys_gpt.eval.registry import register_eval
-from ephys_gpt.eval.runner import EvalRunner, display_unit, spread_indices
+from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, display_unit, spread_indices
 from ephys_gpt.preprocessing.transforms import invert_steps
 
 logger = logging.getLogger(__name__)
@@ -47,36 +46,8 @@ logger = logging.getLogger(__name__)
 REPEAT_LAST = "repeat-last"
 
 
-class ContinuousEvalOptions(BaseModel):
+class ContinuousEvalOptions(RunnerOptions):
     """Options shared by the continuous eval runners (the ``eval`` block of a run YAML)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ckpt_path: str = Field(description="exported model folder or a Lightning .ckpt")
-    split: Literal["test", "val"] = Field("test", description="held-out split evaluated")
-    batch_size: int = Field(4, ge=1, description="held-out windows per batch")
-    max_batches: int = Field(4, ge=1, description="held-out batches for the error curves")
-    future_steps: int = Field(16, ge=1, description="forecast horizon N (samples)")
-    gen_seconds: float = Field(5.0, gt=0, description="length of free-running generation")
-    n_generated: int = Field(1, ge=1, description="free-running sequences")
-    psd_windows: int = Field(32, ge=1, description="held-out windows for the real PSD/cov")
-    psd_seconds: float = Field(1.0, gt=0, description="Welch segment length (s)")
-    psd_fmax: float | None = Field(None, gt=0, description="highest frequency compared")
-    alpha_band: tuple[float, float] = Field((8.0, 13.0), description="alpha peak search band")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    device: int | str | None = None
-    precision: Literal["32", "32-true", "bf16", "bf16-mixed"] = "32"
-    seed: int = 0
-    out_dir: str | None = Field(None, description="default <save_dir>/evals/<eval_class>")
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _band(self):
-        lo, hi = self.alpha_band
-        if not 0 < lo < hi:
-            raise ValueError(f"alpha_band must be (low, high) Hz with 0 < low < high, got "
-                             f"{self.alpha_band}")
-        return self
 
 
 class EvalBENDROptions(ContinuousEvalOptions):

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ephys_gpt.eval import report
 from ephys_gpt.eval.eval_bendr import REPEAT_LAST, ContinuousEval, ContinuousEvalOptions
 from ephys_gpt.eval.registry import register_eval
+from ephys_gpt.eval.runner import check_history_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,7 @@ class EvalDiffusionOptions(ContinuousEvalOptions):
                                                                "model's)")
     eta: float | None = Field(None, ge=0, description="DDIM stochasticity (default: model's)")
 
-    @field_validator("history_lengths")
-    @classmethod
-    def _lengths(cls, v):
-        if v is not None and (not v or any(h < 1 for h in v)):
-            raise ValueError(f"history_lengths must be a non-empty list of integers >= 1, got {v}")
-        return sorted(set(v)) if v is not None else v
+    _lengths = field_validator("history_lengths")(check_history_lengths)
 
 
 @register_eval("EvalDiffusion", options=EvalDiffusionOptions)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from ephys_gpt.eval import plots, report, spectral
@@ -41,6 +41,8 @@ from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, writ
 from ephys_gpt.eval.registry import register_eval
 from ephys_gpt.eval.runner import (
     EvalRunner,
+    RunnerOptions,
+    check_history_lengths,
     display_unit,
     max_context,
     spread_indices,
@@ -52,14 +54,9 @@ logger = logging.getLogger(__name__)
 REPEAT_LAST = "repeat-last"
 UNIGRAM = "unigram"
 
-class EvalQuantOptions(BaseModel):
+class EvalQuantOptions(RunnerOptions):
     """The ``eval`` block of a run YAML for ``eval_class: EvalQuant``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    ckpt_path: str = Field(description="exported model folder (model.safetensors + "
-                                       "config.json) or a Lightning .ckpt")
-    split: Literal["test", "val"] = Field("test", description="held-out split evaluated")
     batch_size: int = Field(4, ge=1, description="held-out windows per forward pass")
     max_batches: int = Field(8, ge=1, description="held-out batches for the teacher-forced "
                                                   "and N-step curves")
@@ -74,7 +71,6 @@ class EvalQuantOptions(BaseModel):
     gen_context_seconds: float | None = Field(
         None, gt=0, description="held-out context before free-running generation (default "
                                 "and at most: one window, within the model's context)")
-    n_generated: int = Field(1, ge=1, description="free-running sequences generated")
     gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
         "top_p", description="sampling rule for free-running generation")
     temperature: float = Field(1.0, ge=0, description="softmax temperature (0 = greedy)")
@@ -86,33 +82,11 @@ class EvalQuantOptions(BaseModel):
     psd_windows: int = Field(64, ge=1, description="held-out windows for the real PSD and "
                                                    "covariance")
     psd_seconds: float = Field(2.0, gt=0, description="Welch segment length (s)")
-    psd_fmax: float | None = Field(None, gt=0, description="highest frequency plotted")
-    alpha_band: tuple[float, float] = Field((8.0, 13.0), description="band of the peak search")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    device: int | str | None = Field(None, description="device index or torch device string")
-    precision: Literal["32", "32-true", "bf16", "bf16-mixed"] = Field(
-        "32", description="bf16 / bf16-mixed: run the model under bf16 autocast")
-    seed: int = 0
-    out_dir: str | None = Field(None, description="default <save_dir>/evals/EvalQuant")
-    progress: bool = Field(True, description="show tqdm progress bars")
     num_channels: int | None = Field(None, ge=1, description="optional check of the data")
     channel_shape: list[int] | None = Field(None, description="accepted for compatibility "
                                                               "with image models; unused")
 
-    @field_validator("history_lengths")
-    @classmethod
-    def _positive_lengths(cls, v):
-        if v is not None and (not v or any(h < 1 for h in v)):
-            raise ValueError(f"history_lengths must be a non-empty list of integers >= 1, got {v}")
-        return sorted(set(v)) if v is not None else v
-
-    @model_validator(mode="after")
-    def _band(self):
-        lo, hi = self.alpha_band
-        if not 0 < lo < hi:
-            raise ValueError(f"alpha_band must be (low, high) Hz with 0 < low < high, got "
-                             f"{self.alpha_band}")
-        return self
+    _positive_lengths = field_validator("history_lengths")(check_history_lengths)
 
     def gen_kwargs(self) -> dict[str, Any]:
         """Sampling keyword arguments of ``model.generate`` for free-running generation."""

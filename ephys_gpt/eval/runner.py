@@ -5,11 +5,56 @@ evenly spread held-out windows)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RunnerOptions(BaseModel):
+    """Options every eval runner takes (the ``eval`` block of a run YAML); runners subclass
+    it to add their own and may change a default by re-declaring the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ckpt_path: str = Field(description="exported model folder (model.safetensors + "
+                                       "config.json), a Lightning .ckpt, or a run's save_dir")
+    split: Literal["test", "val"] = Field("test", description="held-out split evaluated")
+    batch_size: int = Field(4, ge=1, description="held-out windows per batch")
+    max_batches: int = Field(4, ge=1, description="held-out batches for the error curves")
+    future_steps: int = Field(16, ge=1, description="forecast horizon N (samples)")
+    gen_seconds: float = Field(5.0, gt=0, description="length of free-running generation")
+    n_generated: int = Field(1, ge=1, description="free-running sequences generated")
+    psd_windows: int = Field(32, ge=1, description="held-out windows for the real PSD and "
+                                                   "covariance")
+    psd_seconds: float = Field(1.0, gt=0, description="Welch segment length (s)")
+    psd_fmax: float | None = Field(None, gt=0, description="highest frequency compared")
+    alpha_band: tuple[float, float] = Field((8.0, 13.0), description="band of the alpha "
+                                                                     "peak search")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    device: int | str | None = Field(None, description="device index or torch device string")
+    precision: Literal["32", "32-true", "bf16", "bf16-mixed"] = Field(
+        "32", description="bf16 / bf16-mixed: run the model under bf16 autocast")
+    seed: int = 0
+    out_dir: str | None = Field(None, description="default <save_dir>/evals/<eval_class>")
+    progress: bool = Field(True, description="show tqdm progress bars")
+
+    @model_validator(mode="after")
+    def _band(self):
+        lo, hi = self.alpha_band
+        if not 0 < lo < hi:
+            raise ValueError(f"alpha_band must be (low, high) Hz with 0 < low < high, got "
+                             f"{self.alpha_band}")
+        return self
+
+
+def check_history_lengths(v: list[int] | None) -> list[int] | None:
+    """Validator of ``history_lengths`` options: sorted unique integers >= 1, or None."""
+    if v is not None and (not v or any(h < 1 for h in v)):
+        raise ValueError(f"history_lengths must be a non-empty list of integers >= 1, got {v}")
+    return sorted(set(v)) if v is not None else v
+
 
 # Display units per channel type: (factor from SI, label).
 _UNITS = {"mag": (1e15, "fT"), "grad": (1e13, "fT/cm"), "planar1": (1e13, "fT/cm"),
