@@ -19,6 +19,7 @@ recording that fails does not stop the others; failures come back with osl-ephys
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -196,10 +197,18 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     config = load_recipe(osl_config) if osl_config is not None else default_recipe(recipe)
     result = RunResult()
     todo = []
+    recorded_recipe = _plain(config)
     for rec in recordings:
         out = output_path(stage1_dir, rec.name)
         if out.is_file():
-            result.skipped.append(rec.name)
+            before = _recorded_recipe(out.parent / f"{rec.name}{RECORDING_SUFFIX}")
+            if before is not None and before != recorded_recipe:
+                result.failed[rec.name] = (
+                    f"{out} exists but was made with another osl-ephys recipe; it was left as "
+                    "it is. Delete it (or the whole stage1 folder) to redo stage 1 with the new "
+                    "recipe, or write to another save_folder")
+            else:
+                result.skipped.append(rec.name)
         elif " " in str(rec.path):
             result.failed[rec.name] = (f"{rec.path}: osl-ephys cannot read paths containing "
                                        "spaces; rename the file or folder")
@@ -223,13 +232,13 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
         if n_workers > 1:
             _run_dask(batch, config, todo, n_workers, kwargs)
             for rec in todo:
-                _collect(rec, tmp, stage1_dir, logs, result)
+                _collect(rec, tmp, stage1_dir, logs, result, recorded_recipe)
         else:
             for rec in tqdm(todo, desc="stage 1 (osl-ephys)", unit="recording",
                             disable=not progress):
                 with _contained_osl_logging():
                     batch.run_proc_batch(config, [str(rec.path)], subjects=[rec.name], **kwargs)
-                _collect(rec, tmp, stage1_dir, logs, result)
+                _collect(rec, tmp, stage1_dir, logs, result, recorded_recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         mne.set_log_file(None)  # osl-ephys points MNE's global log at the last recording's file
@@ -314,16 +323,32 @@ def _contained_osl_logging() -> Iterator[None]:
             h.close()
 
 
+def _plain(config: dict[str, Any]) -> Any:
+    """The recipe as plain JSON data (what the provenance sidecar stores and compares)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def _recorded_recipe(sidecar: Path) -> Any:
+    """The recipe a stage-1 output was made with (None: not recorded, e.g. older outputs)."""
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("stage1_recipe") if isinstance(data, dict) else None
+
+
 def _collect(rec: Recording, tmp: Path, stage1_dir: Path, logs: Path,
-             result: RunResult) -> None:
-    """Move a finished recording into place (with its provenance) or record why it failed."""
+             result: RunResult, recipe: Any = None) -> None:
+    """Move a finished recording into place (with its provenance and the recipe it was made
+    with) or record why it failed."""
     produced = tmp / rec.name / f"{rec.name}{OUTPUT_SUFFIX}"
     if not produced.is_file():
         result.failed[rec.name] = f"{rec.path}: {_failure_reason(logs, rec.name)}"
         logger.error("stage 1 failed for %s", result.failed[rec.name])
         return
     write_json_atomic(tmp / rec.name / f"{rec.name}{RECORDING_SUFFIX}",
-                      {**rec.as_dict(), "ephys_gpt_version": ephys_gpt.__version__})
+                      {**rec.as_dict(), "ephys_gpt_version": ephys_gpt.__version__,
+                       "stage1_recipe": recipe})
     final = stage1_dir / rec.name
     if final.exists():  # a stale folder without output (an earlier failure)
         shutil.rmtree(final)

@@ -54,6 +54,13 @@ def test_rerun_skips_finished_recordings(stage1_run):
     again = run_stage1(recordings[:2], out, progress=False)
     assert again.skipped == [r.name for r in recordings[:2]] and again.ok
     assert fif.stat().st_mtime_ns == mtime
+    # another recipe: neither reused silently nor overwritten, and the reason names the file
+    changed = run_stage1(recordings[:2], out, recipe=RecipeConfig(l_freq=2.0), progress=False)
+    assert not changed.skipped and not changed.written and set(changed.failed) == {
+        r.name for r in recordings[:2]}
+    assert str(fif) in changed.failed[recordings[0].name]
+    assert "another osl-ephys recipe" in changed.failed[recordings[0].name]
+    assert fif.stat().st_mtime_ns == mtime
 
 
 def test_default_recipe_follows_parameters():
