@@ -28,10 +28,11 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from ephys_gpt.eval import plots, report, spectral
@@ -52,6 +53,14 @@ class ContinuousEvalOptions(RunnerOptions):
 
 class EvalBENDROptions(ContinuousEvalOptions):
     """The ``eval`` block for ``eval_class: EvalBENDR``."""
+
+    free_run_noise: Literal["residual", "none"] = Field(
+        "residual", description="free-running generation: add Gaussian innovations with the "
+                                "channel covariance of the 1-step residuals on training "
+                                "windows (residual), or run the mean forecast alone (none), "
+                                "which decays towards the mean")
+    residual_windows: int = Field(32, ge=1, description="training windows for the residual "
+                                                        "covariance")
 
 
 def window_signal(dataset, index: int) -> tuple[torch.Tensor, tuple]:
@@ -296,12 +305,34 @@ class EvalBENDR(ContinuousEval):
         with self.autocast:
             return self.model(x, *extra).float()
 
-    def _forecast(self, x: torch.Tensor, extra: tuple, steps: int) -> torch.Tensor:
+    def _forecast(self, x: torch.Tensor, extra: tuple, steps: int,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
         kw: dict[str, Any] = {}
         if len(extra) == 2:
             kw = {"pos_2d": extra[0], "ch_type": extra[1]}
+        if noise is not None:
+            kw["noise"] = noise
         with self.autocast:
             return self.model.forecast(x, steps, **kw).float()
+
+    def residual_cov(self) -> torch.Tensor:
+        """Channel covariance (C, C) of the 1-step residuals on ``residual_windows`` training
+        windows (model units): the innovations of the free-running simulation."""
+        opts, train = self.options, getattr(self._splits, "train", None)
+        if train is None or len(train) == 0:
+            raise ValueError("eval.free_run_noise 'residual' needs training windows; the "
+                             "train split is empty (or use free_run_noise: none)")
+        idx = [int(i) for i in spread_indices(len(train), opts.residual_windows, opts.seed)]
+        sq, n = 0.0, 0
+        for j in range(0, len(idx), opts.batch_size):
+            items = [window_signal(train, i) for i in idx[j:j + opts.batch_size]]
+            x = torch.stack([w for w, _ in items]).to(self.device)
+            extra = tuple(torch.stack([e[k] for _, e in items]).to(self.device)
+                          for k in range(len(items[0][1])))
+            res = (self._predict(x[..., :-1], extra) - x[..., 1:]).double()
+            sq = sq + torch.einsum("bct,bdt->cd", res, res)
+            n += res.shape[0] * res.shape[2]
+        return (sq / n).float()
 
     @torch.no_grad()
     def run(self) -> dict:
@@ -349,8 +380,9 @@ class EvalBENDR(ContinuousEval):
         # free running
         n_new = max(1, round(opts.gen_seconds * self.sfreq))
         gen_b = self.heldout(opts.n_generated, seed_offset=1)
+        noise = self.residual_cov() if opts.free_run_noise == "residual" else None
         t0 = time.perf_counter()
-        gens = [self.decode(self._forecast(x, e, n_new)[..., -n_new:], s)
+        gens = [self.decode(self._forecast(x, e, n_new, noise)[..., -n_new:], s)
                 for x, e, s in gen_b]
         gen_time = time.perf_counter() - t0
         gen = torch.cat(gens).numpy()
@@ -374,6 +406,10 @@ class EvalBENDR(ContinuousEval):
         }
         summary["n_windows"] = n_win
         summary["generation"] = {"seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
+                                 "free_run_noise": opts.free_run_noise,
+                                 "innovation_std_normalized": (
+                                     None if noise is None
+                                     else float(noise.diagonal().sqrt().mean())),
                                  "steps_per_second": n_new * len(gen_b) / max(gen_time, 1e-9),
                                  **self.spectra_outputs(spec, gen, real,
                                                         f"{opts.gen_seconds:g} s free-running")}
@@ -387,6 +423,12 @@ class EvalBENDR(ContinuousEval):
         rep.table(["predictor", "RMSE @1 (normalized)", f"RMSE @{N} (normalized)"],
                   [[p, n_rmse[p]["normalized"][0], n_rmse[p]["normalized"][-1]] for p in n_rmse])
         rep.section("Free-running generation")
+        rep.text("Mean forecast plus Gaussian innovations with the channel covariance of the "
+                 "1-step residuals on training windows (mean std "
+                 f"{float(noise.diagonal().sqrt().mean()):.3g}, normalized units)."
+                 if noise is not None else
+                 "Mean forecast alone (free_run_noise: none): it decays towards the mean, so "
+                 "its spectrum falls below the data's.")
         rep.table(["channel type", "alpha peak held-out (Hz)", "alpha peak generated (Hz)",
                    "log-spectral distance (dB)"],
                   [[t, d["alpha_peak_heldout_hz"], d["alpha_peak_generated_hz"],

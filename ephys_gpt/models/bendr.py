@@ -228,10 +228,17 @@ class BENDRForecast(nn.Module):
     @torch.no_grad()
     def forecast(self, past: torch.Tensor, horizon: int, *, use_cache: bool = True,
                  pos_2d: torch.Tensor | None = None, ch_type: torch.Tensor | None = None,
+                 noise: torch.Tensor | float | None = None,
+                 generator: torch.Generator | None = None,
                  progress: bool = False) -> torch.Tensor:
         """Grow ``past`` (B, C, T) by ``horizon`` predicted samples → (B, C, T + horizon).
 
-        Each step appends the 1-step prediction and predicts again. With ``use_cache`` the
+        Each step appends the 1-step prediction and predicts again. The prediction is the
+        conditional mean, so a long deterministic run decays towards the mean. ``noise`` adds
+        Gaussian innovations to every appended sample (drawn from ``generator``), which
+        simulates the signal instead (an autoregressive process driven by noise): a scalar
+        or per-channel (C,) standard deviation, or a (C, C) covariance (e.g. of the 1-step
+        residuals: MEG innovations are spatially correlated), in model units. With ``use_cache`` the
         transformer keeps a KV cache (one new frame every s samples) and the encoder and local
         path re-run only on the last receptive field, so a step costs O(context) rather than a
         full forward pass; ``use_cache=False`` re-runs :meth:`forward` on the whole sequence
@@ -242,12 +249,14 @@ class BENDRForecast(nn.Module):
         if past.ndim != 3 or past.shape[-1] < 1:
             raise ValueError(f"forecast: past must be (B, C, T>=1), got {tuple(past.shape)}")
         T0 = past.shape[-1]
+        factor = self._noise_factor(noise, past)
         out = torch.empty(*past.shape[:-1], T0 + horizon, dtype=past.dtype, device=past.device)
         out[..., :T0] = past
         steps = tqdm(range(horizon), desc="BENDR forecast", disable=not progress, leave=False)
         if not use_cache:
             for i in steps:
-                out[..., T0 + i] = self(out[..., :T0 + i], pos_2d, ch_type)[..., -1]
+                out[..., T0 + i] = self._innovate(
+                    self(out[..., :T0 + i], pos_2d, ch_type)[..., -1], factor, generator)
             return out
         pos, typ = self._meta(past, pos_2d, ch_type)
         self._check_types(typ)
@@ -269,8 +278,36 @@ class BENDRForecast(nn.Module):
                 ctx = self.context(tok, cache)
             window = out[..., max(0, t + 1 - K):t + 1]
             local = self._local(window)[:, :, -1:]
-            out[..., t + 1] = self._decode(ctx, local, emb, out[..., t:t + 1], t)[..., 0]
+            out[..., t + 1] = self._innovate(
+                self._decode(ctx, local, emb, out[..., t:t + 1], t)[..., 0], factor, generator)
         return out
+
+    @staticmethod
+    def _noise_factor(noise, past: torch.Tensor) -> torch.Tensor | None:
+        """``noise`` as a std (scalar or (C,)) or a lower Cholesky factor (C, C)."""
+        if noise is None:
+            return None
+        C = past.shape[1]
+        f = torch.as_tensor(noise, dtype=torch.float32, device=past.device)
+        if f.ndim == 2:
+            if f.shape != (C, C):
+                raise ValueError(f"forecast: a noise covariance must be ({C}, {C}), got "
+                                 f"{tuple(f.shape)}")
+            jitter = 1e-6 * f.diagonal().mean().clamp(min=1e-12)
+            return torch.linalg.cholesky(f + jitter * torch.eye(C, device=f.device))
+        if f.ndim > 1 or (f.ndim == 1 and f.shape[0] != C):
+            raise ValueError(f"forecast: noise must be a scalar, ({C},) std or ({C}, {C}) "
+                             f"covariance, got shape {tuple(f.shape)}")
+        return f
+
+    @staticmethod
+    def _innovate(pred: torch.Tensor, factor: torch.Tensor | None, generator) -> torch.Tensor:
+        """``pred`` (B, C) plus Gaussian innovations (std or Cholesky ``factor``), if any."""
+        if factor is None:
+            return pred
+        z = torch.randn(pred.shape, generator=generator, device=pred.device, dtype=pred.dtype)
+        z = z @ factor.T.to(z.dtype) if factor.ndim == 2 else z * factor.to(z.dtype)
+        return pred + z
 
     def new_cache(self) -> KVCache:
         return self.context.new_cache()

@@ -82,6 +82,9 @@ def test_eval_bendr_writes_curves_figures_summary_and_fif(bendr_setup, tmp_path)
     raw = mne.io.read_raw_fif(out / "generated_raw.fif", preload=True, verbose="error")
     assert raw.ch_names == [f"MEG{i:03d}" for i in range(4)] and raw.info["sfreq"] == SFREQ
     assert raw.n_times == 50
+    # free running adds innovations with the training residual std (a positive scale)
+    gen = summary["generation"]
+    assert gen["free_run_noise"] == "residual" and gen["innovation_std_normalized"] > 0
 
 
 def test_eval_bendr_rejects_bad_options_and_models(bendr_setup, tmp_path):

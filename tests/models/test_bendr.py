@@ -59,6 +59,33 @@ def test_cached_forecast_equals_uncached_at_any_phase(T0):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_forecast_with_innovations_simulates_around_the_mean_forecast():
+    """``noise`` adds Gaussian innovations to each appended sample; cached and uncached
+    paths draw them in the same order, and zero noise is the mean forecast."""
+    model = _model().eval()
+    past = torch.randn(3, 4, 10)
+    mean = model.forecast(past, 6)
+    assert torch.equal(model.forecast(past, 6, noise=0.0), mean)
+    std = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    a = model.forecast(past, 6, noise=std, generator=torch.Generator().manual_seed(4))
+    b = model.forecast(past, 6, noise=std, use_cache=False,
+                       generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(a[..., :10], past)
+    # the first new sample is the mean forecast plus exactly std * z
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(a[..., 10], mean[..., 10] + std * z, atol=1e-5)
+    # a covariance gives correlated innovations: a diagonal one matches the std version
+    c = model.forecast(past, 6, noise=torch.diag(std ** 2),
+                       generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(c, a, atol=1e-4)
+    # and a rank-one covariance moves every channel together
+    d = model.forecast(past, 1, noise=torch.ones(4, 4), generator=torch.Generator().manual_seed(4))
+    step = d[..., 10] - mean[..., 10]
+    assert torch.allclose(step, step[:, :1].expand_as(step), atol=1e-2)
+    with pytest.raises(ValueError, match="noise"):
+        model.forecast(past, 2, noise=torch.ones(3))
+
+
 def test_forecast_first_step_is_forward_last_output():
     model = _model().eval()
     x, pos, typ = model.example_inputs(2)
