@@ -141,7 +141,6 @@ EVAL = [p for p in RUN if read_yaml(p).get("eval") is not None
         and (p.parent / "train.yaml").is_file()]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", EVAL, ids=IDS(EVAL))
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_eval_config_runs_after_training(path, stores, tmp_path):
