@@ -338,3 +338,31 @@ def _json_default(o: Any):
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
     _write_json_atomic(Path(path), obj)
+
+
+def as_json(obj: Any) -> Any:
+    """``obj`` as the plain data it reads back as from JSON (numpy values and paths as in
+    :func:`write_json_atomic`, anything else as its string): what a recorded setting is
+    compared against."""
+
+    def default(o: Any):
+        try:
+            return _json_default(o)
+        except TypeError:
+            return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def read_json_field(path: str | os.PathLike, *keys: str) -> Any:
+    """``data[keys[0]][keys[1]]...`` of the JSON file ``path``; None when the file is missing
+    or unreadable or a key is absent (e.g. a record written before the field existed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data

@@ -19,7 +19,6 @@ recording that fails does not stop the others; failures come back with osl-ephys
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt._optional import require
-from ephys_gpt.dataset.store import write_json_atomic
+from ephys_gpt.dataset.store import as_json, read_json_field, write_json_atomic
 from ephys_gpt.preprocessing.config import RecipeConfig
 from ephys_gpt.preprocessing.discovery import Recording
 from ephys_gpt.preprocessing.result import RunResult
@@ -197,11 +196,12 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     config = load_recipe(osl_config) if osl_config is not None else default_recipe(recipe)
     result = RunResult()
     todo = []
-    recorded_recipe = _plain(config)
+    recorded_recipe = as_json(config)
     for rec in recordings:
         out = output_path(stage1_dir, rec.name)
         if out.is_file():
-            before = _recorded_recipe(out.parent / f"{rec.name}{RECORDING_SUFFIX}")
+            before = read_json_field(out.parent / f"{rec.name}{RECORDING_SUFFIX}",
+                                     "stage1_recipe")
             if before is not None and before != recorded_recipe:
                 result.failed[rec.name] = (
                     f"{out} exists but was made with another osl-ephys recipe; it was left as "
@@ -321,20 +321,6 @@ def _contained_osl_logging() -> Iterator[None]:
         for h in list(osl.handlers):
             osl.removeHandler(h)
             h.close()
-
-
-def _plain(config: dict[str, Any]) -> Any:
-    """The recipe as plain JSON data (what the provenance sidecar stores and compares)."""
-    return json.loads(json.dumps(config, default=str))
-
-
-def _recorded_recipe(sidecar: Path) -> Any:
-    """The recipe a stage-1 output was made with (None: not recorded, e.g. older outputs)."""
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("stage1_recipe") if isinstance(data, dict) else None
 
 
 def _collect(rec: Recording, tmp: Path, stage1_dir: Path, logs: Path,

@@ -99,17 +99,15 @@ class Stage2Settings:
 
     def record(self) -> dict[str, Any]:
         """The settings as plain JSON (kept in each session's ``meta.json``)."""
-        import json
-
-        return json.loads(json.dumps(asdict(self)))
+        return store.as_json(asdict(self))
 
 
-def settings_change(recorded: dict | None, current: Stage2Settings) -> list[str]:
+def settings_change(recorded: dict | None, now: dict[str, Any]) -> list[str]:
     """``["key: old -> new", ...]`` where ``recorded`` (from a ``meta.json``) differs from
-    ``current``; empty when they match or nothing was recorded (older stores)."""
-    if not recorded:
+    ``now`` (:meth:`Stage2Settings.record`); empty when they match or nothing was recorded
+    (older stores)."""
+    if not isinstance(recorded, dict):
         return []
-    now = current.record()
     return [f"{k}: {recorded.get(k)!r} -> {now[k]!r}" for k in now
             if k in recorded and recorded[k] != now[k]]
 
@@ -360,6 +358,7 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     result = RunResult()
     todo: list[tuple[str, str]] = []
     names: dict[str, Path] = {}
+    now = settings.record()
     for fif in inputs:
         name = session_name(fif)
         if name in names:
@@ -368,7 +367,8 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
             continue
         names[name] = Path(fif)
         if store.is_complete(out_root, name):
-            change = settings_change(_recorded_settings(out_root / name), settings)
+            change = settings_change(store.read_json_field(
+                out_root / name / store.META_NAME, "provenance", "stage2_settings"), now)
             if change:
                 result.failed[name] = (
                     f"{out_root / name} is complete but was written with other stage-2 "
@@ -402,18 +402,6 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
                 len(result.skipped), len(result.failed))
     return result
-
-
-def _recorded_settings(session_dir: Path) -> dict | None:
-    """The ``stage2_settings`` a finished session was written with (None if not recorded)."""
-    import json
-
-    try:
-        meta = json.loads((session_dir / store.META_NAME).read_text())
-    except (OSError, ValueError):
-        return None  # unreadable meta: the dataset's own checks will name the problem
-    prov = meta.get("provenance") if isinstance(meta, dict) else None
-    return prov.get("stage2_settings") if isinstance(prov, dict) else None
 
 
 def _record(result: RunResult, name: str, err: BaseException | None, fut) -> None:
