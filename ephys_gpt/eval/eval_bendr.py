@@ -159,6 +159,12 @@ class ContinuousEval(EvalRunner):
             out[t] = err[:, idx].double().sum((0, 1)).numpy()
         return out
 
+    @staticmethod
+    def add(acc: dict[str, np.ndarray], sums: dict[str, np.ndarray]) -> None:
+        """Accumulate :meth:`sq_errors` sums into ``acc`` (key by key)."""
+        for k, v in sums.items():
+            acc[k] = acc.get(k, 0.0) + v
+
     def rmse(self, sums: dict[str, np.ndarray], n_windows: int) -> dict[str, np.ndarray]:
         """Summed squared errors → RMSE per key (signal units for channel types)."""
         return {k: np.sqrt(v / (n_windows * (len(self.ch_names) if k == "normalized"
@@ -351,19 +357,15 @@ class EvalBENDR(ContinuousEval):
         nst = {m: {}, REPEAT_LAST: {}}
         n_win = 0
 
-        def add(acc, sums):
-            for k, v in sums.items():
-                acc[k] = acc.get(k, 0.0) + v
-
         for x, extra, steps in tqdm(batches, desc=f"{self.name} curves",
                                     disable=not opts.progress, leave=False):
             inp, tgt = x[..., :-1], x[..., 1:]
-            add(one[m], self.sq_errors(self._predict(inp, extra), tgt, steps))
-            add(one[REPEAT_LAST], self.sq_errors(inp, tgt, steps))
+            self.add(one[m], self.sq_errors(self._predict(inp, extra), tgt, steps))
+            self.add(one[REPEAT_LAST], self.sq_errors(inp, tgt, steps))
             ctx, fut = x[..., :T - N], x[..., T - N:]
             pred = self._forecast(ctx, extra, N)[..., -N:]
-            add(nst[m], self.sq_errors(pred, fut, steps))
-            add(nst[REPEAT_LAST], self.sq_errors(ctx[..., -1:].expand_as(fut), fut, steps))
+            self.add(nst[m], self.sq_errors(pred, fut, steps))
+            self.add(nst[REPEAT_LAST], self.sq_errors(ctx[..., -1:].expand_as(fut), fut, steps))
             n_win += x.shape[0]
         one_rmse = {p: self.rmse(v, n_win) for p, v in one.items()}
         n_rmse = {p: self.rmse(v, n_win) for p, v in nst.items()}

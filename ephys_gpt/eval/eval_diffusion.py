@@ -132,30 +132,27 @@ class EvalDiffusion(ContinuousEval):
         sweep = {p: np.zeros(len(hist)) for p in preds}
         n_win = 0
 
-        def add(acc, sums):
-            for k, v in sums.items():
-                acc[k] = acc.get(k, 0.0) + v
-
         for x, _, steps in tqdm(batches, desc=f"{self.name} forecasts",
                                 disable=not opts.progress, leave=False):
             ctx, fut = x[..., :T - H], x[..., T - H:]
             base = {REPEAT_LAST: ctx[..., -1:].expand_as(fut), ZERO: torch.zeros_like(fut)}
             draws = self._draws(ctx, H)
-            add(hor[m], self.sq_errors(draws.mean(0), fut, steps))
-            add(hor[one], self.sq_errors(draws[0], fut, steps))
+            self.add(hor[m], self.sq_errors(draws.mean(0), fut, steps))
+            self.add(hor[one], self.sq_errors(draws[0], fut, steps))
             crps[m] += self.crps_sums(draws, fut)
             for p, v in base.items():
-                add(hor[p], self.sq_errors(v, fut, steps))
+                err = self.sq_errors(v, fut, steps)
+                self.add(hor[p], err)
+                sweep[p] += err["normalized"].sum()  # the baselines ignore the context length
                 crps[p] += self.crps_sums(v[None], fut)
             for j, h in enumerate(hist):
                 err = self.sq_errors(self._draws(ctx[..., -h:], H).mean(0), fut, steps)
                 sweep[m][j] += err["normalized"].sum()
-                for p, v in base.items():
-                    sweep[p][j] += self.sq_errors(v, fut, steps)["normalized"].sum()
             rctx, rfut = x[..., :T - R], x[..., T - R:]
-            add(rec[m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
-            add(rec[REPEAT_LAST], self.sq_errors(rctx[..., -1:].expand_as(rfut), rfut, steps))
-            add(rec[ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
+            self.add(rec[m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
+            self.add(rec[REPEAT_LAST],
+                     self.sq_errors(rctx[..., -1:].expand_as(rfut), rfut, steps))
+            self.add(rec[ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
             n_win += x.shape[0]
         C = len(self.ch_names)
         hor_rmse = {p: self.rmse(v, n_win) for p, v in hor.items()}
