@@ -130,18 +130,20 @@ class ContinuousEval(EvalRunner):
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if opts.precision.startswith("bf16") else nullcontext())
 
-    def heldout(self, n: int, seed_offset: int = 0) -> list[tuple[torch.Tensor, tuple, list]]:
-        """Batches of held-out windows: ``(x (B, C, T), extra inputs, steps per window)``."""
-        opts = self.options
-        idx = [int(i) for i in spread_indices(len(self.test), n, opts.seed + seed_offset)]
+    def heldout(self, n: int, seed_offset: int = 0, dataset=None
+                ) -> list[tuple[torch.Tensor, tuple, list]]:
+        """Batches of ``n`` windows spread over the held-out split (or ``dataset``):
+        ``(x (B, C, T), extra inputs, steps per window)``."""
+        opts, ds = self.options, self.test if dataset is None else dataset
+        idx = [int(i) for i in spread_indices(len(ds), n, opts.seed + seed_offset)]
         out = []
         for j in range(0, len(idx), opts.batch_size):
             part = idx[j:j + opts.batch_size]
-            items = [window_signal(self.test, i) for i in part]
+            items = [window_signal(ds, i) for i in part]
             x = torch.stack([w for w, _ in items]).to(self.device)
             extra = tuple(torch.stack([e[k] for _, e in items]).to(self.device)
                           for k in range(len(items[0][1])))
-            out.append((x, extra, [window_steps(self.test, i) for i in part]))
+            out.append((x, extra, [window_steps(ds, i) for i in part]))
         return out
 
     @staticmethod
@@ -328,13 +330,8 @@ class EvalBENDR(ContinuousEval):
         if train is None or len(train) == 0:
             raise ValueError("eval.free_run_noise 'residual' needs training windows; the "
                              "train split is empty (or use free_run_noise: none)")
-        idx = [int(i) for i in spread_indices(len(train), opts.residual_windows, opts.seed)]
         sq, n = 0.0, 0
-        for j in range(0, len(idx), opts.batch_size):
-            items = [window_signal(train, i) for i in idx[j:j + opts.batch_size]]
-            x = torch.stack([w for w, _ in items]).to(self.device)
-            extra = tuple(torch.stack([e[k] for _, e in items]).to(self.device)
-                          for k in range(len(items[0][1])))
+        for x, extra, _ in self.heldout(opts.residual_windows, dataset=train):
             res = (self._predict(x[..., :-1], extra) - x[..., 1:]).double()
             sq = sq + torch.einsum("bct,bdt->cd", res, res)
             n += res.shape[0] * res.shape[2]
