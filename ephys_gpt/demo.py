@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from ephys_gpt.eval import report as report_io
+from ephys_gpt.fileio import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _is_done(out: Path, stage: str, key: dict, outputs: list[Path]) -> bool:
     if not stamp.is_file() or not all(p.exists() for p in outputs):
         return False
     try:
-        return json.loads(stamp.read_text()).get("settings") == report_io.to_jsonable(key)
+        return json.loads(stamp.read_text()).get("settings") == to_jsonable(key)
     except (json.JSONDecodeError, OSError):
         return False
 
@@ -140,7 +141,7 @@ def _mark_done(out: Path, stage: str, key: dict, seconds: float) -> None:
 
 
 def _write_yaml(path: Path, obj: dict, header: str) -> Path:
-    text = header.rstrip() + "\n" + yaml.safe_dump(report_io.to_jsonable(obj), sort_keys=False)
+    text = header.rstrip() + "\n" + yaml.safe_dump(to_jsonable(obj), sort_keys=False)
     return report_io.write_text(path, text)
 
 

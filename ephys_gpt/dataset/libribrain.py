@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ephys_gpt._optional import require
 from ephys_gpt.dataset.grouped import GroupedDatasetAugmented, RandomLabelGroupedDataset
+from ephys_gpt.fileio import write_with
 
 logger = logging.getLogger(__name__)
 
@@ -316,16 +317,11 @@ def cached_channel_stats(data_path: str | os.PathLike, h5_paths: Sequence[str | 
         return mean, std
     mean, std = channel_stats(h5_paths, progress=progress)
     if cache:
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, mean=mean, std=std)
-            os.replace(tmp, path)
+            write_with(path, lambda tmp: np.savez(tmp, mean=mean, std=std), suffix=".npz")
             logger.info("LibriBrain channel statistics cached in %s", path)
         except OSError as err:
             logger.info("could not cache LibriBrain channel statistics in %s (%s)", path, err)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     return mean, std
 
 

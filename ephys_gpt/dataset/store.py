@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ephys_gpt.fileio import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "ephys-gpt-chunks"
@@ -285,7 +287,7 @@ def write_session(root: str | os.PathLike, name: str, chunks: Iterable[np.ndarra
                 "n_chunks": len(lengths), "chunk_lengths": lengths, "dtype": str(dtype)}
         full.setdefault("provenance", {})
         full["provenance"].setdefault("created", datetime.now(timezone.utc).isoformat())
-        _write_json_atomic(tmp / META_NAME, full)
+        write_json_atomic(tmp / META_NAME, full)
         read_meta(tmp)  # refuse to publish anything a reader would reject
         if final.exists():
             shutil.rmtree(final)
@@ -314,55 +316,3 @@ def clean_partial(root: str | os.PathLike) -> list[Path]:
     if removed:
         logger.info("removed %d incomplete session folder(s) under %s", len(removed), root)
     return removed
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot store {type(o).__name__} in meta.json")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
-    _write_json_atomic(Path(path), obj)
-
-
-def as_json(obj: Any) -> Any:
-    """``obj`` as the plain data it reads back as from JSON (numpy values and paths as in
-    :func:`write_json_atomic`, anything else as its string): what a recorded setting is
-    compared against."""
-
-    def default(o: Any):
-        try:
-            return _json_default(o)
-        except TypeError:
-            return str(o)
-
-    return json.loads(json.dumps(obj, default=default))
-
-
-def read_json_field(path: str | os.PathLike, *keys: str) -> Any:
-    """``data[keys[0]][keys[1]]...`` of the JSON file ``path``; None when the file is missing
-    or unreadable or a key is absent (e.g. a record written before the field existed)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ephys_gpt.fileio import write_with
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +133,9 @@ def write_raw_fif(raw, path: str | os.PathLike, overwrite: bool = True) -> Path:
         raise ValueError(f"{path}: MNE raw files should end in '_raw.fif' or '-raw.fif'")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "_raw.fif.gz" if path.name.endswith(".gz") else "_raw.fif"
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}{suffix}")
-    try:
-        raw.save(tmp, overwrite=True, verbose=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_with(path, lambda tmp: raw.save(tmp, overwrite=True, verbose=False),
+                      suffix=suffix)
 
 
 def save_signal_fif(data: np.ndarray, path: str | os.PathLike, *, ch_names: Sequence[str],

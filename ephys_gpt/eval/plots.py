@@ -13,11 +13,12 @@ every eval runner draws the same kinds of figures:
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ephys_gpt.fileio import write_with
 
 FORMATS = ("png", "pdf")
 
@@ -50,14 +51,7 @@ def save_figure(fig, path: str | os.PathLike, formats: Sequence[str] = FORMATS,
     written = []
     for fmt in formats:
         final = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            fig.savefig(tmp, format=fmt, dpi=dpi)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(final)
+        written.append(write_with(final, lambda tmp, f=fmt: fig.savefig(tmp, format=f, dpi=dpi)))
     return written
 
 

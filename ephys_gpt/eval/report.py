@@ -16,81 +16,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` with numpy values, paths and dataclasses turned into JSON types.
-
-    Non-finite floats become ``None`` (JSON has no NaN); tuples become lists.
-    """
-    if is_dataclass(obj) and not isinstance(obj, type):
-        obj = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from ephys_gpt.fileio import write_json_atomic, write_npy_atomic, write_text_atomic
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    path = Path(path)
-    _atomic_write_bytes(path, text.encode("utf-8"))
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` (see :func:`to_jsonable`) as indented JSON to ``path`` atomically."""
-    return write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+    """Write ``obj`` (see :func:`~ephys_gpt.fileio.to_jsonable`) as indented JSON atomically."""
+    return write_json_atomic(path, obj, indent=2)
 
 
-def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Save a plain numeric array (never pickled) to ``path`` atomically."""
-    path = Path(path)
-    array = np.asarray(array)
-    if array.dtype == object:
-        raise TypeError(f"refusing to save an object array to {path} (it would need pickle)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+write_npy = write_npy_atomic
 
 
 def save_curve(out_dir: str | os.PathLike, name: str, x: np.ndarray,

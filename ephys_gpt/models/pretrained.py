@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ephys_gpt
+from ephys_gpt.fileio import write_json_atomic, write_with
 from ephys_gpt.models.registry import build_model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -44,12 +45,9 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike,
             seen[ptr] = k
     config = {"model_name": name, "model_config": model.model_config, "tied": tied,
               "ephys_gpt_version": ephys_gpt.__version__, **(extra or {})}
-    tmp_w = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": "pt"})
-    tmp_c = out / (CONFIG_NAME + ".tmp")
-    tmp_c.write_text(json.dumps(config, indent=1))
-    os.replace(tmp_w, out / WEIGHTS_NAME)
-    os.replace(tmp_c, out / CONFIG_NAME)
+    write_with(out / WEIGHTS_NAME,
+               lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_json_atomic(out / CONFIG_NAME, config)
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt._optional import require
+from ephys_gpt.fileio import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def simulate_dataset(out: str | os.PathLike, config: SimulationConfig | None = N
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "dataset_description.json", {
+    write_json_atomic(out / "dataset_description.json", {
         "Name": "ephys-gpt simulated MEG (osl-ephys MVAR template)",
         "BIDSVersion": "1.8.0",
         "DatasetType": "raw",
@@ -214,19 +214,9 @@ def simulate_dataset(out: str | os.PathLike, config: SimulationConfig | None = N
                 "flat_channel_names": [raw.ch_names[i] for i in faults.flat_channels],
             }
         # MNE wants raw file names to end in _meg.fif; the temporary name keeps that suffix
-        tmp = folder / f".{base}.{uuid.uuid4().hex[:8]}.tmp_meg.fif"
-        try:
-            with mne.utils.use_log_level("ERROR"):
-                raw.save(tmp, fmt="single", overwrite=True)
-            os.replace(tmp, fif)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _write_json_atomic(folder / f"{base}_simulation.json", sidecar)
+        with atomic_path(fif, suffix="_meg.fif") as tmp, mne.utils.use_log_level("ERROR"):
+            raw.save(tmp, fmt="single", overwrite=True)
+        write_json_atomic(folder / f"{base}_simulation.json", sidecar)
     logger.info("simulated %d session(s) under %s", len(paths), out)
     return paths
 
-
-def _write_json_atomic(path: Path, obj) -> None:
-    from ephys_gpt.dataset.store import write_json_atomic
-
-    write_json_atomic(path, obj)

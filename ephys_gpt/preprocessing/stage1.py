@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt._optional import require
-from ephys_gpt.dataset.store import as_json, read_json_field, write_json_atomic
+from ephys_gpt.fileio import as_json, read_json_field, write_json_atomic
 from ephys_gpt.preprocessing.config import RecipeConfig
 from ephys_gpt.preprocessing.discovery import Recording
 from ephys_gpt.preprocessing.result import RunResult

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt.dataset import store
+from ephys_gpt.fileio import as_json, read_json_field
 from ephys_gpt.preprocessing import transforms
 from ephys_gpt.preprocessing.result import RunResult
 from ephys_gpt.preprocessing.sensors import channel_metadata
@@ -99,7 +100,7 @@ class Stage2Settings:
 
     def record(self) -> dict[str, Any]:
         """The settings as plain JSON (kept in each session's ``meta.json``)."""
-        return store.as_json(asdict(self))
+        return as_json(asdict(self))
 
 
 def settings_change(recorded: dict | None, now: dict[str, Any]) -> list[str]:
@@ -367,7 +368,7 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
             continue
         names[name] = Path(fif)
         if store.is_complete(out_root, name):
-            change = settings_change(store.read_json_field(
+            change = settings_change(read_json_field(
                 out_root / name / store.META_NAME, "provenance", "stage2_settings"), now)
             if change:
                 result.failed[name] = (

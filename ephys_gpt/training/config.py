@@ -38,13 +38,14 @@ import inspect
 import os
 import re
 import typing
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ephys_gpt.fileio import to_jsonable, write_text_atomic
 
 MODES = ("train", "test", "eval")
 
@@ -108,23 +109,8 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
 
 def dump_config(config: dict, path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML to ``path`` atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(_plain(config), fh, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
-    return path
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    text = yaml.safe_dump(to_jsonable(config), sort_keys=False, default_flow_style=None)
+    return write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Outputs (DESIGN.md, contract 5) under ``save_dir``::
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import get_model_spec
 from ephys_gpt.training.checkpoint import DATA_KEYS, load_model
@@ -39,21 +38,6 @@ _CHANNEL_KINDS = {"tokens", "continuous", "continuous_meta", "labelled"}
 _TOKEN_KINDS = {"tokens", "image_tokens"}
 
 
-def _plain(value: Any) -> Any:
-    """numpy/torch values → JSON/YAML-safe Python values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def dataset_info(dataset, dataset_name: str) -> dict[str, Any]:
     """The description of a dataset stored with checkpoints and exports (plain values)."""
     base = getattr(dataset, "dataset", dataset)  # unwrap torch Subset-like wrappers
@@ -62,7 +46,7 @@ def dataset_info(dataset, dataset_name: str) -> dict[str, Any]:
         if key == "dataset_name":
             continue
         value = getattr(dataset, key, getattr(base, key, None))
-        info[key] = _plain(value)
+        info[key] = to_jsonable(value)
     return info
 
 
@@ -103,12 +87,6 @@ class QuantizeCollate:
         else:
             x = quantize(x)
         return x, quantize(y)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 class ExperimentDL:
@@ -263,8 +241,8 @@ class ExperimentDL:
                          ckpt_path=ckpt_path)
         if self.trainer.is_global_zero and not self._ckpt("best") and self._ckpt("last"):
             # validation never ran (e.g. check_val_every_n_epoch > epochs): best = latest
-            shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / ".best.ckpt.tmp")
-            os.replace(self.ckpt_dir / ".best.ckpt.tmp", self.ckpt_dir / "best.ckpt")
+            write_with(self.ckpt_dir / "best.ckpt",
+                       lambda tmp: shutil.copyfile(self.ckpt_dir / "last.ckpt", tmp))
         out = {"best": self._ckpt("best"), "last": self._ckpt("last"),
                "global_step": int(self.trainer.global_step), "export": None}
         if self.trainer.is_global_zero:
@@ -285,7 +263,7 @@ class ExperimentDL:
             model = self.lit.model
         extra = {**self.data_info, "config": self.config,
                  "source_checkpoint": str(ckpt) if ckpt else None}
-        out = save_pretrained(model, self.save_dir / "export", extra=_plain(extra))
+        out = save_pretrained(model, self.save_dir / "export", extra=to_jsonable(extra))
         logger.info("exported %s to %s", self.config["model_name"], out)
         return out
 
@@ -304,6 +282,6 @@ class ExperimentDL:
         results = self.trainer.test(self.lit, dataloaders=test_dl, ckpt_path=str(ckpt_path))
         metrics = {k: float(v) for r in results for k, v in r.items()}
         if self.trainer.is_global_zero:
-            _write_json_atomic(self.save_dir / "test_metrics.json",
+            write_json_atomic(self.save_dir / "test_metrics.json",
                                {"checkpoint": str(ckpt_path), "metrics": metrics})
         return metrics

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ephys_gpt.eval import fif, plots, report
+from ephys_gpt.fileio import to_jsonable
 
 
 def test_save_figure_writes_png_and_pdf(tmp_path):
@@ -57,7 +58,7 @@ def test_json_conversion_and_markdown(tmp_path):
     out = json.loads(report.write_json(tmp_path / "s.json", obj).read_text())
     assert out == {"a": 0.5, "b": [0, 1, 2], "nan": None, "p": str(tmp_path)}
     with pytest.raises(TypeError, match="cannot write object"):
-        report.to_jsonable({"x": object()})
+        to_jsonable({"x": object()})
     rep = report.MarkdownReport("Title").section("Scores").table(["who", "acc"], [["m", 0.123456]])
     rep.figure(tmp_path / "figs" / "a.png", "A figure", relative_to=tmp_path)
     text = rep.write(tmp_path / "report.md").read_text()
