@@ -59,10 +59,10 @@ def _batch(name: str, model, B: int, T: int, device):
 
 def _loss(name: str, out, target):
     if name == "BENDRForecast":
-        return torch.nn.functional.mse_loss(out.float(), target)
+        return torch.nn.functional.mse_loss(out.prediction.float(), target)
     if name == "NTD":
         return DiffusionMSE()(out)
-    return torch.nn.functional.cross_entropy(out.float(), target)
+    return torch.nn.functional.cross_entropy(out.prediction.float(), target)
 
 
 def _sync(device):

@@ -136,7 +136,7 @@ def cases(args) -> list[dict]:
 
 def _targets(spec, out, inputs):
     """Synthetic targets of the right kind for the model's default loss."""
-    main = out[0] if isinstance(out, (tuple, list)) else out
+    main = out.prediction
     if spec.input_kind in ("tokens", "image_tokens"):
         return torch.randint(0, main.shape[-1], main.shape[:-1], device=main.device)
     if spec.input_kind == "labelled":
@@ -171,9 +171,8 @@ def analytic_flops_per_token(name: str, model: nn.Module, cfg: dict, seq_len: in
 
 
 def _differentiable(out) -> torch.Tensor:
-    """The first output that carries a gradient (NTD returns (target, prediction, weight))."""
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return next((o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad), outs[0])
+    """The model's prediction (what the loss backpropagates through)."""
+    return out.prediction
 
 
 def counted_flops(name: str, cfg: dict, inputs, loss_fn, spec) -> float:

@@ -40,6 +40,8 @@ from ephys_gpt.eval.eval_quant import window_steps
 from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
 from ephys_gpt.eval.registry import register_eval
 from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, display_unit, spread_indices
+from ephys_gpt.models.capabilities import Forecaster
+from ephys_gpt.models.registry import get_model_spec
 from ephys_gpt.preprocessing.transforms import invert_steps
 
 logger = logging.getLogger(__name__)
@@ -97,14 +99,12 @@ class ContinuousEval(EvalRunner):
     def _setup(self) -> None:
         opts = self.options
         self._load_model()
-        from ephys_gpt.models.registry import MODELS
-
-        spec = MODELS.get(self.model_name)
-        if spec is not None and (spec.input_kind not in self.input_kinds
-                                 or spec.generation != "continuous"):
+        spec = get_model_spec(self.model_name)
+        if spec.input_kind not in self.input_kinds or not spec.can(Forecaster):
             raise ValueError(f"{self.name} evaluates continuous forecasters (input kinds "
-                             f"{list(self.input_kinds)} with forecast()); {self.model_name} "
-                             f"consumes {spec.input_kind!r} and generates {spec.generation!r}")
+                             f"{list(self.input_kinds)} with the Forecaster capability); "
+                             f"{self.model_name} consumes {spec.input_kind!r} and can do: "
+                             f"{', '.join(spec.capability_names) or 'nothing generative'}")
         if self._splits is None:
             from ephys_gpt.dataset.datasplitter import get_splitter
 
@@ -311,7 +311,7 @@ class EvalBENDR(ContinuousEval):
 
     def _predict(self, x: torch.Tensor, extra: tuple) -> torch.Tensor:
         with self.autocast:
-            return self.model(x, *extra).float()
+            return self.model(x, *extra).prediction.float()
 
     def _forecast(self, x: torch.Tensor, extra: tuple, steps: int,
                   noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,6 +38,8 @@ from ephys_gpt.eval import report
 from ephys_gpt.eval.eval_bendr import REPEAT_LAST, ContinuousEval, ContinuousEvalOptions
 from ephys_gpt.eval.registry import register_eval
 from ephys_gpt.eval.runner import check_history_lengths
+from ephys_gpt.models.capabilities import Sampler
+from ephys_gpt.models.registry import get_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +224,7 @@ class EvalDiffusion(ContinuousEval):
                                      gen_time / max(opts.gen_seconds * len(gen), 1e-9),
                                  **self.spectra_outputs(spec, gen, real,
                                                         f"{opts.gen_seconds:g} s recursive")}
-        if opts.n_unconditional and callable(getattr(self.model, "sample", None)):
+        if opts.n_unconditional and get_model_spec(self.model_name).can(Sampler):
             L = getattr(getattr(self.model, "config", None), "signal_length", T)
             with self.autocast:
                 unc = self.model.sample(opts.n_unconditional, L, progress=opts.progress,

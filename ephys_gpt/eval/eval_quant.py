@@ -47,6 +47,8 @@ from ephys_gpt.eval.runner import (
     max_context,
     spread_indices,
 )
+from ephys_gpt.models.capabilities import TokenGenerator
+from ephys_gpt.models.registry import get_model_spec
 from ephys_gpt.preprocessing.transforms import tokens_to_signal
 
 logger = logging.getLogger(__name__)
@@ -218,20 +220,12 @@ class EvalQuant(EvalRunner):
     def _setup(self) -> None:
         opts = self.options
         self._load_model()
-        if not callable(getattr(self.model, "generate", None)):
-            raise ValueError(f"EvalQuant evaluates token models with a generate() method; "
-                             f"{self.model_name} has none (use the eval runner for its kind)")
-        try:
-            from ephys_gpt.models.registry import get_model_spec
-
-            spec = get_model_spec(self.model_name)
-            if spec.input_kind != "tokens" or spec.generation != "tokens":
-                raise ValueError(f"EvalQuant evaluates token models (input_kind 'tokens' with "
-                                 f"generate()); {self.model_name} consumes {spec.input_kind!r}"
-                                 f" and generates {spec.generation!r}")
-        except ValueError as err:
-            if "unknown model_name" not in str(err):
-                raise
+        spec = get_model_spec(self.model_name)
+        if spec.input_kind != "tokens" or not spec.can(TokenGenerator):
+            raise ValueError(f"EvalQuant evaluates token models (input_kind 'tokens' with the "
+                             f"TokenGenerator capability); {self.model_name} consumes "
+                             f"{spec.input_kind!r} and can do: "
+                             f"{', '.join(spec.capability_names) or 'nothing generative'}")
         if self._splits is None:
             self._splits = self._build_splits()
         self.test = getattr(self._splits, opts.split)
@@ -280,9 +274,7 @@ class EvalQuant(EvalRunner):
         if self.max_context is not None and x.shape[-1] > self.max_context:
             x = x[..., -self.max_context:]
         with self.autocast:
-            out = self.model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+            out = self.model(x).prediction
         if out.dim() != 4 or out.shape[:3] != x.shape:
             raise ValueError(f"{self.model_name}.forward returned shape {tuple(out.shape)}; "
                              f"EvalQuant expects logits (B, C, T, V) for input "
@@ -292,9 +284,7 @@ class EvalQuant(EvalRunner):
     def _generate(self, context: torch.Tensor, steps: int, sampling: dict,
                   desc: str) -> torch.Tensor:
         """The ``steps`` new tokens (B, C, steps) after ``context`` via ``model.generate``."""
-        kw = dict(sampling, generator=self.generator)
-        if "progress" in _parameters(self.model.generate):
-            kw["progress"] = self.options.progress
+        kw = dict(sampling, generator=self.generator, progress=self.options.progress)
         with self.autocast:
             out = self.model.generate(context, steps, **kw)
         if out.shape[:2] != context.shape[:2] or out.shape[-1] != context.shape[-1] + steps:
@@ -761,11 +751,3 @@ def _default_lengths(n: int) -> list[int]:
     lengths = [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
     return sorted(set(lengths + [n]))
 
-
-def _parameters(fn) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()

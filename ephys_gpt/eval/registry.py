@@ -1,9 +1,10 @@
 """Registry of evaluation runners (``eval_class`` in eval YAML files).
 
-An eval runner is a class registered with::
+An eval runner registers itself in its own module under ``ephys_gpt/eval/`` (found
+automatically, see :mod:`ephys_gpt.registry`)::
 
     @register_eval("EvalQuant", options=EvalQuantOptions)   # options: a pydantic model
-    class EvalQuant:
+    class EvalQuant(EvalRunner):
         def __init__(self, config: dict, options: EvalQuantOptions): ...
         def run(self) -> dict: ...   # writes <save_dir>/evals/..., returns the summary
 
@@ -13,15 +14,9 @@ validated ``eval`` block.
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from dataclasses import dataclass
 
-_EVAL_MODULES = [
-    "ephys_gpt.eval.eval_quant",
-    "ephys_gpt.eval.eval_bendr",
-    "ephys_gpt.eval.eval_diffusion",
-]
+from ephys_gpt.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -31,37 +26,16 @@ class EvalSpec:
     options: type  # pydantic BaseModel validating the `eval` block
 
 
-EVALS: dict[str, EvalSpec] = {}
-_loaded = False
+EVALS: Registry[EvalSpec] = Registry("eval_class", ["ephys_gpt.eval"])
 
 
 def register_eval(name: str, *, options: type):
     def deco(cls):
-        EVALS[name] = EvalSpec(name, cls, options)
+        EVALS.add(name, EvalSpec(name, cls, options), owner=cls)
         return cls
 
     return deco
 
 
-def load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in _EVAL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name == mod:
-                continue
-            raise
-    _loaded = True
-
-
 def get_eval_spec(name: str) -> EvalSpec:
-    load_all()
-    if name not in EVALS:
-        close = difflib.get_close_matches(name, list(EVALS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown eval_class {name!r}.{hint} "
-                         f"Valid eval classes: {', '.join(sorted(EVALS))}")
-    return EVALS[name]
+    return EVALS.get(name)

@@ -1,7 +1,9 @@
 """Basic losses: cross-entropy over logits and mean squared error.
 
 Both are registered by name (``loss_name`` in run configs) and called as
-``loss(outputs, targets)`` by :class:`ephys_gpt.training.lit_model.LitModel`.
+``loss(output, targets)`` by :class:`ephys_gpt.training.lit_model.LitModel`, with ``output`` the
+model's :class:`~ephys_gpt.models.output.ModelOutput`; they compare its ``prediction`` with the
+dataset's targets (the model's auxiliary losses are added by LitModel).
 """
 
 from __future__ import annotations
@@ -11,17 +13,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_loss
 
 
-def _main_output(outputs, name: str) -> torch.Tensor:
-    """The prediction tensor of a model output (a tensor, or the first item of a tuple)."""
-    if isinstance(outputs, (tuple, list)) and outputs:
-        outputs = outputs[0]
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"{name} expects the model to return a tensor (or a tuple whose first "
-                        f"item is one), got {type(outputs).__name__}")
-    return outputs
+def prediction_of(output, name: str) -> torch.Tensor:
+    """``output.prediction`` of a :class:`ModelOutput` (a clear error for anything else)."""
+    if not isinstance(output, ModelOutput):
+        raise TypeError(f"{name} expects the model's forward to return a ModelOutput "
+                        f"(ephys_gpt.models.output), got {type(output).__name__}")
+    return output.prediction
 
 
 @register_loss("CrossEntropy")
@@ -48,8 +49,8 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
 
-    def forward(self, outputs, targets: torch.Tensor) -> torch.Tensor:
-        logits = _main_output(outputs, "CrossEntropy")
+    def forward(self, output: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        logits = prediction_of(output, "CrossEntropy")
         if targets.is_floating_point():
             if targets.shape != logits.shape:
                 raise ValueError(f"CrossEntropy: soft targets must have the logits' shape "
@@ -74,8 +75,8 @@ class MSE(nn.Module):
     time than the target (``(..., T')`` with ``T' > T``) is an error, not silently cropped.
     """
 
-    def forward(self, outputs, targets: torch.Tensor) -> torch.Tensor:
-        pred = _main_output(outputs, "MSE")
+    def forward(self, output: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        pred = prediction_of(output, "MSE")
         if pred.shape != targets.shape:
             raise ValueError(f"MSE: prediction shape {tuple(pred.shape)} does not match target "
                              f"shape {tuple(targets.shape)}")

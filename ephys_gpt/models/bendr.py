@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.layers.continuous_transformer import KVCache, TransformerStack
 from ephys_gpt.layers.conv_encoder import CausalStridedConvEncoder
+from ephys_gpt.models.capabilities import Forecaster
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ class BENDRForecastConfig:
     "BENDRForecast",
     input_kind="continuous_meta",
     causal=True,
-    generation="continuous",
+    capabilities=(Forecaster,),
     tiny_config={"num_channels": 4, "enc_width": 8, "enc_kernels": [3, 2],
                  "enc_strides": [2, 2], "local_kernel": 3, "d_model": 16, "n_layers": 2,
                  "n_heads": 2, "n_spatial_queries": 2, "example_length": 24},
@@ -207,12 +209,17 @@ class BENDRForecast(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, pos_2d: torch.Tensor | None = None,
-                ch_type: torch.Tensor | None = None) -> torch.Tensor:
+                ch_type: torch.Tensor | None = None) -> ModelOutput:
         """Predict the next sample at every time step.
 
-        ``x`` (B, C, T) float, ``pos_2d`` (B, C, 2), ``ch_type`` (B, C) int → ``y`` (B, C, T)
-        with ``y[..., t]`` ≈ ``x[..., t + 1]`` computed from ``x[..., :t + 1]`` only.
+        ``x`` (B, C, T) float, ``pos_2d`` (B, C, 2), ``ch_type`` (B, C) int → ``prediction``
+        ``y`` (B, C, T) with ``y[..., t]`` ≈ ``x[..., t + 1]`` computed from ``x[..., :t + 1]``
+        only.
         """
+        return ModelOutput(self._predict(x, pos_2d, ch_type))
+
+    def _predict(self, x: torch.Tensor, pos_2d: torch.Tensor | None,
+                 ch_type: torch.Tensor | None) -> torch.Tensor:
         pos, typ = self._meta(x, pos_2d, ch_type)
         B, C, T = x.shape
         emb = self.sensor_embedding(pos, typ)  # (B, C, D)
@@ -256,7 +263,8 @@ class BENDRForecast(nn.Module):
         if not use_cache:
             for i in steps:
                 out[..., T0 + i] = self._innovate(
-                    self(out[..., :T0 + i], pos_2d, ch_type)[..., -1], factor, generator)
+                    self._predict(out[..., :T0 + i], pos_2d, ch_type)[..., -1], factor,
+                    generator)
             return out
         pos, typ = self._meta(past, pos_2d, ch_type)
         self._check_types(typ)

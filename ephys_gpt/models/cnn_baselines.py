@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState, PointwiseConv1d
 from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
+from ephys_gpt.models.capabilities import Forecaster, TokenGenerator
 from ephys_gpt.models.gpt2meg import check_tokens
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 
@@ -111,14 +113,17 @@ class _ContinuousCNN(nn.Module):
     def _run(self, x: torch.Tensor, states=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> ModelOutput:
         """``x (B, C, T)`` float → prediction ``(B, C, T)``: ``out[..., t] ≈ x[..., t+1]``."""
+        self._check(x)
+        return ModelOutput(self._run(x))
+
+    def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 \
                 or x.shape[1] != self.config.num_channels:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self.name} expects float (B, C={self.config.num_channels}, T), "
                              f"got {got}")
-        return self._run(x)
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random normal signal ``(batch_size, C, seq_len)`` (default 32 steps)."""
@@ -131,7 +136,7 @@ class _ContinuousCNN(nn.Module):
                  progress: bool = False) -> torch.Tensor:
         """Roll the one-step predictor forward: ``past (B, C, T0)`` → ``(B, C, T0 + horizon)``
         (the past followed by ``horizon`` predicted samples, each fed back as input)."""
-        self.forward(past[..., :1])  # validates shape/dtype
+        self._check(past)
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0:
             raise ValueError(f"horizon must be an integer >= 0, got {horizon!r}")
         R = self.trunk.receptive_field
@@ -152,7 +157,7 @@ class _ContinuousCNN(nn.Module):
 
 
 @register_model(
-    "CNNMultivariate", input_kind="continuous", causal=True, generation="continuous",
+    "CNNMultivariate", input_kind="continuous", causal=True, capabilities=(Forecaster,),
     tiny_config={"num_channels": 3, "hidden_channels": 8, "n_layers": 3, "kernel_size": 2},
     output_time_dim=-1, default_loss="MSE", config_class=CNNConfig,
 )
@@ -174,7 +179,7 @@ class CNNMultivariate(_ContinuousCNN):
 
 
 @register_model(
-    "CNNUnivariate", input_kind="continuous", causal=True, generation="continuous",
+    "CNNUnivariate", input_kind="continuous", causal=True, capabilities=(Forecaster,),
     tiny_config={"num_channels": 3, "hidden_channels": 8, "n_layers": 3, "kernel_size": 2},
     output_time_dim=-1, default_loss="MSE", config_class=CNNConfig,
 )
@@ -206,10 +211,10 @@ class _QuantizedCNN(nn.Module):
     def _run(self, x: torch.Tensor, states=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> ModelOutput:
         """Tokens ``(B, C, T)`` int64 → logits ``(B, C, T, V)`` predicting ``x[..., t+1]``."""
         check_tokens(x, self.config.num_channels, None, self.name)
-        return self._run(x)
+        return ModelOutput(self._run(x))
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random tokens ``(batch_size, C, seq_len)`` (default 32 steps)."""
@@ -249,7 +254,7 @@ _QTINY = {"num_channels": 3, "vocab_size": 16, "embed_dim": 4, "hidden_channels"
 
 
 @register_model(
-    "CNNMultivariateQuantized", input_kind="tokens", causal=True, generation="tokens",
+    "CNNMultivariateQuantized", input_kind="tokens", causal=True, capabilities=(TokenGenerator,),
     tiny_config=_QTINY, output_time_dim=-2, default_loss="CrossEntropy",
     config_class=CNNQuantizedConfig,
 )
@@ -273,7 +278,7 @@ class CNNMultivariateQuantized(_QuantizedCNN):
 
 
 @register_model(
-    "CNNUnivariateQuantized", input_kind="tokens", causal=True, generation="tokens",
+    "CNNUnivariateQuantized", input_kind="tokens", causal=True, capabilities=(TokenGenerator,),
     tiny_config=_QTINY, output_time_dim=-2, default_loss="CrossEntropy",
     config_class=CNNQuantizedConfig,
 )

@@ -19,6 +19,8 @@ from einops import rearrange
 from torch import nn
 
 from ephys_gpt.layers.continuous_transformer import TransformerStack
+from ephys_gpt.models.capabilities import Classifier
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 from ephys_gpt.preprocessing.transforms import mulaw_decode, mulaw_mu
 
@@ -69,7 +71,7 @@ class CNNLSTMConfig:
     "CNNLSTM",
     input_kind="labelled",
     causal=False,
-    generation=None,
+    capabilities=(Classifier,),
     tiny_config={"num_channels": 4, "num_classes": 3, "conv_channels": [8, 8],
                  "conv_kernels": [3, 3], "conv_pool": [2, 1], "lstm_hidden": 8,
                  "n_transformer_layers": 1, "d_model": 16, "n_heads": 2, "dropout": 0.0,
@@ -125,8 +127,9 @@ class CNNLSTM(nn.Module):
         mu = mulaw_mu(self.config.token_bits)
         return mulaw_decode(x.float() * (2.0 / mu) - 1.0, mu)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, C, T) float (or int64 mu-law tokens with ``token_bits``) → logits (B, K)."""
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """``x`` (B, C, T) float (or int64 mu-law tokens with ``token_bits``) → ``prediction``
+        logits (B, K)."""
         if x.ndim != 3 or x.shape[1] != self.config.num_channels:
             raise ValueError(f"CNNLSTM expects x of shape (B, {self.config.num_channels}, T), "
                              f"got {tuple(x.shape)}")
@@ -147,4 +150,4 @@ class CNNLSTM(nn.Module):
             pooled = h.mean(dim=1)
         else:
             pooled = last if last is not None else h[:, -1]
-        return self.head(pooled)
+        return ModelOutput(self.head(pooled))

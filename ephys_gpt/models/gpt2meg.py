@@ -22,6 +22,8 @@ from torch import nn
 from ephys_gpt.layers.attention import KVCache, TransformerBlock, init_gpt_weights
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
+from ephys_gpt.models.capabilities import TokenGenerator
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 
@@ -85,7 +87,7 @@ def check_tokens(x: torch.Tensor, num_channels: int, n_positions: int | None, na
     "GPT2MEG",
     input_kind="tokens",
     causal=True,
-    generation="tokens",
+    capabilities=(TokenGenerator,),
     tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
                  "n_layers": 2, "n_heads": 2},
     output_time_dim=-2,
@@ -138,7 +140,7 @@ class GPT2MEG(nn.Module):
     # -- public API -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None) -> ModelOutput:
         """Next-token logits.
 
         Parameters
@@ -149,7 +151,8 @@ class GPT2MEG(nn.Module):
 
         Returns
         -------
-        logits : (B, C, T, V); ``logits[:, :, t]`` predicts ``x[:, :, t+1]``.
+        ModelOutput whose ``prediction`` is the logits (B, C, T, V); ``logits[:, :, t]``
+        predicts ``x[:, :, t+1]``.
         """
         cfg = self.config
         check_tokens(x, cfg.num_channels, cfg.n_positions, "GPT2MEG")
@@ -157,7 +160,7 @@ class GPT2MEG(nn.Module):
         h = self._embed(x, 0, self._labels(B, subject, condition))
         for block in self.blocks:
             h = block(h)
-        return self._logits(h, B)
+        return ModelOutput(self._logits(h, B))
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random tokens ``(batch_size, C, seq_len)`` (default ``min(n_positions, 32)`` steps)."""

@@ -50,6 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ephys_gpt.layers.diffusion_schedule import NoiseSchedule
+from ephys_gpt.models.capabilities import Forecaster, Sampler
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ class Denoiser(nn.Module):
     "NTD",
     input_kind="continuous",
     causal=False,
-    generation="continuous",
+    capabilities=(Forecaster, Sampler),
     tiny_config={"num_channels": 3, "signal_length": 32, "hidden": 16, "n_layers": 3,
                  "dilation_cycle": 3, "diffusion_steps": 10, "sampling_steps": 5,
                  "p_impute": 0.2},
@@ -247,16 +249,16 @@ class NTD(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 observed: torch.Tensor | None = None, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> ModelOutput:
         """One noise-prediction training example per batch row.
 
         ``x`` (B, C, L) clean signal; ``cond`` (B, Cc, L) or None. ``t`` (B,) levels,
         ``noise`` (B, C, L) and ``observed`` (B, C, L) bool are drawn when not given (from
         ``generator`` or the global RNG, so a seed makes forward reproducible).
 
-        Returns ``(target, prediction, weight)``, each (B, C, L): the clean signal and its
-        prediction (``prediction: x0``) or the noise and its prediction (``eps``), and the
-        per-element loss weight, 0 where the sample is observed and the min-SNR-gamma weight
+        Returns a ModelOutput with ``prediction``, ``target`` and ``weight``, each (B, C, L):
+        the clean signal's prediction and the clean signal (``prediction: x0``) or the noise's
+        prediction and the noise (``eps``), and the per-element loss weight, 0 where the sample is observed and the min-SNR-gamma weight
         of the example's level where it is to be generated (:class:`DiffusionMSE` averages
         ``weight * (prediction - target)^2`` over the generated elements).
         """
@@ -280,7 +282,7 @@ class NTD(nn.Module):
             target, w = noise, (torch.ones_like(snr) if gamma is None
                                 else (gamma / snr).clamp(max=1.0))
         weight = (~observed).to(x.dtype) * w.to(x.dtype)[:, None, None]
-        return target, pred, weight
+        return ModelOutput(pred, target=target, weight=weight)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

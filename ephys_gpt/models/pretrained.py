@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import ephys_gpt
 from ephys_gpt.fileio import write_json_atomic, write_with
 from ephys_gpt.models.registry import build_model
+from ephys_gpt.registry import import_plugins
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,7 +44,8 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike,
             del state[k]
         elif ptr is not None:
             seen[ptr] = k
-    config = {"model_name": name, "model_config": model.model_config, "tied": tied,
+    config = {"model_name": name, "model_module": type(model).__module__,
+              "model_config": model.model_config, "tied": tied,
               "ephys_gpt_version": ephys_gpt.__version__, **(extra or {})}
     write_with(out / WEIGHTS_NAME,
                lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
@@ -60,6 +62,7 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
             raise FileNotFoundError(f"{p} not found: {path} is not an exported ephys-gpt model "
                                     f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     config = json.loads(cfg_path.read_text())
+    import_plugins(_plugin_modules(config), where=str(cfg_path))
     model = build_model(config["model_name"], config.get("model_config") or {})
     state = load_file(str(w_path), device=str(map_location))
     for k, src in (config.get("tied") or {}).items():
@@ -68,6 +71,15 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     model.to(map_location)
     model.eval()
     return model
+
+
+def _plugin_modules(config: dict) -> list[str]:
+    """The module defining an exported model, when it is not one of the toolkit's own (a
+    model family registered by the user's code is imported before it is rebuilt)."""
+    module = config.get("model_module")
+    if isinstance(module, str) and module and not module.startswith("ephys_gpt."):
+        return [module]
+    return []
 
 
 def load_export_config(path: str | os.PathLike) -> dict:

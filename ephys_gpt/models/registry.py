@@ -1,40 +1,39 @@
-"""The one registry of models and losses (DESIGN.md, contract 3).
+"""The registry of models and losses (DESIGN.md, contract 3).
 
-The CLI, the config validator, ``ephys-gpt list-models``, the docs and the contract tests all
-read from here. A model family registers itself where it is defined::
+The CLI, the config validator, ``ephys-gpt list-models``, ``docs/models.md`` and the contract
+tests all read from here. A model family registers itself in its own file under
+``ephys_gpt/models/`` (found automatically, see :mod:`ephys_gpt.registry`)::
 
     @register_model(
         "GPT2MEG",
-        input_kind="tokens",          # a dataset kind from INPUT_KINDS
-        causal=True,                  # no output at time t depends on inputs after t
-        generation="tokens",          # "tokens": generate(); "continuous": forecast(); None
+        input_kind="tokens",                 # a dataset kind from INPUT_KINDS
+        causal=True,                         # no output at time t depends on inputs after t
+        capabilities=(TokenGenerator,),      # from ephys_gpt.models.capabilities
         tiny_config={"num_channels": 4, "vocab_size": 16, ...},
-        output_time_dim=-2,           # time axis of the (main) output, for the causality test
+        output_time_dim=-2,                  # time axis of the prediction, for the causality test
         default_loss="CrossEntropy",
-        config_class=GPT2MEGConfig,   # dataclass: the model's keyword arguments
+        config_class=GPT2MEGConfig,          # dataclass: the model's keyword arguments
     )
     class GPT2MEG(nn.Module): ...
 
 Model contract (every registered class):
 
 - ``__init__(**model_config)``: plain values only; never reads files or global state.
-- ``forward(inputs)``: ``inputs`` as the dataset of ``input_kind`` yields it (a tensor, or a
-  tuple of tensors unpacked as positional arguments).
+- ``forward(*inputs) -> ModelOutput`` (:mod:`ephys_gpt.models.output`): ``inputs`` as the
+  dataset of ``input_kind`` yields them (a tensor, or a tuple unpacked as arguments).
 - ``example_inputs(batch_size=2, seq_len=None)``: a valid batch for this configuration.
-- autoregressive models: ``generate(context, steps, *, temperature=1.0, top_k=None,
-  top_p=None, use_cache=True, generator=None)`` for tokens, or ``forecast(past, horizon, *,
-  use_cache=True)`` for continuous models. Both return the context followed by the new
-  steps along the time axis; ``temperature=0`` is greedy decoding.
+- the methods of each declared capability (:mod:`ephys_gpt.models.capabilities`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ephys_gpt.models.capabilities import CAPABILITIES, missing_methods
+from ephys_gpt.registry import Registry
 
 INPUT_KINDS = {
     "tokens": "int64 (B, C, T) mu-law tokens; targets shifted one step",
@@ -45,18 +44,10 @@ INPUT_KINDS = {
     "labelled": "float32 (B, C, T) (or int64 tokens) with an int64 (B,) class label target",
 }
 
-# Modules that define registered models/losses. Importing them fills the registries; a module
-# that fails to import (a missing optional dependency) is reported, never hidden.
-_MODEL_MODULES = [
-    "ephys_gpt.models.gpt2meg",
-    "ephys_gpt.models.stgpt2meg",
-    "ephys_gpt.models.cnn_baselines",
-    "ephys_gpt.models.wavenet",
-    "ephys_gpt.models.bendr",
-    "ephys_gpt.models.ntd",
-    "ephys_gpt.models.cnnlstm",
-]
-_LOSS_MODULES = ["ephys_gpt.losses.basic", "ephys_gpt.losses.diffusion"]
+#: Input kinds whose models index sensors: ``model_config.num_channels`` must match the data.
+CHANNEL_KINDS = frozenset({"tokens", "continuous", "continuous_meta", "labelled"})
+#: Input kinds made of mu-law tokens: ``model_config.vocab_size`` must cover the data's levels.
+TOKEN_KINDS = frozenset({"tokens", "image_tokens"})
 
 
 @dataclass(frozen=True)
@@ -67,12 +58,20 @@ class ModelSpec:
     cls: type
     input_kind: str
     causal: bool
-    generation: str | None  # "tokens", "continuous" or None
+    capabilities: tuple[type, ...]
     tiny_config: dict[str, Any] | None
     output_time_dim: int = -1
     default_loss: str | None = None
     config_class: type | None = None
     description: str = ""
+
+    def can(self, capability: type) -> bool:
+        """True if the model declared ``capability`` (e.g. ``TokenGenerator``)."""
+        return capability in self.capabilities
+
+    @property
+    def capability_names(self) -> list[str]:
+        return [c.__name__ for c in self.capabilities]
 
     def config_fields(self) -> set[str] | None:
         """Names of the accepted ``model_config`` keys (None if the class does not declare them)."""
@@ -89,30 +88,39 @@ class LossSpec:
     extra: dict = field(default_factory=dict)
 
 
-MODELS: dict[str, ModelSpec] = {}
-LOSSES: dict[str, LossSpec] = {}
-_loaded = False
+MODELS: Registry[ModelSpec] = Registry("model_name", ["ephys_gpt.models"])
+LOSSES: Registry[LossSpec] = Registry("loss_name", ["ephys_gpt.losses"])
 
 
-def register_model(name: str, *, input_kind: str, causal: bool, generation: str | None = None,
+def _first_doc_line(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def register_model(name: str, *, input_kind: str, causal: bool,
+                   capabilities: tuple[type, ...] = (),
                    tiny_config: dict[str, Any] | None = None, output_time_dim: int = -1,
                    default_loss: str | None = None, config_class: type | None = None
                    ) -> Callable[[type], type]:
     """Class decorator adding a model to the registry (see the module docstring)."""
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind {input_kind!r} is not one of {sorted(INPUT_KINDS)}")
-    if generation not in (None, "tokens", "continuous"):
-        raise ValueError(f"generation must be None, 'tokens' or 'continuous', got {generation!r}")
+    capabilities = tuple(capabilities)
+    for cap in capabilities:
+        if cap not in CAPABILITIES:
+            raise ValueError(f"model {name}: capability {cap!r} is not one of "
+                             f"{[c.__name__ for c in CAPABILITIES]}")
 
     def deco(cls: type) -> type:
-        if name in MODELS and MODELS[name].cls is not cls:
-            raise ValueError(f"model name {name!r} is registered twice "
-                             f"({MODELS[name].cls.__module__} and {cls.__module__})")
-        doc = (cls.__doc__ or "").strip().splitlines()
-        MODELS[name] = ModelSpec(name, cls, input_kind, causal, generation,
-                                 dict(tiny_config) if tiny_config is not None else None,
-                                 output_time_dim, default_loss, config_class,
-                                 doc[0] if doc else "")
+        for cap in capabilities:
+            missing = missing_methods(cls, cap)
+            if missing:
+                raise TypeError(f"model {name} declares {cap.__name__} but {cls.__name__} "
+                                f"does not define {missing}")
+        spec = ModelSpec(name, cls, input_kind, causal, capabilities,
+                         dict(tiny_config) if tiny_config is not None else None,
+                         output_time_dim, default_loss, config_class, _first_doc_line(cls))
+        MODELS.add(name, spec, owner=cls)
         cls.registry_name = name
         return cls
 
@@ -120,49 +128,22 @@ def register_model(name: str, *, input_kind: str, causal: bool, generation: str 
 
 
 def register_loss(name: str, **extra: Any) -> Callable[[type], type]:
-    """Class decorator adding a loss (an ``nn.Module`` called as ``loss(outputs, targets)``)."""
+    """Class decorator adding a loss: an ``nn.Module`` called as ``loss(output, targets)``
+    with ``output`` a :class:`~ephys_gpt.models.output.ModelOutput`."""
 
     def deco(cls: type) -> type:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        LOSSES[name] = LossSpec(name, cls, doc[0] if doc else "", extra)
+        LOSSES.add(name, LossSpec(name, cls, _first_doc_line(cls), extra), owner=cls)
         return cls
 
     return deco
 
 
-def load_all() -> None:
-    """Import every module that registers models or losses (once)."""
-    global _loaded
-    if _loaded:
-        return
-    for mod in _MODEL_MODULES + _LOSS_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name == mod:  # family not written yet in this checkout
-                continue
-            raise
-    _loaded = True
-
-
-def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(sorted(valid))}")
-
-
 def get_model_spec(name: str) -> ModelSpec:
-    load_all()
-    if name not in MODELS:
-        raise _unknown("model_name", name, list(MODELS))
-    return MODELS[name]
+    return MODELS.get(name)
 
 
 def get_loss_spec(name: str) -> LossSpec:
-    load_all()
-    if name not in LOSSES:
-        raise _unknown("loss_name", name, list(LOSSES))
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 def build_model(name: str, config: dict[str, Any] | None = None):
@@ -190,10 +171,19 @@ def build_loss(name: str, config: dict[str, Any] | None = None):
 
 
 def list_models() -> list[ModelSpec]:
-    load_all()
-    return [MODELS[k] for k in sorted(MODELS)]
+    return MODELS.values()
 
 
 def list_losses() -> list[LossSpec]:
-    load_all()
-    return [LOSSES[k] for k in sorted(LOSSES)]
+    return LOSSES.values()
+
+
+def models_table_markdown() -> str:
+    """The registered models as the Markdown table of ``docs/models.md``."""
+    rows = ["| model | input kind | causal | capabilities | default loss | description |",
+            "|---|---|---|---|---|---|"]
+    for s in list_models():
+        caps = ", ".join(c.description for c in s.capabilities) or "-"
+        rows.append(f"| `{s.name}` | `{s.input_kind}` | {'yes' if s.causal else 'no'} | {caps} "
+                    f"| {s.default_loss or '-'} | {s.description} |")
+    return "\n".join(rows)

@@ -26,7 +26,9 @@ from torch import nn
 from ephys_gpt.layers.attention import MLP, KVCache, MultiHeadSelfAttention, init_gpt_weights
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
+from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.gpt2meg import GPT2MEGConfig, check_tokens
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 
@@ -69,7 +71,7 @@ class SpatioTemporalBlock(nn.Module):
     "STGPT2MEG",
     input_kind="tokens",
     causal=True,
-    generation="tokens",
+    capabilities=(TokenGenerator,),
     tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
                  "n_layers": 2, "n_heads": 2},
     output_time_dim=-2,
@@ -117,7 +119,7 @@ class STGPT2MEG(nn.Module):
         return self.head(self.ln_f(h))  # (B, C, T, V)
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None) -> ModelOutput:
         """Next-token logits.
 
         Parameters
@@ -127,15 +129,15 @@ class STGPT2MEG(nn.Module):
 
         Returns
         -------
-        logits : (B, C, T, V); ``logits[:, c, t]`` predicts ``x[:, c, t+1]`` from all
-        channels' tokens ``<= t``.
+        ModelOutput whose ``prediction`` is the logits (B, C, T, V); ``logits[:, c, t]``
+        predicts ``x[:, c, t+1]`` from all channels' tokens ``<= t``.
         """
         cfg = self.config
         check_tokens(x, cfg.num_channels, cfg.n_positions, "STGPT2MEG")
         h = self._embed(x, 0, self._labels(x.shape[0], subject, condition))
         for block in self.blocks:
             h = block(h)
-        return self._logits(h)
+        return ModelOutput(self._logits(h))
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random tokens ``(batch_size, C, seq_len)`` (default ``min(n_positions, 32)`` steps)."""

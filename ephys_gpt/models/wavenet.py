@@ -27,7 +27,9 @@ from torch import nn
 from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState, PointwiseConv1d
 from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
+from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.gpt2meg import check_tokens
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 
@@ -105,7 +107,7 @@ class GatedResidualLayer(nn.Module):
     "WavenetFullChannel",
     input_kind="tokens",
     causal=True,
-    generation="tokens",
+    capabilities=(TokenGenerator,),
     tiny_config={"num_channels": 3, "vocab_size": 16, "embed_dim": 4, "residual_channels": 8,
                  "dilation_channels": 8, "skip_channels": 8, "layers_per_block": 3,
                  "n_blocks": 1},
@@ -156,7 +158,7 @@ class WavenetFullChannel(nn.Module):
         return rearrange(logits, "b (c v) t -> b c t v", c=self.config.num_channels)
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
-                local_cond: torch.Tensor | None = None) -> torch.Tensor:
+                local_cond: torch.Tensor | None = None) -> ModelOutput:
         """Next-token logits.
 
         Parameters
@@ -168,14 +170,15 @@ class WavenetFullChannel(nn.Module):
 
         Returns
         -------
-        logits : (B, C, T, V); ``logits[:, :, t]`` predicts ``x[:, :, t+1]``.
+        ModelOutput whose ``prediction`` is the logits (B, C, T, V); ``logits[:, :, t]``
+        predicts ``x[:, :, t+1]``.
         """
         cfg = self.config
         check_tokens(x, cfg.num_channels, None, "WavenetFullChannel")
         B, _, T = x.shape
         self._check_local(local_cond, B, T)
         local = None if local_cond is None else local_cond[..., :T]
-        return self._run(x, self.subject_emb(subject, B), local)
+        return ModelOutput(self._run(x, self.subject_emb(subject, B), local))
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random tokens ``(batch_size, C, seq_len)`` (default 32 steps)."""

@@ -31,6 +31,7 @@ from ephys_gpt.models.pretrained import (
     load_export_config,
 )
 from ephys_gpt.models.registry import build_model
+from ephys_gpt.registry import import_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"{path}: no 'model_name' in the checkpoint's hyper_parameters (not "
                          "written by ephys-gpt's LitModel)")
     model_config = dict(hp.get("model_config") or {})
+    import_plugins((hp.get("run_config") or {}).get("imports") or [], where=str(path))
     model = build_model(name, model_config)
     model.load_state_dict(model_state_from_checkpoint(ckpt, path))
     model.to(map_location)

@@ -66,10 +66,10 @@ def models_table() -> str:
     """The registered models as an aligned text table."""
     from ephys_gpt.models.registry import list_models
 
-    rows = [("name", "input kind", "causal", "generation", "description")]
+    rows = [("name", "input kind", "causal", "capabilities", "description")]
     for s in list_models():
         rows.append((s.name, s.input_kind, "yes" if s.causal else "no",
-                     s.generation or "-", s.description))
+                     ", ".join(s.capability_names) or "-", s.description))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for i, r in enumerate(rows):
@@ -80,7 +80,9 @@ def models_table() -> str:
 
 
 def cmd_list_models(args) -> int:
-    sys.stdout.write(models_table() + "\n")
+    from ephys_gpt.models.registry import models_table_markdown
+
+    sys.stdout.write((models_table_markdown() if args.markdown else models_table()) + "\n")
     return 0
 
 
@@ -100,4 +102,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("list-models", help="list the registered models")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the Markdown table of docs/models.md")
     p.set_defaults(func=cmd_list_models)

@@ -2,6 +2,7 @@
 
 A run YAML (``configs/<model>/train.yaml``) holds the keys of the original toolkit::
 
+    imports: []                       # modules to import first (models/losses/runners of yours)
     model_name: GPT2MEG
     model_config: model.yaml          # path (relative to this file) or an inline mapping
     loss_name: CrossEntropy           # default: the model's registered default loss
@@ -46,6 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ephys_gpt.fileio import to_jsonable, write_text_atomic
+from ephys_gpt.registry import import_plugins
 
 MODES = ("train", "test", "eval")
 
@@ -168,6 +170,9 @@ class LightningConfig(_Block):
 class RunConfig(_Block):
     """The whole run YAML (after ``model_config``/``augmentations`` files are read)."""
 
+    imports: list[str] = Field(default_factory=list, description="Python modules imported "
+                               "before names are resolved: a model family, loss or eval "
+                               "runner of your own registers itself there")
     model_name: str
     model_cfg: dict = Field(default_factory=dict, alias="model_config")
     loss_name: str | None = None
@@ -553,6 +558,10 @@ def _load(raw: dict, base: Path, overrides: Sequence[str], mode: str) -> dict:
     except ValidationError as err:
         raise format_validation_error(err, "", RunConfig) from None
     cfg = run.model_dump(by_alias=True)
+    try:
+        import_plugins(cfg["imports"], where="key 'imports'")
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
 
     try:
         spec = registry.get_model_spec(cfg["model_name"])

@@ -25,17 +25,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
+from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.pretrained import save_pretrained
-from ephys_gpt.models.registry import get_model_spec
+from ephys_gpt.models.registry import CHANNEL_KINDS, TOKEN_KINDS, get_model_spec
 from ephys_gpt.training.checkpoint import DATA_KEYS, load_model
 from ephys_gpt.training.config import ConfigError, dump_config, load_config
 from ephys_gpt.training.lit_model import LitModel
 
 logger = logging.getLogger(__name__)
-
-# Input kinds whose models index sensors (so model_config.num_channels must match the data).
-_CHANNEL_KINDS = {"tokens", "continuous", "continuous_meta", "labelled"}
-_TOKEN_KINDS = {"tokens", "image_tokens"}
 
 
 def dataset_info(dataset, dataset_name: str) -> dict[str, Any]:
@@ -137,7 +134,7 @@ class ExperimentDL:
         fields = self.spec.config_fields() or set()
         mcfg = cfg["model_config"]
         n_ch = len(info["ch_names"]) if info.get("ch_names") else None
-        if "num_channels" in fields and n_ch and self.spec.input_kind in _CHANNEL_KINDS:
+        if "num_channels" in fields and n_ch and self.spec.input_kind in CHANNEL_KINDS:
             if "num_channels" not in mcfg:
                 mcfg["num_channels"] = n_ch
                 logger.info("model_config.num_channels = %d (from the dataset)", n_ch)
@@ -146,7 +143,7 @@ class ExperimentDL:
                                   f"the dataset has {n_ch} channels; remove the key to take it "
                                   "from the data")
         T = getattr(self.splits.train, "window_samples", None)
-        if T and self.spec.generation and mcfg.get("n_positions", 0) > T:
+        if T and self.spec.can(TokenGenerator) and mcfg.get("n_positions", 0) > T:
             logger.warning(
                 "model_config.n_positions is %d but training windows have %d samples: positions "
                 "%d-%d are never trained, yet generation uses them before its context window "
@@ -162,7 +159,7 @@ class ExperimentDL:
                                   f"the dataset has {n_cls} classes; remove the key to take it "
                                   "from the data")
         quant = next((s for s in info.get("steps") or [] if s.get("name") == "mulaw_quantize"), None)
-        if "vocab_size" in fields and quant and self.spec.input_kind in _TOKEN_KINDS:
+        if "vocab_size" in fields and quant and self.spec.input_kind in TOKEN_KINDS:
             needed = 2 ** int(quant["n_bits"])
             if "vocab_size" not in mcfg:
                 mcfg["vocab_size"] = needed

@@ -2,8 +2,11 @@
 
 It builds the model and loss from the registries, optimizes with AdamW (no weight decay on
 biases, norms and embeddings) under a per-step linear-warmup + cosine schedule, and logs the
-loss and, for token and classification models, torchmetrics metrics. The step does no host
-synchronisation: losses and metric counters stay on the device and Lightning reduces them.
+loss and, for token and classification models, torchmetrics metrics. Every model returns a
+:class:`~ephys_gpt.models.output.ModelOutput`: the loss compares it with the targets, the
+model's auxiliary losses are added to it and logged by name, its metrics are logged. The step
+does no host synchronisation: losses and metric counters stay on the device and Lightning
+reduces them.
 
 Hyperparameters saved in checkpoints are plain values only (names, dicts, lists, numbers), so
 a ``.ckpt`` loads with ``torch.load(weights_only=True)``.
@@ -20,12 +23,21 @@ import torch
 from torch import nn
 
 from ephys_gpt.metrics import build_metrics
-from ephys_gpt.models.registry import build_loss, build_model, get_model_spec
+from ephys_gpt.models.capabilities import Classifier
+from ephys_gpt.models.output import ModelOutput
+from ephys_gpt.models.registry import TOKEN_KINDS, build_loss, build_model, get_model_spec
 
 logger = logging.getLogger(__name__)
 
-#: Which metrics each input kind gets (kinds not listed get the loss only).
-METRICS_TASK = {"tokens": "tokens", "image_tokens": "tokens", "labelled": "classification"}
+
+def metrics_task(spec) -> str | None:
+    """Which torchmetrics a model gets: ``classification`` for classifiers, ``tokens``
+    (next-token accuracy) for models over mu-law tokens, None (the loss only) otherwise."""
+    if spec.can(Classifier):
+        return "classification"
+    if spec.input_kind in TOKEN_KINDS:
+        return "tokens"
+    return None
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
@@ -83,14 +95,6 @@ def _call(model: nn.Module, inputs):
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
-def _logits(outputs) -> torch.Tensor | None:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    return None
-
-
 class LitModel(L.LightningModule):
     """Train a registered model with a registered loss.
 
@@ -136,7 +140,7 @@ class LitModel(L.LightningModule):
         self.model = build_model(model_name, model_config or {})
         self.loss_fn = build_loss(loss_name, loss_config or {})
         self.optim = optim
-        self.task = METRICS_TASK.get(spec.input_kind)
+        self.task = metrics_task(spec)
         self._metrics_ready = False
         if optim["compile"]:
             # In-place compile keeps parameter names (checkpoints/exports stay loadable).
@@ -165,42 +169,42 @@ class LitModel(L.LightningModule):
         # Create metrics before the first step so every rank registers the same modules.
         if self.task is None or self._metrics_ready:
             return
-        example = getattr(self.model, "example_inputs", None)
-        if example is None:
-            return
         with torch.no_grad():
             was_training = self.model.training
             self.model.eval()
-            out = _call(self.model, example(batch_size=1))
+            out = _call(self.model, self.model.example_inputs(batch_size=1))
             self.model.train(was_training)
-        logits = _logits(out)
-        if logits is not None:
-            self._ensure_metrics(logits)
+        self._ensure_metrics(out.prediction)
 
     # ----------------------------------------------------------------- steps
-    def forward(self, inputs):
+    def forward(self, inputs) -> ModelOutput:
         return _call(self.model, inputs)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
+        """One batch: the loss on the model's output plus its auxiliary losses, each logged
+        by name (``<stage>/loss`` is the total that is optimized)."""
         inputs, targets = batch
-        outputs = self(inputs)
-        loss = self.loss_fn(outputs, targets)
+        output = self(inputs)
+        loss = self.loss_fn(output, targets)
         parts: dict[str, torch.Tensor] = {}
-        if isinstance(loss, dict):
+        if isinstance(loss, dict):  # a loss may report its own parts
             parts = {k: v for k, v in loss.items() if k != "loss"}
             loss = loss["loss"]
+        if output.aux_losses:
+            parts["objective"] = loss
+            parts.update(output.aux_losses)
+            loss = loss + output.total_aux_loss()
         bs = targets.shape[0] if isinstance(targets, torch.Tensor) else None
-        on_step = stage == "train"
+        on_step, sync = stage == "train", stage != "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
-                 batch_size=bs, sync_dist=stage != "train")
-        for k, v in parts.items():
-            self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=bs,
-                     sync_dist=stage != "train")
-        logits = _logits(outputs)
-        if self.task is not None and logits is not None and isinstance(targets, torch.Tensor):
-            self._ensure_metrics(logits)
+                 batch_size=bs, sync_dist=sync)
+        for k, v in {**parts, **output.metrics}.items():
+            self.log(f"{stage}/{k}", v.detach() if k in output.metrics else v,
+                     on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=sync)
+        if self.task is not None and isinstance(targets, torch.Tensor):
+            self._ensure_metrics(output.prediction)
             metrics = getattr(self, f"{stage}_metrics")
-            metrics.update(logits.detach(), targets)
+            metrics.update(output.prediction.detach(), targets)
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 

@@ -22,8 +22,10 @@ from ephys_gpt.eval.eval_quant import (
     window_tokens,
 )
 from ephys_gpt.eval.registry import get_eval_spec
+from ephys_gpt.models.capabilities import TokenGenerator
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.pretrained import save_pretrained
-from ephys_gpt.models.registry import build_model
+from ephys_gpt.models.registry import MODELS, ModelSpec, build_model
 from ephys_gpt.preprocessing.transforms import tokens_to_signal
 
 V = 2**N_BITS
@@ -49,7 +51,7 @@ def trained_export(token_splits, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
         x = data[torch.randint(0, len(data), (16,), generator=g)]
-        logits = model(x[..., :-1])
+        logits = model(x[..., :-1]).prediction
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), x[..., 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -65,10 +67,10 @@ class CopyLast(torch.nn.Module):
     registry_name = "CopyLast"
 
     def forward(self, x):  # (B, C, T) -> (B, C, T, V)
-        return torch.nn.functional.one_hot(x, V).float() * 10.0
+        return ModelOutput(torch.nn.functional.one_hot(x, V).float() * 10.0)
 
     def generate(self, context, steps, *, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, progress=False):
         return torch.cat([context, context[..., -1:].expand(*context.shape[:2], steps)], -1)
 
 
@@ -154,8 +156,10 @@ def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
     assert "repeat-last" in report and "![PSD generated vs held-out](psd.png)" in report
 
 
-def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path):
+def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path, monkeypatch):
     """Curves are computed on the same targets: a copy-the-last-token model == repeat-last."""
+    monkeypatch.setitem(MODELS, "CopyLast", ModelSpec("CopyLast", CopyLast, "tokens", True,
+                                                      (TokenGenerator,), None))
     opts = EvalQuantOptions(**_opts(tmp_path, history_lengths=[1, 4, 64], gen_seconds=1.0))
     summary = EvalQuant({}, opts, model=CopyLast(), info={}, splits=token_splits).run()
     acc = summary["next_step"]["accuracy"]

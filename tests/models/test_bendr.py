@@ -90,7 +90,7 @@ def test_forecast_first_step_is_forward_last_output():
     model = _model().eval()
     x, pos, typ = model.example_inputs(2)
     with torch.no_grad():
-        y = model(x, pos, typ)
+        y = model(x, pos, typ).prediction
     f = model.forecast(x, 1, pos_2d=pos, ch_type=typ)
     assert torch.allclose(f[..., -1], y[..., -1], atol=1e-6)
 
@@ -99,15 +99,15 @@ def test_sensor_metadata_is_used_and_defaults_apply():
     model = _model().eval()
     x, pos, typ = model.example_inputs(2)
     with torch.no_grad():
-        base = model(x, pos, typ)
-        assert torch.equal(model(x), base)  # defaults = stored layout
-        moved = model(x, pos + 0.5, typ)
-        retyped = model(x, pos, torch.ones_like(typ))
+        base = model(x, pos, typ).prediction
+        assert torch.equal(model(x).prediction, base)  # defaults = stored layout
+        moved = model(x, pos + 0.5, typ).prediction
+        retyped = model(x, pos, torch.ones_like(typ)).prediction
     assert not torch.allclose(base, moved)
     assert not torch.allclose(base, retyped)
     model.set_sensor_layout(pos[0] + 0.5, typ[0])
     with torch.no_grad():
-        assert torch.allclose(model(x), moved, atol=1e-6)
+        assert torch.allclose(model(x).prediction, moved, atol=1e-6)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -134,7 +134,7 @@ def test_training_reduces_loss_and_forecast_beats_repeat_last():
     _, pos, typ = model.example_inputs(16)
 
     def loss_fn():
-        return torch.nn.functional.mse_loss(model(inp, pos, typ), tgt)
+        return torch.nn.functional.mse_loss(model(inp, pos, typ).prediction, tgt)
 
     with torch.no_grad():
         first = loss_fn().item()

@@ -36,7 +36,7 @@ def test_channel_mixing(cls, cfg, mixes):
     m = cls(**cfg).eval()
     x = m.example_inputs(2, 16)
     with torch.no_grad():
-        a, b = m(x), m(_perturb_channel_1(x))
+        a, b = m(x).prediction, m(_perturb_channel_1(x)).prediction
     assert torch.allclose(a[:, 2], b[:, 2]) != mixes
     assert not torch.allclose(a[:, 1], b[:, 1])
 
@@ -55,7 +55,7 @@ def test_forecast_streams_like_the_full_pass(cls):
     assert torch.allclose(cached, plain, atol=1e-5)
     # each forecast sample is the one-step prediction from everything before it
     with torch.no_grad():
-        assert torch.allclose(m(cached)[..., 9:-1], cached[..., 10:], atol=1e-5)
+        assert torch.allclose(m(cached).prediction[..., 9:-1], cached[..., 10:], atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [CNNMultivariateQuantized, CNNUnivariateQuantized])
@@ -90,8 +90,8 @@ def test_bf16_autocast_forward_is_finite(cls, cfg):
     m = cls(**cfg).eval()
     x = m.example_inputs(2, 16)
     with torch.no_grad():
-        ref = m(x)
+        ref = m(x).prediction
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
+            out = m(x).prediction
     assert out.shape == ref.shape and torch.isfinite(out.float()).all()
     assert (out.float() - ref).abs().max() < 0.1

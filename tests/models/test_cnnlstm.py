@@ -25,21 +25,21 @@ def test_variants_give_logits(pooling, lstm_hidden, n_tf, bidir):
     model = _model(pooling=pooling, lstm_hidden=lstm_hidden, n_transformer_layers=n_tf,
                    bidirectional=bidir).eval()
     x = model.example_inputs(3, 20)
-    out = model(x)
+    out = model(x).prediction
     assert out.shape == (3, 3) and torch.isfinite(out).all()
     if pooling == "last" and not (lstm_hidden or n_tf):
         return  # plain conv + "last": only the final frame's receptive field counts
     # the whole window matters (no causal restriction): changing the start changes the logits
     x2 = x.clone()
     x2[..., :4] += 5.0
-    assert not torch.allclose(model(x2), out)
+    assert not torch.allclose(model(x2).prediction, out)
 
 
 def test_token_inputs_and_errors():
     model = _model(token_bits=8).eval()
     x = torch.randn(2, 4, 32).clamp(-1, 1)
     tokens = mulaw_quantize(x, 8)
-    assert torch.allclose(model(tokens), model(x), atol=0.1)
+    assert torch.allclose(model(tokens).prediction, model(x).prediction, atol=0.1)
     with pytest.raises(TypeError, match="token_bits"):
         _model()(tokens)
     with pytest.raises(ValueError, match=r"\(B, 4, T\)"):
@@ -77,7 +77,7 @@ def test_learns_a_separable_task():
             opt.step()
     model.eval()
     with torch.no_grad():
-        logits = model(xt)
+        logits = model(xt).prediction
     acc = (logits.argmax(-1) == yt).float().mean().item()
     assert acc > 0.8, acc  # chance is 1/3
     from ephys_gpt.metrics import build_metrics

@@ -56,7 +56,7 @@ def test_stride_one_window_is_the_last_n_positions_tokens(model):
     out = m.generate(ctx(T=12), 6, temperature=0.0)
     for t in range(12, 18):
         with torch.no_grad():
-            expect = m(out[..., max(0, t - 12):t])[:, :, -1].argmax(-1)
+            expect = m(out[..., max(0, t - 12):t]).prediction[:, :, -1].argmax(-1)
         assert torch.equal(out[..., t], expect)
 
 
@@ -70,7 +70,7 @@ def test_channels_are_independent_sequences(model):
     x2 = x.clone()
     x2[:, 1] = (x2[:, 1] + 5) % 16
     with torch.no_grad():
-        a, b = model(x), model(x2)
+        a, b = model(x).prediction, model(x2).prediction
     assert torch.allclose(a[:, 0], b[:, 0]) and torch.allclose(a[:, 2], b[:, 2])
     assert not torch.allclose(a[:, 1], b[:, 1])
 
@@ -78,7 +78,7 @@ def test_channels_are_independent_sequences(model):
 def test_channel_embedding_makes_channels_differ(model):
     x = torch.full((1, 3, 5), 4)
     with torch.no_grad():
-        out = model(x)
+        out = model(x).prediction
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 
@@ -87,8 +87,8 @@ def test_subject_and_condition_embeddings():
     m = GPT2MEG(**TINY, n_subjects=3, n_conditions=2).eval()
     x = ctx()
     with torch.no_grad():
-        a = m(x, subject=torch.tensor([0, 1]), condition=torch.tensor([1, 1]))
-        b = m(x, subject=torch.tensor([2, 1]), condition=torch.tensor([1, 1]))
+        a = m(x, subject=torch.tensor([0, 1]), condition=torch.tensor([1, 1])).prediction
+        b = m(x, subject=torch.tensor([2, 1]), condition=torch.tensor([1, 1])).prediction
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="subject"):
         m(x, condition=torch.tensor([0, 0]))
@@ -122,9 +122,9 @@ def test_bad_inputs_raise(model):
 def test_bf16_autocast_forward_and_generate_are_finite(model):
     x = ctx(T=12)
     with torch.no_grad():
-        ref = model(x)
+        ref = model(x).prediction
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
+            out = model(x).prediction
             gen = model.generate(x, 3, temperature=0.0)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1
@@ -135,7 +135,7 @@ def test_incremental_decoder_matches_forward_and_refuses_overflow(model):
     x = ctx(T=12)
     prime, step = model.incremental_decoder(2)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).prediction
         got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
     assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
     with pytest.raises(ValueError, match="cache is full"):

@@ -45,7 +45,7 @@ def test_token_model_loss_goes_down(name):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(60):
-        loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
+        loss = F.cross_entropy(model(x).prediction.reshape(-1, V), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -64,7 +64,7 @@ def test_continuous_model_loss_goes_down(name):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(40):
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x).prediction, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,9 +9,14 @@ import torch
 
 from ephys_gpt.layers.diffusion_schedule import NoiseSchedule
 from ephys_gpt.losses.diffusion import DiffusionMSE
+from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import build_loss, build_model, get_model_spec
 
 TINY = get_model_spec("NTD").tiny_config
+
+
+def _parts(out: ModelOutput):
+    return out.target, out.prediction, out.weight
 
 
 def _model(**over):
@@ -47,9 +52,9 @@ def test_forward_masks_and_determinism():
     model = _model(p_forecast=1.0, p_impute=0.0)
     x = model.example_inputs(4)
     torch.manual_seed(3)
-    target, pred, mask = model(x)
+    target, pred, mask = _parts(model(x))
     torch.manual_seed(3)
-    target2, pred2, mask2 = model(x)
+    target2, pred2, mask2 = _parts(model(x))
     assert torch.equal(pred, pred2) and torch.equal(mask, mask2)  # seeded forward repeats
     assert target.shape == pred.shape == mask.shape == x.shape
     assert torch.equal(target, x)  # prediction: x0 (the default) targets the clean signal
@@ -62,8 +67,8 @@ def test_forward_masks_and_determinism():
     t = torch.full((4,), 5)
     n1 = torch.randn_like(x)
     n2 = torch.where(obs, torch.randn_like(x), n1)
-    _, p1, _ = model(x, t=t, noise=n1, observed=obs)
-    _, p2, _ = model(x, t=t, noise=n2, observed=obs)
+    _, p1, _ = _parts(model(x, t=t, noise=n1, observed=obs))
+    _, p2, _ = _parts(model(x, t=t, noise=n2, observed=obs))
     assert torch.equal(p1, p2)
 
 
@@ -72,10 +77,13 @@ def test_diffusion_loss_is_masked_mse():
     noise = torch.zeros(1, 1, 4)
     pred = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
     mask = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
-    assert loss((noise, pred, mask), None).item() == pytest.approx((9 + 16) / 2)
-    assert loss((noise, pred, torch.zeros_like(mask))).item() == 0.0
-    with pytest.raises(TypeError, match="target, prediction, weight"):
+    assert loss(ModelOutput(pred, target=noise, weight=mask), None).item() == \
+        pytest.approx((9 + 16) / 2)
+    assert loss(ModelOutput(pred, target=noise, weight=torch.zeros_like(mask))).item() == 0.0
+    with pytest.raises(TypeError, match="prediction, target and weight"):
         DiffusionMSE()(pred, None)
+    with pytest.raises(TypeError, match="without target/weight"):
+        DiffusionMSE()(ModelOutput(pred), None)
 
 
 def test_bad_config_and_inputs():
@@ -92,7 +100,7 @@ def test_bad_config_and_inputs():
     with pytest.raises(ValueError, match="cond_channels=2"):
         cmodel(torch.randn(2, 3, 32))
     x, c = cmodel.example_inputs(2)
-    assert cmodel(x, c)[1].shape == x.shape
+    assert cmodel(x, c).prediction.shape == x.shape
     with pytest.raises(ValueError, match="known_mask"):
         model.impute(torch.randn(2, 3, 32), torch.ones(5, dtype=torch.bool))
 
@@ -169,7 +177,7 @@ def test_x0_and_eps_losses_are_the_same_min_snr_objective():
     noise = torch.randn_like(x)
     obs = torch.zeros_like(x, dtype=torch.bool)
     obs[..., :5] = True
-    target, x0_hat, w = model(x, t=t, noise=noise, observed=obs)
+    target, x0_hat, w = _parts(model(x, t=t, noise=noise, observed=obs))
     snr = model.schedule.snr(t)
     assert torch.allclose(w[:, 0, -1], snr.clamp(max=5.0)) and (w[..., :5] == 0).all()
     ab = model.schedule.alphas_cumprod[t][:, None, None]
@@ -177,10 +185,10 @@ def test_x0_and_eps_losses_are_the_same_min_snr_objective():
     eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
     w_eps = (5.0 / snr).clamp(max=1.0)[:, None, None] * (~obs)
     loss = DiffusionMSE()
-    assert loss((target, x0_hat, w)).item() == pytest.approx(
-        loss((noise, eps_hat, w_eps)).item(), rel=1e-4)
+    assert loss(ModelOutput(x0_hat, target=target, weight=w)).item() == pytest.approx(
+        loss(ModelOutput(eps_hat, target=noise, weight=w_eps)).item(), rel=1e-4)
     eps_model = _model(prediction="eps", p_forecast=0.0, p_impute=0.0)
-    target_e, _, w_e = eps_model(x, t=t, noise=noise, observed=obs)
+    target_e, _, w_e = _parts(eps_model(x, t=t, noise=noise, observed=obs))
     assert torch.equal(target_e, noise) and torch.allclose(w_e, w_eps.to(w_e.dtype))
     with pytest.raises(ValueError, match="prediction"):
         _model(prediction="v")

@@ -26,7 +26,7 @@ def test_channels_mix_at_the_same_step_but_not_from_the_future(model):
     x2 = x.clone()
     x2[:, 1, 5] = (x2[:, 1, 5] + 3) % 16  # change channel 1 at t=5 only
     with torch.no_grad():
-        a, b = model(x), model(x2)
+        a, b = model(x).prediction, model(x2).prediction
     assert torch.allclose(a[:, :, :5], b[:, :, :5], atol=1e-6)  # no channel sees the future
     assert not torch.allclose(a[:, 0, 5], b[:, 0, 5])  # channel 0 reads channel 1 at t=5
 
@@ -46,8 +46,8 @@ def test_conditioning_and_errors():
     m = STGPT2MEG(**TINY, n_subjects=2).eval()
     x = tokens()
     with torch.no_grad():
-        a = m(x, subject=torch.tensor([0, 0]))
-        b = m(x, subject=torch.tensor([1, 0]))
+        a = m(x, subject=torch.tensor([0, 0])).prediction
+        b = m(x, subject=torch.tensor([1, 0])).prediction
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="num_channels=4"):
         m(torch.zeros(1, 3, 5, dtype=torch.long), subject=torch.tensor([0]))
@@ -55,5 +55,5 @@ def test_conditioning_and_errors():
 
 def test_bf16_autocast_forward_is_finite(model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(tokens())
+        out = model(tokens()).prediction
     assert out.shape == (2, 4, 8, 16) and torch.isfinite(out.float()).all()

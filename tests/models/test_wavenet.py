@@ -28,7 +28,7 @@ def test_receptive_field_is_exact(model):
     x2 = x.clone()
     x2[..., 10] = (x2[..., 10] + 1) % 16
     with torch.no_grad():
-        diff = (model(x) - model(x2)).abs().amax(dim=(0, 1, 3))
+        diff = (model(x).prediction - model(x2).prediction).abs().amax(dim=(0, 1, 3))
     changed = (diff > 0).nonzero().flatten()
     assert changed.min() == 10 and changed.max() == 10 + model.receptive_field - 1
 
@@ -45,7 +45,7 @@ def test_streaming_step_logits_match_full_forward(model):
     """The logits each cached step produces equal the full forward pass on the sequence."""
     out = model.generate(tokens(T=9), 12, temperature=0.0)
     with torch.no_grad():
-        full = model(out)
+        full = model(out).prediction
     assert torch.equal(full[:, :, 8:-1].argmax(-1), out[..., 9:])
 
 
@@ -56,11 +56,11 @@ def test_global_and_local_conditioning():
     local = torch.randn(2, 2, 20)
     subj = torch.tensor([0, 1])
     with torch.no_grad():
-        a = m(x, subject=subj, local_cond=local)
-        b = m(x, subject=torch.tensor([1, 1]), local_cond=local)
+        a = m(x, subject=subj, local_cond=local).prediction
+        b = m(x, subject=torch.tensor([1, 1]), local_cond=local).prediction
         local2 = local.clone()
         local2[..., 6:] += 1.0
-        c = m(x, subject=subj, local_cond=local2)
+        c = m(x, subject=subj, local_cond=local2).prediction
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
     assert torch.allclose(a[..., :6, :], c[..., :6, :]) and not torch.allclose(a, c)
     g1 = m.generate(x, 8, temperature=0.0, subject=subj, local_cond=local)
@@ -74,7 +74,7 @@ def test_global_and_local_conditioning():
 
 def test_bf16_autocast_forward_is_finite(model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(tokens())
+        out = model(tokens()).prediction
         gen = model.generate(tokens(), 4, temperature=0.0)
     assert out.shape == (2, 3, 20, 16) and torch.isfinite(out.float()).all()
     assert gen.shape == (2, 3, 24)

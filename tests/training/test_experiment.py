@@ -66,8 +66,8 @@ def test_train_resume_test_export(tmp_path, run_cfg):
     from_dir, info_dir = load_model(save)
     x = exported.example_inputs(batch_size=2)
     with torch.no_grad():
-        ref = exported(x)
-        assert torch.equal(ref, from_ckpt(x)) and torch.equal(ref, from_dir(x))
+        ref = exported(x).prediction
+        assert torch.equal(ref, from_ckpt(x).prediction) and torch.equal(ref, from_dir(x).prediction)
     for inf in (info, info_dir):
         assert inf["sfreq"] == 100.0 and len(inf["ch_names"]) == N_CH
         assert inf["steps"][-1]["name"] == "mulaw_quantize"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ephys_gpt.losses.basic import MSE, CrossEntropy
 from ephys_gpt.metrics import build_metrics
+from ephys_gpt.models.output import ModelOutput as Out
 from ephys_gpt.models.registry import build_loss, get_loss_spec
 
 
@@ -19,22 +20,20 @@ def test_losses_are_registered():
 def test_cross_entropy_matches_torch_over_all_positions():
     logits = torch.randn(2, 3, 5, 7)  # (B, C, T, V)
     target = torch.randint(0, 7, (2, 3, 5))
-    got = CrossEntropy()(logits, target)
+    got = CrossEntropy()(Out(logits), target)
     ref = F.cross_entropy(logits.permute(0, 3, 1, 2), target)
     assert torch.allclose(got, ref, atol=1e-6)
-    # tuple outputs: the first item is the logits
-    assert torch.allclose(CrossEntropy()((logits, None), target), ref, atol=1e-6)
 
 
 def test_cross_entropy_soft_targets_and_smoothing():
     logits = torch.randn(4, 6)
     target = torch.randint(0, 6, (4,))
     onehot = F.one_hot(target, 6).float()
-    assert torch.allclose(CrossEntropy()(logits, onehot), CrossEntropy()(logits, target), atol=1e-6)
+    assert torch.allclose(CrossEntropy()(Out(logits), onehot), CrossEntropy()(Out(logits), target), atol=1e-6)
     mixed = 0.7 * onehot + 0.3 * F.one_hot((target + 1) % 6, 6).float()
     logp = logits.log_softmax(-1)
-    assert torch.allclose(CrossEntropy()(logits, mixed), -(mixed * logp).sum(-1).mean(), atol=1e-6)
-    smooth = CrossEntropy(label_smoothing=0.1)(logits, target)
+    assert torch.allclose(CrossEntropy()(Out(logits), mixed), -(mixed * logp).sum(-1).mean(), atol=1e-6)
+    smooth = CrossEntropy(label_smoothing=0.1)(Out(logits), target)
     assert torch.allclose(smooth, F.cross_entropy(logits, target, label_smoothing=0.1), atol=1e-6)
     assert smooth > 0
 
@@ -42,25 +41,25 @@ def test_cross_entropy_soft_targets_and_smoothing():
 def test_cross_entropy_is_float32_under_bf16():
     logits = torch.randn(2, 3, 4, 8).bfloat16()
     target = torch.randint(0, 8, (2, 3, 4))
-    assert CrossEntropy()(logits, target).dtype == torch.float32
+    assert CrossEntropy()(Out(logits), target).dtype == torch.float32
 
 
 def test_loss_shape_errors():
     with pytest.raises(ValueError, match="integer targets must have shape"):
-        CrossEntropy()(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 4)))
+        CrossEntropy()(Out(torch.randn(2, 3, 5)), torch.randint(0, 5, (2, 4)))
     with pytest.raises(ValueError, match="soft targets"):
-        CrossEntropy()(torch.randn(2, 5), torch.rand(2, 4))
+        CrossEntropy()(Out(torch.randn(2, 5)), torch.rand(2, 4))
     with pytest.raises(ValueError, match="label_smoothing"):
         CrossEntropy(label_smoothing=1.5)
     with pytest.raises(ValueError, match="does not match"):
-        MSE()(torch.randn(2, 3, 5), torch.randn(2, 3, 4))
-    with pytest.raises(TypeError, match="tensor"):
-        MSE()({"a": 1}, torch.randn(2))
+        MSE()(Out(torch.randn(2, 3, 5)), torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="ModelOutput"):
+        MSE()(torch.randn(2), torch.randn(2))
 
 
 def test_mse_value():
     a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    assert torch.allclose(MSE()(a, b), ((a - b) ** 2).mean())
+    assert torch.allclose(MSE()(Out(a), b), ((a - b) ** 2).mean())
 
 
 def test_token_metrics_values():

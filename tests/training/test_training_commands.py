@@ -31,7 +31,7 @@ def test_list_models_table(capsys):
     rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
     assert set(rows) == {s.name for s in list_models()}
     gpt = rows["GPT2MEG"]
-    assert gpt[1:4] == ["tokens", "yes", "tokens"]
+    assert gpt[1:4] == ["tokens", "yes", "TokenGenerator"]
 
 
 def test_train_then_test_through_run_py(tmp_path, run_cfg):
@@ -71,7 +71,6 @@ def test_eval_dispatches_to_registered_runner(tmp_path, run_cfg, monkeypatch):
             seen["ran"] = True
             return {"ok": 1}
 
-    eval_registry.load_all()
     monkeypatch.setitem(eval_registry.EVALS, "StandinEval",
                         eval_registry.EvalSpec("StandinEval", Runner, _Opts))
     (tmp_path / "export").mkdir()
@@ -108,3 +107,18 @@ def test_cli_silences_only_known_third_party_chatter(caplog):
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", stacklevel=1)
         warnings.warn("something the user must see", stacklevel=1)
     assert [str(w.message) for w in got] == ["something the user must see"]
+
+
+def test_models_doc_table_is_generated_from_the_registry(capsys):
+    """docs/models.md's table is what `ephys-gpt list-models --markdown` prints (regenerate
+    it with that command when a model is added or changed)."""
+    from ephys_gpt.models.registry import models_table_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
+    start, end = "<!-- models-table:start -->\n", "\n<!-- models-table:end -->"
+    table = doc[doc.index(start) + len(start):doc.index(end)]
+    assert table == models_table_markdown(), (
+        "docs/models.md is stale: paste the output of `ephys-gpt list-models --markdown` "
+        "between its models-table markers")
+    assert cli_main(["list-models", "--markdown"]) == 0
+    assert capsys.readouterr().out.strip() == table

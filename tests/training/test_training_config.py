@@ -202,7 +202,6 @@ def standin_eval(monkeypatch):
         def run(self):
             return {"ok": True}
 
-    eval_registry.load_all()
     monkeypatch.setitem(eval_registry.EVALS, "StandinEval",
                         eval_registry.EvalSpec("StandinEval", StandinEval, _StandinOptions))
     return calls
