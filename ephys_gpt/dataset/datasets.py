@@ -265,7 +265,8 @@ class ChunkWindowDataset(Dataset):
         if self.quantize is not None:
             steps.append({"name": "mulaw_quantize", "n_bits": self.quantize["n_bits"],
                           "mu": mulaw_mu(self.quantize["n_bits"]),
-                          "scale": self.quantize["scale"], "on_the_fly": True})
+                          "scale": self.quantize["scale"], "scale_from": "config",
+                          "on_the_fly": True})
         return steps
 
     def __len__(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ephys_gpt.dataset.compatibility import differences
 from ephys_gpt.fileio import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -226,22 +227,29 @@ def list_sessions(root: str | os.PathLike) -> list[SessionMeta]:
 
 
 def check_compatible(metas: Sequence[SessionMeta]) -> None:
-    """Raise if sessions mix channel sets, sampling rates or data kinds in one dataset."""
+    """Raise if sessions cannot share one dataset: a different sampling rate, channel set or
+    stage-2 steps (step names, order and settings; per-session statistics may differ, see
+    :mod:`ephys_gpt.dataset.compatibility`), or quantized mixed with continuous chunks.
+
+    The error names the first session and one that differs from it, with both values.
+    """
+    if not metas:
+        return
     ref = metas[0]
     for m in metas[1:]:
-        if m.sfreq != ref.sfreq:
-            raise StoreError(f"sessions {ref.path} and {m.path} have different sampling rates "
-                             f"({ref.sfreq} Hz vs {m.sfreq} Hz); one dataset needs one rate")
-        if m.ch_names != ref.ch_names:
-            only_a = sorted(set(ref.ch_names) - set(m.ch_names))[:5]
-            only_b = sorted(set(m.ch_names) - set(ref.ch_names))[:5]
-            detail = (f"only in the first: {only_a}, only in the second: {only_b}"
-                      if only_a or only_b else "same channels in a different order")
-            raise StoreError(f"sessions {ref.path} and {m.path} have different channel sets "
-                             f"({ref.n_channels} vs {m.n_channels} channels; {detail})")
         if m.is_tokens != ref.is_tokens:
             raise StoreError(f"sessions {ref.path} ({ref.dtype}) and {m.path} ({m.dtype}) mix "
-                             "quantized and continuous chunks")
+                             "quantized and continuous chunks; one dataset needs one kind")
+        diffs = differences(ref, m, (ref.name, m.name))
+        if diffs:
+            d = diffs[0]
+            detail = f"; {d.detail}" if d.detail else ""
+            raise StoreError(
+                f"sessions {ref.path} and {m.path} cannot share one dataset: different "
+                f"{d.what} ({d.first} in {ref.name} vs {d.second} in {m.name}{detail}). "
+                "Every session of a dataset needs the same sampling rate, channels and "
+                "stage-2 steps; move the sessions made differently to another folder, or "
+                "re-run stage 2 on all of them with one preproc_config")
 
 
 def write_session(root: str | os.PathLike, name: str, chunks: Iterable[np.ndarray],
