@@ -93,6 +93,8 @@ def _names(names: Sequence[str]) -> str:
 def step_settings(step: Mapping) -> dict[str, Any]:
     """The settings of one recorded stage-2 step that must match between data (no per-session
     statistics); a key the step does not record is left out."""
+    if not isinstance(step, Mapping):
+        return {}
     name = step.get("name")
     out = {k: step[k] for k in STEP_SETTINGS.get(name, ()) if k in step}
     if name == "mulaw_quantize":
@@ -121,7 +123,8 @@ def step_differences(first: Sequence[Mapping], second: Sequence[Mapping]) -> lis
         sa, sb = step_settings(a), step_settings(b)
         for key in sa:
             if key in sb and not _same(sa[key], sb[key]):
-                out.append(Difference(f"{a.get('name')} {key}", _fmt(sa[key]), _fmt(sb[key])))
+                out.append(Difference(f"{_step_names([a])[0]} {key}", _fmt(sa[key]),
+                                      _fmt(sb[key])))
     return out
 
 
@@ -141,8 +144,8 @@ def differences(first: Any, second: Any, labels: tuple[str, str] = ("the first",
     sides in the details (e.g. which channels only one of them has)."""
     out = []
     fa, fb = _field(first, "sfreq"), _field(second, "sfreq")
-    if fa is not None and fb is not None and not _same(float(fa), float(fb)):
-        out.append(Difference("sampling rate", f"{_fmt(float(fa))} Hz", f"{_fmt(float(fb))} Hz"))
+    if fa is not None and fb is not None and not _same(fa, fb):
+        out.append(Difference("sampling rate", f"{_fmt(fa)} Hz", f"{_fmt(fb)} Hz"))
     ca, cb = _field(first, "ch_names"), _field(second, "ch_names")
     if ca is not None and cb is not None:
         ca, cb = [str(c) for c in ca], [str(c) for c in cb]

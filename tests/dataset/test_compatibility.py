@@ -115,6 +115,10 @@ def test_differences_of_rates_channels_and_types():
     # steps recorded before scale_from existed: the scale is not compared
     old = [{k: v for k, v in s.items() if k != "scale_from"} for s in steps(n_bits=8)]
     assert step_differences(old, steps(n_bits=8, scale=3.0, scale_from="config")) == []
+    # a malformed description (an edited config.json) gives differences, not a traceback
+    assert step_differences(["normalize"], ["normalize"]) == []
+    (d,) = differences({"sfreq": "fast"}, {"sfreq": 100.0})
+    assert (d.first, d.second) == ("'fast' Hz", "100 Hz")
 
 
 def test_check_model_data_names_both_values():
