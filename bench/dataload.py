@@ -3,10 +3,13 @@
 Writes its own chunk store in a temporary folder (default: 10 sessions x 10 min, 306
 channels, 100 Hz, float32, 10 s chunks; plus the same data as an 8-bit token store), then reads
 random 2 s windows through ``ChunkDataset`` (quantizing on the fly from the continuous store,
-and directly from the token store) and ``ChunkDatasetForecastCont``. Prints one JSON object as
-its last line: ``windows_per_s`` is the headline (ChunkDataset, on-the-fly quantization),
-``peak_rss_mb`` the peak resident memory of the process (memory-mapped pages of the store
-count towards it once touched).
+and directly from the token store) and ``ChunkDatasetForecastCont`` (with and without the
+per-window data check). Prints one JSON object as its last line: ``windows_per_s`` is the
+headline (ChunkDataset, on-the-fly quantization), ``peak_rss_mb`` the peak resident memory of
+the process (memory-mapped pages of the store count towards it once touched), ``data_check``
+the cost of the per-window value check: the ``forecast_cont`` / ``forecast_cont_unchecked``
+throughput ratio, and the time of the check itself on one window, as it is now (min/max
+against a bound) and as it was (``isfinite`` of the sum, which missed huge finite values).
 
     python bench/dataload.py [--sessions 10] [--minutes 10] [--seconds-per-case 4]
 """
@@ -74,6 +77,31 @@ def throughput(ds, seconds: float, seed: int = 0) -> dict:
             "us_per_window": round((now - t0) / n * 1e6, 1)}
 
 
+def check_cost(x: np.ndarray, repeats: int = 20000) -> dict:
+    """CPU microseconds per window of the per-window value check as it is now and as it was,
+    and of the window copy it follows (``np.array(view, dtype=float32)``), on one window."""
+    bound = 1e4
+
+    def now():
+        return x.min() >= -bound and x.max() <= bound
+
+    def before():
+        return np.isfinite(x.sum())
+
+    def copy():
+        return np.array(x, dtype=np.float32)
+
+    out = {}
+    for name, fn in (("check_cpu_us", now), ("check_before_cpu_us", before),
+                     ("window_copy_cpu_us", copy)):
+        fn()
+        c0 = time.process_time()
+        for _ in range(repeats):
+            fn()
+        out[name] = round((time.process_time() - c0) / repeats * 1e6, 2)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=10)
@@ -94,6 +122,8 @@ def main(argv=None) -> dict:
                 cont, quantize={"n_bits": 8, "scale": 4.0}, **kw),
             "chunkdataset_token_store": lambda: ChunkDataset.from_root(tok, **kw),
             "forecast_cont": lambda: ChunkDatasetForecastCont.from_root(cont, **kw),
+            "forecast_cont_unchecked": lambda: ChunkDatasetForecastCont.from_root(
+                cont, check_finite=False, **kw),
         }
         results = {}
         for name, make in cases.items():
@@ -102,6 +132,8 @@ def main(argv=None) -> dict:
             results[name] = throughput(ds, args.seconds_per_case)
             del ds
             print(f"{name}: {results[name]}", file=sys.stderr)
+        window = ChunkDatasetForecastCont.from_root(cont, **kw).read_continuous(0)
+        check = check_cost(window)
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {
@@ -111,6 +143,11 @@ def main(argv=None) -> dict:
                   "windows": n_windows, "write_seconds": round(write_s, 1)},
         "cases": results,
         "windows_per_s": results["chunkdataset_quantize_on_the_fly"]["windows_per_s"],
+        "data_check": {
+            "checked_over_unchecked": round(results["forecast_cont"]["windows_per_cpu_s"]
+                                            / results["forecast_cont_unchecked"]
+                                            ["windows_per_cpu_s"], 3),
+            **check},
         "peak_rss_mb": round(peak_rss_mb, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine()},

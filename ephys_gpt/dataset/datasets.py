@@ -53,8 +53,15 @@ from ephys_gpt.dataset.store import (
     load_chunk,
 )
 from ephys_gpt.preprocessing.transforms import mulaw_mu, mulaw_quantize
+from ephys_gpt.validation import check_number
 
 logger = logging.getLogger(__name__)
+
+#: Default bound on ``|x|`` of normalized data (``max_abs_value``): stage 2 scales each
+#: channel to a spread of about 1, so ten thousand times that is no brain signal but a
+#: damaged chunk or an overflow (a few such values turn a loss into inf or NaN).
+MAX_ABS_NORMALIZED = 1e4
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: Integer code of each channel type (MNE names) in ``ch_type`` tensors.
 CH_TYPE_CODES: dict[str, int] = {
@@ -118,7 +125,13 @@ class ChunkWindowDataset(Dataset):
     augmentations : list / dict / path / Augmentations, optional
         Applied to continuous windows before quantization (see ``augmentations.py``).
     check_finite : bool
-        Check continuous windows for NaN/Inf (cheap; an error names session, file and sample).
+        Check continuous windows for NaN/Inf and, when the store's steps normalized the data,
+        for values beyond ``max_abs_value`` (cheap; an error names the session, chunk file,
+        channel and sample).
+    max_abs_value : float, optional
+        Largest ``|x|`` accepted in normalized data (default :data:`MAX_ABS_NORMALIZED`);
+        None for no bound. Not applied to stores without a ``normalize`` step, whose values
+        are in SI units (~1e-12 T).
     max_open_chunks : int, optional
         Most chunk memmaps kept open per process (LRU); default a quarter of the open-file
         limit.
@@ -132,7 +145,8 @@ class ChunkWindowDataset(Dataset):
 
     def __init__(self, metas: Sequence[SessionMeta], indices, window_samples: int, *,
                  quantize: Mapping | None = None, augmentations: Any = None,
-                 check_finite: bool = True, max_open_chunks: int | None = None):
+                 check_finite: bool = True, max_abs_value: float | None = MAX_ABS_NORMALIZED,
+                 max_open_chunks: int | None = None):
         metas = list(metas)
         if not metas:
             raise ValueError(f"{type(self).__name__} needs at least one session")
@@ -147,6 +161,13 @@ class ChunkWindowDataset(Dataset):
         self.window_samples = int(window_samples)
         self.read_samples = self.window_samples + self.read_shift
         self.check_finite = bool(check_finite)
+        if max_abs_value is not None:
+            check_number(max_abs_value, "max_abs_value", low=0, low_inclusive=False)
+        normalized = any(s.get("name") == "normalize" for s in metas[0].steps)
+        self.max_abs_value = float(max_abs_value) if max_abs_value is not None else None
+        # the bound read_continuous applies; the float32 maximum only catches +-inf (and NaN)
+        self._bound = (self.max_abs_value if normalized and self.max_abs_value is not None
+                       else _FLOAT32_MAX)
         self._max_open = int(max_open_chunks) if max_open_chunks else _default_max_open()
         self._set_indices(indices)
 
@@ -265,7 +286,8 @@ class ChunkWindowDataset(Dataset):
         if self.quantize is not None:
             steps.append({"name": "mulaw_quantize", "n_bits": self.quantize["n_bits"],
                           "mu": mulaw_mu(self.quantize["n_bits"]),
-                          "scale": self.quantize["scale"], "on_the_fly": True})
+                          "scale": self.quantize["scale"], "scale_from": "config",
+                          "on_the_fly": True})
         return steps
 
     def __len__(self) -> int:
@@ -306,19 +328,25 @@ class ChunkWindowDataset(Dataset):
         """Window ``i`` as float32 (C, read_samples), checked and augmented (a fresh copy)."""
         view, s, c, start = self._window(i)
         x = np.array(view, dtype=np.float32)
-        if self.check_finite and not np.isfinite(x.sum()):
-            self._raise_non_finite(x, s, c, start)
+        # min/max rather than a sum: a sum overflows on huge finite values; NaN fails both
+        # comparisons
+        if self.check_finite and not (x.min() >= -self._bound and x.max() <= self._bound):
+            self._raise_bad_value(x, s, c, start)
         if self.augmentations is not None:
             x = self.augmentations(x)
         return x
 
-    def _raise_non_finite(self, x: np.ndarray, s: int, c: int, start: int) -> None:
-        bad = ~np.isfinite(x)
-        if not bad.any():  # the sum overflowed; the values themselves are finite
-            return
-        ch, t = (int(v[0]) for v in np.nonzero(bad))
+    def _raise_bad_value(self, x: np.ndarray, s: int, c: int, start: int) -> None:
+        ch, t = (int(v[0]) for v in np.nonzero(~(np.abs(x) <= self._bound)))
+        value = x[ch, t]
+        if np.isfinite(value):
+            what = (f"value {value:.6g} beyond +-{self._bound:g}, the bound for normalized "
+                    "data (datasplitter.dataset_kwargs.max_abs_value; raise it if such values "
+                    "are real),")
+        else:
+            what = f"non-finite value ({value})"
         meta = self.metas[s]
-        raise StoreError(f"non-finite value ({x[ch, t]}) in session {meta.name!r}, chunk file "
+        raise StoreError(f"{what} in session {meta.name!r}, chunk file "
                          f"{meta.chunk_path(c)}, channel {meta.ch_names[ch]!r} at sample "
                          f"{start + t} of the chunk; re-run stage 2 on this session")
 

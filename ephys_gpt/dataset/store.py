@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -26,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ephys_gpt.dataset.compatibility import differences
 from ephys_gpt.fileio import write_json_atomic
+from ephys_gpt.validation import describe
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,13 @@ class SessionMeta:
 
 
 def read_meta(session_dir: str | os.PathLike) -> SessionMeta:
-    """Read and validate ``<session_dir>/meta.json``; errors name the file and the key."""
+    """Read and validate ``<session_dir>/meta.json``.
+
+    Every malformed field (a missing key, a wrong type, a non-numeric entry of
+    ``chunk_lengths`` or ``pos_2d``, steps that are not a list of mappings with a known
+    ``name`` and well-formed parameters...) raises :class:`StoreError` naming the file, the
+    key and what was found.
+    """
     session_dir = Path(session_dir)
     meta_path = session_dir / META_NAME
     if not session_dir.is_dir():
@@ -112,52 +121,150 @@ def read_meta(session_dir: str | os.PathLike) -> SessionMeta:
         raise StoreError(f"{meta_path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise StoreError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+
+    def bad(key: str, expected: str, found: Any) -> StoreError:
+        return StoreError(f"{meta_path}: key {key!r} should be {expected}, found "
+                          f"{describe(found, 60)}")
+
     for key, typ in _REQUIRED_KEYS.items():
         if key not in meta:
             raise StoreError(f"{meta_path}: required key {key!r} is missing")
         if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
-            raise StoreError(f"{meta_path}: key {key!r} should be {_type_name(typ)}, "
-                             f"found {type(meta[key]).__name__} ({meta[key]!r:.60})")
+            raise bad(key, _type_name(typ), meta[key])
     if meta["format_version"] > FORMAT_VERSION:
         raise StoreError(f"{meta_path}: format_version {meta['format_version']} is newer than "
                          f"this ephys-gpt understands ({FORMAT_VERSION}); upgrade ephys-gpt")
+    if meta["format_version"] < 1:
+        raise bad("format_version", "an integer >= 1", meta["format_version"])
+    if not (math.isfinite(meta["sfreq"]) and meta["sfreq"] > 0):
+        raise bad("sfreq", "a positive number (Hz)", meta["sfreq"])
     n_ch = len(meta["ch_names"])
+    if n_ch == 0:
+        raise bad("ch_names", "a non-empty list of channel names", meta["ch_names"])
+    for key in ("ch_names", "ch_types"):
+        for i, v in enumerate(meta[key]):
+            if not isinstance(v, str) or not v:
+                raise bad(f"{key}[{i}]", "a non-empty string", v)
+    dupes = sorted({c for c in meta["ch_names"] if meta["ch_names"].count(c) > 1})
+    if dupes:
+        raise StoreError(f"{meta_path}: 'ch_names' lists {dupes[:5]} more than once")
     for key in ("ch_types", "pos_2d"):
         if len(meta[key]) != n_ch:
             raise StoreError(f"{meta_path}: {key!r} has {len(meta[key])} entries but "
                              f"'ch_names' has {n_ch}")
+    for key in ("chunk_samples", "n_chunks"):
+        if meta[key] < 1:
+            raise bad(key, "an integer >= 1", meta[key])
+    for i, n in enumerate(meta["chunk_lengths"]):
+        if not _is_int(n) or n < 1:
+            raise bad(f"chunk_lengths[{i}]", "an integer >= 1 (samples)", n)
     if meta["n_chunks"] != len(meta["chunk_lengths"]):
         raise StoreError(f"{meta_path}: 'n_chunks' is {meta['n_chunks']} but 'chunk_lengths' "
                          f"lists {len(meta['chunk_lengths'])}")
     try:
-        np.dtype(meta["dtype"])
+        dtype = np.dtype(meta["dtype"])
     except TypeError as err:
         raise StoreError(f"{meta_path}: 'dtype' {meta['dtype']!r} is not a numpy dtype") from err
+    if dtype.kind not in "iuf":
+        raise bad("dtype", "an integer or floating numpy dtype (e.g. 'float32', 'uint8')",
+                  meta["dtype"])
+    steps = _check_steps(meta["steps"], n_ch, bad, meta_path)
+    provenance = meta.get("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise bad("provenance", "a JSON object", provenance)
 
     def _opt(key: str, width: int) -> np.ndarray | None:
-        if meta.get(key) is None:
+        value = meta.get(key)
+        if value is None:
             return None
-        arr = np.asarray(meta[key], dtype=np.float64)
-        if arr.shape != (n_ch, width):
-            raise StoreError(f"{meta_path}: {key!r} should have shape ({n_ch}, {width}), "
-                             f"found {arr.shape}")
-        return arr
+        rows = value if isinstance(value, list) else None
+        if rows is None or len(rows) != n_ch:
+            raise bad(key, f"a list of {n_ch} [{', '.join('xyz'[:width])}] rows (one per "
+                      "channel)", value)
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != width or not all(map(_is_number, row)):
+                raise bad(f"{key}[{i}]", f"a list of {width} numbers", row)
+        return np.asarray(rows, dtype=np.float64)
 
     return SessionMeta(
         path=session_dir,
         sfreq=float(meta["sfreq"]),
-        ch_names=[str(c) for c in meta["ch_names"]],
-        ch_types=[str(c) for c in meta["ch_types"]],
+        ch_names=list(meta["ch_names"]),
+        ch_types=list(meta["ch_types"]),
         pos_2d=_opt("pos_2d", 2),
         chunk_samples=int(meta["chunk_samples"]),
         chunk_lengths=[int(n) for n in meta["chunk_lengths"]],
         dtype=str(meta["dtype"]),
-        steps=list(meta["steps"]),
+        steps=steps,
         pos_3d=_opt("pos_3d", 3),
         ori_3d=_opt("ori_3d", 3),
-        provenance=dict(meta.get("provenance") or {}),
+        provenance=dict(provenance or {}),
         raw=meta,
     )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: Parameters of each stage-2 step as ``meta.json`` records them: (key, required, kind);
+#: kinds: "str", "number", "positive", "bits", "int", "per_channel" (a number or one per
+#: channel), "positive_per_channel". Other keys are allowed and not checked.
+_STEP_PARAMS: dict[str, tuple[tuple[str, bool, str], ...]] = {
+    "normalize": (("method", False, "str"), ("center", True, "per_channel"),
+                  ("scale", True, "positive_per_channel")),
+    "clip": (("std_factor", False, "positive"), ("low", False, "per_channel"),
+             ("high", False, "per_channel")),
+    "mulaw_quantize": (("n_bits", True, "bits"), ("mu", False, "int"),
+                       ("scale", False, "positive_per_channel"), ("scale_from", False, "str")),
+}
+
+
+def _check_steps(steps: list, n_ch: int, bad, meta_path: Path) -> list[dict]:
+    """Validate the recorded stage-2 steps (see ``preprocessing/transforms.py``)."""
+    for i, step in enumerate(steps):
+        key = f"steps[{i}]"
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise bad(key, 'a JSON object with a "name" (e.g. {"name": "normalize", ...})',
+                      step)
+        name = step["name"]
+        if name not in _STEP_PARAMS:
+            raise bad(f"{key}.name", f"one of {sorted(_STEP_PARAMS)}", name)
+        for param, required, kind in _STEP_PARAMS[name]:
+            where = f"{key}.{param}"
+            if param not in step:
+                if required:
+                    raise StoreError(f"{meta_path}: key {where!r} is missing (every {name!r} "
+                                     f"step records {param!r})")
+                continue
+            v = step[param]
+            if kind == "str":
+                ok, expected = isinstance(v, str), "a string"
+            elif kind == "int":
+                ok, expected = _is_int(v), "an integer"
+            elif kind == "bits":
+                ok, expected = _is_int(v) and 1 <= v <= 16, "an integer in [1, 16]"
+            elif kind == "positive":
+                ok = _is_number(v) and math.isfinite(v) and v > 0
+                expected = "a positive number"
+            else:
+                positive = kind == "positive_per_channel"
+                values = v if isinstance(v, list) else [v]
+                ok = (len(values) in (1, n_ch) if isinstance(v, list) else True) and all(
+                    _is_number(x) and math.isfinite(x) and (x > 0 or not positive)
+                    for x in values)
+                expected = (f"a {'positive ' if positive else ''}finite number or a list of "
+                            f"{n_ch} (one per channel)")
+            if not ok:
+                raise bad(where, f"{expected} ({name} {param})", v)
+        if name == "mulaw_quantize" and "mu" in step and step["mu"] != 2 ** step["n_bits"] - 1:
+            raise bad(f"{key}.mu", f"2**n_bits - 1 = {2 ** step['n_bits'] - 1} (mulaw_quantize "
+                      f"with n_bits {step['n_bits']})", step["mu"])
+    return [dict(s) for s in steps]
 
 
 def _type_name(typ) -> str:
@@ -226,22 +333,29 @@ def list_sessions(root: str | os.PathLike) -> list[SessionMeta]:
 
 
 def check_compatible(metas: Sequence[SessionMeta]) -> None:
-    """Raise if sessions mix channel sets, sampling rates or data kinds in one dataset."""
+    """Raise if sessions cannot share one dataset: a different sampling rate, channel set or
+    stage-2 steps (step names, order and settings; per-session statistics may differ, see
+    :mod:`ephys_gpt.dataset.compatibility`), or quantized mixed with continuous chunks.
+
+    The error names the first session and one that differs from it, with both values.
+    """
+    if not metas:
+        return
     ref = metas[0]
     for m in metas[1:]:
-        if m.sfreq != ref.sfreq:
-            raise StoreError(f"sessions {ref.path} and {m.path} have different sampling rates "
-                             f"({ref.sfreq} Hz vs {m.sfreq} Hz); one dataset needs one rate")
-        if m.ch_names != ref.ch_names:
-            only_a = sorted(set(ref.ch_names) - set(m.ch_names))[:5]
-            only_b = sorted(set(m.ch_names) - set(ref.ch_names))[:5]
-            detail = (f"only in the first: {only_a}, only in the second: {only_b}"
-                      if only_a or only_b else "same channels in a different order")
-            raise StoreError(f"sessions {ref.path} and {m.path} have different channel sets "
-                             f"({ref.n_channels} vs {m.n_channels} channels; {detail})")
         if m.is_tokens != ref.is_tokens:
             raise StoreError(f"sessions {ref.path} ({ref.dtype}) and {m.path} ({m.dtype}) mix "
-                             "quantized and continuous chunks")
+                             "quantized and continuous chunks; one dataset needs one kind")
+        diffs = differences(ref, m, (ref.name, m.name))
+        if diffs:
+            d = diffs[0]
+            detail = f"; {d.detail}" if d.detail else ""
+            raise StoreError(
+                f"sessions {ref.path} and {m.path} cannot share one dataset: different "
+                f"{d.what} ({d.first} in {ref.name} vs {d.second} in {m.name}{detail}). "
+                "Every session of a dataset needs the same sampling rate, channels and "
+                "stage-2 steps; move the sessions made differently to another folder, or "
+                "re-run stage 2 on all of them with one preproc_config")
 
 
 def write_session(root: str | os.PathLike, name: str, chunks: Iterable[np.ndarray],

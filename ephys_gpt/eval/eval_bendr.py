@@ -117,6 +117,7 @@ class ContinuousEval(EvalRunner):
             raise ValueError(f"the {opts.split!r} split is empty: adjust datasplitter "
                              f"val_ratio/test_ratio so that {self.name} has held-out windows")
         ds = self.test
+        self._check_data(ds)
         self.sfreq = float(ds.sfreq)
         self.ch_names = [str(c) for c in ds.ch_names]
         self.ch_types = [str(t) for t in ds.ch_types]

@@ -234,6 +234,7 @@ class EvalQuant(EvalRunner):
             raise ValueError(f"the {opts.split!r} split is empty: adjust datasplitter "
                              f"val_ratio/test_ratio so that EvalQuant has held-out windows")
         ds = self.test
+        self._check_data(ds)
         self.sfreq = float(ds.sfreq)
         self.ch_names = [str(c) for c in ds.ch_names]
         self.ch_types = [str(t) for t in ds.ch_types]
@@ -243,11 +244,6 @@ class EvalQuant(EvalRunner):
                              f"end with {self.steps[-1].get('name') if self.steps else None!r}, "
                              "expected 'mulaw_quantize'")
         self.vocab_size = 2 ** int(self.steps[-1]["n_bits"])
-        known = self.info.get("ch_names")
-        if known and list(known) != self.ch_names:
-            raise ValueError(f"the checkpoint {opts.ckpt_path} was trained on {len(known)} "
-                             f"channels ({list(known)[:3]}...) but the {opts.split} data has "
-                             f"{len(self.ch_names)} ({self.ch_names[:3]}...)")
         if opts.num_channels is not None and opts.num_channels != len(self.ch_names):
             raise ValueError(f"eval.num_channels is {opts.num_channels} but the data has "
                              f"{len(self.ch_names)} channels")

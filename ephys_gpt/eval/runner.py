@@ -147,3 +147,20 @@ class EvalRunner:
         self.info = dict(self._info or {})
         self.model = self._model.to(self.device).eval()
         self.model_name = str(getattr(self.model, "registry_name", type(self.model).__name__))
+
+    def _check_data(self, dataset) -> None:
+        """Refuse held-out data made differently from the model's training data: sampling
+        rate, channels and stage-2 steps against what the export / checkpoint recorded
+        (:func:`ephys_gpt.dataset.compatibility.check_model_data`)."""
+        from ephys_gpt.dataset.compatibility import check_model_data
+
+        root = (self.config.get("datasplitter") or {}).get("dataset_root")
+        metas = getattr(dataset, "metas", None)
+        if root is not None:
+            data = f"datasplitter.dataset_root={root}"
+        elif metas:
+            data = f"the {self.options.split} data ({metas[0].path.parent})"
+        else:
+            data = f"the {self.options.split} data"
+        source = self.info.get("source") or self.options.ckpt_path
+        check_model_data(self.info, dataset, model=f"the model {source}", data_label=data)

@@ -21,7 +21,8 @@ Per session:
      steps (good samples), ``s = std_factor``.
    - ``mulaw_quantize``: tokens in ``[0, 2**n_bits - 1]`` of ``x / scale``; ``scale`` is the
      configured value, else the largest clip bound (``max |low|, |high|`` over channels) when
-     ``clip`` comes right before, else the largest ``|x|`` over good samples.
+     ``clip`` comes right before, else the largest ``|x|`` over good samples (recorded as
+     ``scale_from``: ``config``, ``clip`` or ``data``).
 
 5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.dataset.store.write_session`
    (atomic; ``meta.json`` last). Sessions whose ``meta.json`` exists are skipped on re-runs.
@@ -215,15 +216,20 @@ def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict],
                              "low": low.tolist(), "high": high.tolist()})
         elif name == "mulaw_quantize":
             n_bits = int(params.get("n_bits", 8))
-            scale = params.get("scale")
+            scale, scale_from = params.get("scale"), "config"
             if scale is None and recorded and recorded[-1]["name"] == "clip":
-                scale = float(max(-min(recorded[-1]["low"]), max(recorded[-1]["high"])))
+                scale, scale_from = (float(max(-min(recorded[-1]["low"]),
+                                               max(recorded[-1]["high"]))), "clip")
             elif scale is None:
-                scale = float(max(-sample.min(), sample.max())) if sample.size else 1.0
+                scale, scale_from = (float(max(-sample.min(), sample.max()))
+                                     if sample.size else 1.0), "data"
             scale = scale if scale > 0 else 1.0
             scale = float(scale)
+            # scale_from: a configured scale must match between datasets, a derived one is a
+            # per-session statistic (ephys_gpt/dataset/compatibility.py)
             recorded.append({"name": "mulaw_quantize", "n_bits": n_bits,
-                             "mu": transforms.mulaw_mu(n_bits), "scale": scale})
+                             "mu": transforms.mulaw_mu(n_bits), "scale": scale,
+                             "scale_from": scale_from})
 
             def finish(chunk: np.ndarray, _n=n_bits, _s=scale) -> np.ndarray:
                 return transforms.mulaw_quantize(chunk, _n, _s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_on_the_fly_quantization(make_store):
     assert int(x.max()) <= 63 and int(x.min()) >= 0
     step = ds.steps[-1]
     assert step == {"name": "mulaw_quantize", "n_bits": 6, "mu": 63, "scale": 0.5,
-                    "on_the_fly": True}
+                    "scale_from": "config", "on_the_fly": True}
     # The recorded steps decode the tokens back to (close to) the signal.
     back = invert_steps(x.numpy(), ds.steps)
     raw = np.clip(_raw(ds, 5)[:, :-1], -0.5, 0.5)
@@ -185,6 +186,96 @@ def test_nan_in_data_names_session_file_channel_and_sample(make_store):
     ds = ChunkDataset.from_root(root, example_seconds=0.1, quantize={"n_bits": 8})
     with pytest.raises(StoreError, match=r"non-finite value \(inf\)"):
         ds[bad]
+
+
+def _store_with(tmp_path, value, *, at=(2, 17), normalized=True, name="s"):
+    """One session (4 channels, chunks of 50/50/30 samples) of N(0, 0.3) whose chunk 1 holds
+    ``value`` at ``at``; ``normalized`` records a normalize step (else raw SI-like values)."""
+    from ephys_gpt.dataset.store import write_session
+
+    rng = np.random.default_rng(0)
+    scale = 1.0 if normalized else 1e-12
+    chunks = [(rng.standard_normal((4, n)) * 0.3 * scale).astype(np.float32) for n in (50, 50, 30)]
+    chunks[1][at] = value
+    steps = [{"name": "normalize", "method": "robust", "center": [0.0] * 4,
+              "scale": [1.0] * 4}] if normalized else []
+    meta = {"sfreq": 100.0, "ch_names": [f"MEG{i:03d}" for i in range(4)], "ch_types": ["mag"] * 4,
+            "pos_2d": [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], "chunk_samples": 50,
+            "steps": steps}
+    root = tmp_path / f"store-{name}"
+    write_session(root, name, chunks, meta)
+    return root
+
+
+def _window_of(ds, chunk, start):
+    return [i for i in range(len(ds)) if ds.indices[i, 1] == chunk and ds.indices[i, 2] == start][0]
+
+
+@pytest.mark.parametrize("values", [[3e38], [3e38, 3e38], [-2e38, 3e38]],
+                         ids=["one", "sum-overflows", "sum-cancels"])
+def test_huge_values_in_normalized_data_are_caught(tmp_path, values):
+    # before: one 3e38 passed the check (its float32 sum stays finite), and two overflowed the
+    # sum to inf, after which the check found no non-finite value and returned silently:
+    # val/loss = nan, exit 0
+    root = _store_with(tmp_path, 0.0)
+    path = root / "s" / "1.npy"
+    arr = np.load(path)
+    arr[2, 17:17 + len(values)] = values
+    np.save(path, arr)
+    ds = ChunkDatasetForecastCont.from_root(root, example_seconds=0.1)
+    bad = _window_of(ds, 1, 10)
+    with pytest.raises(StoreError, match=(
+            rf"value {re.escape(f'{values[0]:.6g}')} beyond \+-10000, the bound for normalized data "
+            rf"\(datasplitter.dataset_kwargs.max_abs_value; .*\), in session 's', chunk file "
+            rf"{path}, channel 'MEG002' at sample 17 of the chunk")):
+        ds[bad]
+    ds[0]  # other windows read fine
+    tok = ChunkDataset.from_root(root, example_seconds=0.1, quantize={"n_bits": 8})
+    with pytest.raises(StoreError, match="beyond"):  # on-the-fly quantization would saturate
+        tok[bad]
+
+
+def test_the_bound_is_configurable_and_only_for_normalized_data(tmp_path):
+    root = _store_with(tmp_path, 2e4)
+    ds = ChunkDatasetForecastCont.from_root(root, example_seconds=0.1)
+    bad = _window_of(ds, 1, 10)
+    with pytest.raises(StoreError, match=r"value 20000 beyond \+-10000"):
+        ds[bad]
+    assert ds.max_abs_value == dmod.MAX_ABS_NORMALIZED == 1e4
+    ds = ChunkDatasetForecastCont.from_root(root, example_seconds=0.1, max_abs_value=1e5)
+    assert ds[bad][0][2, 7] == 2e4
+    ds = ChunkDatasetForecastCont.from_root(root, example_seconds=0.1, max_abs_value=None)
+    with pytest.raises(StoreError, match=r"value 20000 beyond \+-5000"):
+        ChunkDatasetForecastCont.from_root(root, example_seconds=0.1, max_abs_value=5e3)[bad]
+    ds[bad]
+    ds = ChunkDatasetForecastCont.from_root(root, example_seconds=0.1, check_finite=False)
+    ds[bad]
+    for wrong in (0, -1.0, float("nan"), "big"):
+        with pytest.raises((TypeError, ValueError), match="max_abs_value"):
+            ChunkDatasetForecastCont.from_root(root, example_seconds=0.1, max_abs_value=wrong)
+    # raw values (no normalize step, ~1e-12 T): no bound, but inf is still caught
+    raw = _store_with(tmp_path, 5e4, normalized=False, name="raw")
+    ds = ChunkDatasetForecastCont.from_root(raw, example_seconds=0.1)
+    assert ds[bad][0][2, 7] == 5e4
+    path = raw / "raw" / "1.npy"
+    arr = np.load(path)
+    arr[2, 17] = -np.inf
+    np.save(path, arr)
+    with pytest.raises(StoreError, match=r"non-finite value \(-inf\) in session 'raw'"):
+        ChunkDatasetForecastCont.from_root(raw, example_seconds=0.1)[bad]
+
+
+def test_the_bound_reaches_datasets_through_split_datasets(tmp_path):
+    from ephys_gpt.dataset.datasplitter import split_datasets
+
+    root = _store_with(tmp_path, 2e4)
+    kw = {"dataset_class": "ChunkDatasetForecastCont", "example_seconds": 0.1,
+          "split_by": "time", "val_ratio": 0.0, "test_ratio": 0.0}
+    train = split_datasets(root, **kw).train
+    with pytest.raises(StoreError, match="beyond"):
+        [train[i] for i in range(len(train))]
+    train = split_datasets(root, dataset_kwargs={"max_abs_value": 1e6}, **kw).train
+    assert max(float(train[i][0].abs().max()) for i in range(len(train))) == 2e4
 
 
 def test_memmaps_are_cached_per_chunk(make_store, monkeypatch):

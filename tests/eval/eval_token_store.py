@@ -13,10 +13,10 @@ CH_TYPES = ["mag", "grad", "grad"]
 N_BITS = 4  # vocabulary 16, as GPT2MEG's tiny config
 
 
-def alpha_signal(n_samples: int, n_channels: int, seed: int) -> np.ndarray:
+def alpha_signal(n_samples: int, n_channels: int, seed: int, sfreq: float = SFREQ) -> np.ndarray:
     """AR(2) resonance at 10 Hz plus white noise, mixed across channels (C, T)."""
     rng = np.random.default_rng(seed)
-    r, f = 0.97, 10.0 / SFREQ
+    r, f = 0.97, 10.0 / sfreq
     a1, a2 = 2 * r * np.cos(2 * np.pi * f), -r * r
     src = np.zeros((2, n_samples))
     e = rng.standard_normal((2, n_samples))
@@ -26,18 +26,21 @@ def alpha_signal(n_samples: int, n_channels: int, seed: int) -> np.ndarray:
     return mix @ src + 0.3 * rng.standard_normal((n_channels, n_samples))
 
 
-def write_token_store(root, n_sessions: int = 4, seconds: float = 20.0, chunk_seconds=10.0):
+def write_token_store(root, n_sessions: int = 4, seconds: float = 20.0, chunk_seconds=10.0, *,
+                      sfreq: float = SFREQ, n_bits: int = N_BITS, seed: int = 0):
     """Sessions of mu-law tokens with recorded normalize + mulaw_quantize steps."""
-    chunk = int(chunk_seconds * SFREQ)
+    chunk = int(chunk_seconds * sfreq)
     for s in range(n_sessions):
-        x = alpha_signal(int(seconds * SFREQ), len(CH_NAMES), seed=s) * 1e-13  # tesla-ish
+        x = alpha_signal(int(seconds * sfreq), len(CH_NAMES), seed=seed + s,
+                         sfreq=sfreq) * 1e-13  # tesla-ish
         center, scale = normalize_stats(x, "zscore")
         z = (x - center[:, None]) / scale[:, None]
-        tokens = mulaw_quantize(z, N_BITS, 4.0)
+        tokens = mulaw_quantize(z, n_bits, 4.0)
         steps = [{"name": "normalize", "method": "zscore", "center": center.tolist(),
                   "scale": scale.tolist()},
-                 {"name": "mulaw_quantize", "n_bits": N_BITS, "mu": 2**N_BITS - 1, "scale": 4.0}]
-        meta = {"sfreq": SFREQ, "ch_names": CH_NAMES, "ch_types": CH_TYPES,
+                 {"name": "mulaw_quantize", "n_bits": n_bits, "mu": 2**n_bits - 1, "scale": 4.0,
+                  "scale_from": "config"}]
+        meta = {"sfreq": sfreq, "ch_names": CH_NAMES, "ch_types": CH_TYPES,
                 "pos_2d": [[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]],
                 "pos_3d": [[0.0, 0.05, 0.1], [0.01, 0.05, 0.1], [0.0, 0.06, 0.1]],
                 "ori_3d": [[0.0, 0.0, 1.0]] * 3, "chunk_samples": chunk, "steps": steps,
