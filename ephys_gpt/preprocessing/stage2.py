@@ -494,7 +494,8 @@ def recorded_settings(meta: store.SessionMeta) -> Stage2Settings:
     rec = meta.provenance.get("stage2_settings")
     if not isinstance(rec, dict):
         raise ValueError(f"{meta.path / store.META_NAME} does not record the stage-2 settings it "
-                         "was written with (written before they were recorded)")
+                         "was written with (written before they were recorded); "
+                         f"{store.repair_advice(meta)}")
     known = {f.name for f in fields(Stage2Settings)}
     try:
         return Stage2Settings(**{k: v for k, v in rec.items() if k in known})
