@@ -372,17 +372,19 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     with FolderLock(out_root, timeout=lock_timeout, what="chunk store"):
         store.clean_partial(out_root)
         result = RunResult()
-        todo = _plan(inputs, out_root, settings, verify, result)
-        _write_sessions(todo, out_root, settings, n_workers, progress, result)
+        todo, repairs = _plan(inputs, out_root, settings, verify, result)
+        _write_sessions(todo, repairs, out_root, settings, n_workers, progress, result)
     logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
                 len(result.skipped), len(result.failed))
     return result
 
 
 def _plan(inputs: Sequence[str | os.PathLike], out_root: Path, settings: Stage2Settings,
-          verify: bool, result: RunResult) -> list[tuple[str, str]]:
-    """``[(stage-1 file, session name)]`` to write; skipped and refused ones go to ``result``."""
+          verify: bool, result: RunResult) -> tuple[list[tuple[str, str]], set[str]]:
+    """``[(stage-1 file, session name)]`` to write and the names among them that replace a
+    damaged session; skipped and refused ones go to ``result``."""
     todo: list[tuple[str, str]] = []
+    repairs: set[str] = set()
     names: dict[str, Path] = {}
     now = settings.record()
     for fif in inputs:
@@ -414,7 +416,7 @@ def _plan(inputs: Sequence[str | os.PathLike], out_root: Path, settings: Stage2S
             else:
                 logger.warning("%s is damaged (%s); rewriting it from %s", folder,
                                "; ".join(check.problems[:3]), fif)
-                result.repaired.append(name)
+                repairs.add(name)
                 todo.append((str(fif), name))
         elif (marker := in_progress(folder)) is not None:
             result.failed[name] = (f"{folder} is being written by {describe_holder(marker)}; "
@@ -427,15 +429,15 @@ def _plan(inputs: Sequence[str | os.PathLike], out_root: Path, settings: Stage2S
             todo.append((str(fif), name))
     if result.skipped:
         logger.info("stage 2: %d session(s) already complete, skipping", len(result.skipped))
-    return todo
+    return todo, repairs
 
 
-def _write_sessions(todo: list[tuple[str, str]], out_root: Path, settings: Stage2Settings,
-                    n_workers: int, progress: bool, result: RunResult) -> None:
-    repairs = set(result.repaired)
-    result.repaired.clear()  # filled again with those actually rewritten
+def _write_sessions(todo: list[tuple[str, str]], repairs: set[str], out_root: Path,
+                    settings: Stage2Settings, n_workers: int, progress: bool,
+                    result: RunResult) -> None:
+    """Write the ``todo`` sessions (in a process pool when ``n_workers > 1``) into ``result``;
+    after a full disk, the sessions not started yet are reported instead of attempted."""
     bar = tqdm(total=len(todo), desc="stage 2 (chunks)", unit="session", disable=not progress)
-    full: DiskFullError | None = None
     if n_workers > 1 and len(todo) > 1:
         ctx = get_context("spawn")  # no fork of a process holding torch/BLAS threads
         with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
@@ -447,8 +449,7 @@ def _write_sessions(todo: list[tuple[str, str]], out_root: Path, settings: Stage
                 name = futures[fut]
                 err = fut.exception()
                 _record(result, name, err, None if err else fut.result(), repairs)
-                if isinstance(err, DiskFullError) and full is None:
-                    full = err
+                if isinstance(err, DiskFullError):
                     for other in futures:
                         other.cancel()  # only those not started yet
                 bar.update()
@@ -461,7 +462,6 @@ def _write_sessions(todo: list[tuple[str, str]], out_root: Path, settings: Stage
             except Exception as err:  # reported at the end; the other sessions go on
                 _record(result, name, err, None, repairs)
                 if isinstance(err, DiskFullError):
-                    full = err
                     not_started = [n for _, n in todo[k + 1:]]
                     break
             else:
