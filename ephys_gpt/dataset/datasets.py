@@ -51,6 +51,7 @@ from ephys_gpt.dataset.store import (
     check_compatible,
     list_sessions,
     load_chunk,
+    repair_advice,
 )
 from ephys_gpt.preprocessing.transforms import mulaw_mu, mulaw_quantize
 from ephys_gpt.validation import check_number
@@ -348,7 +349,7 @@ class ChunkWindowDataset(Dataset):
         meta = self.metas[s]
         raise StoreError(f"{what} in session {meta.name!r}, chunk file "
                          f"{meta.chunk_path(c)}, channel {meta.ch_names[ch]!r} at sample "
-                         f"{start + t} of the chunk; re-run stage 2 on this session")
+                         f"{start + t} of the chunk. To repair: {repair_advice(meta)}")
 
     def read_tokens(self, i: int) -> np.ndarray:
         """Window ``i`` as int64 tokens (C, read_samples)."""

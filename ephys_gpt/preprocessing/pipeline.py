@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ephys_gpt.locking import FolderLock
 from ephys_gpt.preprocessing.config import PreprocessConfig
 from ephys_gpt.preprocessing.discovery import discover
 from ephys_gpt.preprocessing.result import RunResult
@@ -35,15 +36,26 @@ def stage2_settings(cfg: PreprocessConfig) -> Stage2Settings:
                           bad_channels=cfg.bad_channels)
 
 
-def run_preprocess(cfg: PreprocessConfig, stage: str = "both") -> PipelineResult:
+def run_preprocess(cfg: PreprocessConfig, stage: str = "both", *, verify: bool = False,
+                   lock_timeout: float | None = 0.0) -> PipelineResult:
     """Run ``stage`` (``stage_1``, ``stage_2`` or ``both``); failures are collected, not raised.
 
     Stage 2 reads every ``*_preproc-raw.fif`` under ``<save_folder>/stage1`` (so it also
     picks up stage-1 outputs from earlier runs or other machines) and writes the chunk store
-    to ``<save_folder>/chunks``.
+    to ``<save_folder>/chunks``; ``verify`` makes it compare finished sessions' checksums (not
+    only their sizes) before skipping them.
+
+    ``save_folder`` is locked for the whole run: another run holding it makes this one wait
+    up to ``lock_timeout`` seconds (None: as long as it takes), then raise
+    :class:`~ephys_gpt.locking.FolderLockedError` naming the holder.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    with FolderLock(cfg.save_folder, timeout=lock_timeout, what="save_folder"):
+        return _run_locked(cfg, stage, verify)
+
+
+def _run_locked(cfg: PreprocessConfig, stage: str, verify: bool) -> PipelineResult:
     result = PipelineResult()
     if stage in ("stage_1", "both"):
         recordings = discover(cfg.data_path, cfg.dataset, exclude=[cfg.save_folder])
@@ -57,7 +69,7 @@ def run_preprocess(cfg: PreprocessConfig, stage: str = "both") -> PipelineResult
             raise FileNotFoundError(f"no stage-1 outputs (*_preproc-raw.fif) under "
                                     f"{cfg.stage1_dir}; run stage_1 first")
         result.stage2 = run_stage2(inputs, cfg.chunks_dir, stage2_settings(cfg),
-                                   n_workers=cfg.n_workers, progress=cfg.progress)
+                                   n_workers=cfg.n_workers, progress=cfg.progress, verify=verify)
         result.failed.update({f"stage 2: {k}": v for k, v in result.stage2.failed.items()})
     return result
 

@@ -10,10 +10,13 @@ one folder per recording::
     <stage1>/logs/                           # osl-ephys logs; <name>_preproc.error.log on failure
     <stage1>/report/                         # osl-ephys HTML report (gen_report: true)
 
-osl-ephys writes into a hidden temporary folder, and each finished recording folder is
-renamed into place, so an interrupted run leaves no half-written ``_preproc-raw.fif`` that a
-re-run would mistake for a finished one. Re-runs skip recordings whose output exists. A
-recording that fails does not stop the others; failures come back with osl-ephys's reason.
+osl-ephys writes into a hidden temporary folder (``.tmp-<id>``, carrying the toolkit's
+in-progress marker), and each finished recording folder is renamed into place, so an
+interrupted run leaves no half-written ``_preproc-raw.fif`` that a re-run would mistake for a
+finished one. Re-runs skip recordings whose output exists and remove only such marked
+temporary folders; a folder in the way of a recording's output is reported, never replaced.
+The folder is locked for the run (:class:`ephys_gpt.locking.FolderLock`). A recording that
+fails does not stop the others; failures come back with osl-ephys's reason.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ from tqdm.auto import tqdm
 import ephys_gpt
 from ephys_gpt._optional import require
 from ephys_gpt.fileio import as_json, read_json_field, write_json_atomic
+from ephys_gpt.locking import (
+    FolderLock,
+    describe_holder,
+    in_progress,
+    mark_in_progress,
+    written_by_live_process,
+)
 from ephys_gpt.preprocessing.config import RecipeConfig
 from ephys_gpt.preprocessing.discovery import Recording
 from ephys_gpt.preprocessing.result import RunResult
@@ -44,6 +54,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_SUFFIX = "_preproc-raw.fif"
 RECORDING_SUFFIX = "_recording.json"
 _TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]{8}$")  # run_stage1's work folder
 
 
 def notch_below_nyquist(dataset: dict, userargs: dict) -> dict:
@@ -158,18 +169,37 @@ def find_outputs(stage1_dir: str | os.PathLike) -> list[Path]:
                   if not p.parent.name.startswith(".") and p.parent.name not in ("logs", "report"))
 
 
-def clean_partial(stage1_dir: str | os.PathLike) -> None:
-    """Remove temporary folders left by an interrupted stage-1 run."""
+def clean_partial(stage1_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders an interrupted stage-1 run left; return them.
+
+    Only folders with run_stage1's temporary name (``.tmp-<8 hex digits>``) that carry its
+    in-progress marker (or are empty) are removed, and not while the process that wrote the
+    marker still runs; each removal is logged. Nothing else is touched.
+    """
     stage1_dir = Path(stage1_dir)
-    if stage1_dir.is_dir():
-        for d in stage1_dir.glob(f"{_TMP_PREFIX}*"):
-            shutil.rmtree(d, ignore_errors=True)
+    removed: list[Path] = []
+    if not stage1_dir.is_dir():
+        return removed
+    for d in sorted(stage1_dir.iterdir()):
+        if not _TMP_NAME.match(d.name) or d.is_symlink() or not d.is_dir():
+            continue
+        record = in_progress(d)
+        if record is None and any(d.iterdir()):
+            continue  # not provably ours
+        if written_by_live_process(record):
+            logger.info("leaving %s alone: %s is still writing it", d, describe_holder(record))
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        logger.info("removed %s: temporary folder of an interrupted stage-1 run%s", d,
+                    f" ({describe_holder(record)})" if record else "")
+    return removed
 
 
 def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *,
                osl_config: str | os.PathLike | None = None, recipe: RecipeConfig | None = None,
                n_workers: int = 1, gen_report: bool = False, progress: bool = True,
-               random_seed: int = 0) -> RunResult:
+               random_seed: int = 0, lock_timeout: float | None = 0.0) -> RunResult:
     """Run osl-ephys over ``recordings``, writing ``<stage1_dir>/<name>/<name>_preproc-raw.fif``.
 
     Parameters
@@ -186,12 +216,23 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
         Also write osl-ephys's HTML report (slow).
     random_seed : int
         Seed osl-ephys sets before each recording (reproducible runs).
+    lock_timeout : float or None
+        ``stage1_dir`` is locked for the run; seconds to wait for another run holding it
+        (0: refuse at once with :class:`~ephys_gpt.locking.FolderLockedError`; None: wait).
     """
+    with FolderLock(stage1_dir, timeout=lock_timeout, what="stage-1 folder"):
+        return _run_stage1(recordings, Path(stage1_dir), osl_config=osl_config, recipe=recipe,
+                           n_workers=n_workers, gen_report=gen_report, progress=progress,
+                           random_seed=random_seed)
+
+
+def _run_stage1(recordings: Sequence[Recording], stage1_dir: Path, *,
+                osl_config: str | os.PathLike | None, recipe: RecipeConfig | None,
+                n_workers: int, gen_report: bool, progress: bool, random_seed: int
+                ) -> RunResult:
     batch = require("osl_ephys.preprocessing.batch")
     import mne
 
-    stage1_dir = Path(stage1_dir)
-    stage1_dir.mkdir(parents=True, exist_ok=True)
     clean_partial(stage1_dir)
     config = load_recipe(osl_config) if osl_config is not None else default_recipe(recipe)
     result = RunResult()
@@ -209,6 +250,10 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
                     "recipe, or write to another save_folder")
             else:
                 result.skipped.append(rec.name)
+        elif (stage1_dir / rec.name).exists() or (stage1_dir / rec.name).is_symlink():
+            result.failed[rec.name] = (
+                f"{stage1_dir / rec.name} exists but holds no stage-1 output ({out.name}); it was "
+                "left as it is. Move or rename it so that stage 1 can write this recording")
         elif " " in str(rec.path):
             result.failed[rec.name] = (f"{rec.path}: osl-ephys cannot read paths containing "
                                        "spaces; rename the file or folder")
@@ -222,6 +267,7 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     logs, report = stage1_dir / "logs", stage1_dir / "report"
     tmp = stage1_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    mark_in_progress(tmp)
     for rec in todo:  # so a failure's reason is never read from an earlier run's log
         (logs / f"{rec.name}_preproc.error.log").unlink(missing_ok=True)
     verbose = "INFO" if logging.getLogger("ephys_gpt").isEnabledFor(logging.DEBUG) else "WARNING"
@@ -336,8 +382,12 @@ def _collect(rec: Recording, tmp: Path, stage1_dir: Path, logs: Path,
                       {**rec.as_dict(), "ephys_gpt_version": ephys_gpt.__version__,
                        "stage1_recipe": recipe})
     final = stage1_dir / rec.name
-    if final.exists():  # a stale folder without output (an earlier failure)
-        shutil.rmtree(final)
+    if final.exists() or final.is_symlink():  # appeared during the run: never replaced
+        result.failed[rec.name] = (f"{final} appeared while stage 1 ran; it was left as it is "
+                                   "and this recording's output discarded. Move it and run "
+                                   "again")
+        logger.error("stage 1 failed for %s", result.failed[rec.name])
+        return
     os.replace(tmp / rec.name, final)
     result.written.append(final / f"{rec.name}{OUTPUT_SUFFIX}")
 

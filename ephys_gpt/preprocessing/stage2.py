@@ -25,10 +25,17 @@ Per session:
      ``scale_from``: ``config``, ``clip`` or ``data``).
 
 5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.dataset.store.write_session`
-   (atomic; ``meta.json`` last). Sessions whose ``meta.json`` exists are skipped on re-runs.
+   (atomic; ``meta.json`` last, with each chunk's size and SHA-256).
+
+Re-runs skip finished sessions after checking their chunk files against the sizes recorded
+in ``meta.json`` (``verify=True``: also the checksums); a damaged session is rewritten from its
+stage-1 file. The chunk store is locked for the run (:class:`ephys_gpt.locking.FolderLock`),
+and only the toolkit's own unfinished folders are cleaned up. :func:`repair_store` rewrites
+damaged sessions from what each one recorded (``ephys-gpt check-store DIR --repair``).
 
 Sessions run in parallel in a process pool when ``n_workers > 1``; a failing session is
-reported with its reason and does not stop the others.
+reported with its reason and does not stop the others, except a full disk, which stops the
+sessions not yet started.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -48,7 +55,8 @@ from tqdm.auto import tqdm
 
 import ephys_gpt
 from ephys_gpt.dataset import store
-from ephys_gpt.fileio import as_json, read_json_field
+from ephys_gpt.fileio import DiskFullError, as_json, read_json_field
+from ephys_gpt.locking import FolderLock, describe_holder, in_progress
 from ephys_gpt.preprocessing import transforms
 from ephys_gpt.preprocessing.result import RunResult
 from ephys_gpt.preprocessing.sensors import channel_metadata
@@ -352,22 +360,42 @@ def _process_one(fif: str, out_root: str, settings: Stage2Settings, name: str) -
 
 def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
                settings: Stage2Settings | None = None, *, n_workers: int = 1,
-               progress: bool = True) -> RunResult:
+               progress: bool = True, verify: bool = False,
+               lock_timeout: float | None = 0.0) -> RunResult:
     """Run stage 2 over stage-1 files ``inputs`` into the chunk store ``out_root``.
 
-    Finished sessions (``meta.json`` present) are skipped; leftovers of interrupted runs are
-    removed first. Failures are collected in the result with their reason, never raised.
+    Finished sessions are skipped when their chunk files match the sizes recorded in
+    ``meta.json`` (``verify``: also their SHA-256); damaged ones are rewritten from their
+    stage-1 file (listed in ``result.repaired``). Unfinished folders of interrupted runs are
+    removed first; anything else under ``out_root`` is left alone, and a folder in the way of a
+    session is reported, not replaced. ``out_root`` is locked for the run: another run holding
+    it makes this one wait up to ``lock_timeout`` seconds (None: as long as it takes) and then
+    raise :class:`~ephys_gpt.locking.FolderLockedError`. Failures of single sessions are
+    collected in the result with their reason, never raised.
     """
     settings = settings or Stage2Settings()
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    store.clean_partial(out_root)
-    result = RunResult()
+    with FolderLock(out_root, timeout=lock_timeout, what="chunk store"):
+        store.clean_partial(out_root)
+        result = RunResult()
+        todo, repairs = _plan(inputs, out_root, settings, verify, result)
+        _write_sessions(todo, repairs, out_root, settings, n_workers, progress, result)
+    logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
+                len(result.skipped), len(result.failed))
+    return result
+
+
+def _plan(inputs: Sequence[str | os.PathLike], out_root: Path, settings: Stage2Settings,
+          verify: bool, result: RunResult) -> tuple[list[tuple[str, str]], set[str]]:
+    """``[(stage-1 file, session name)]`` to write and the names among them that replace a
+    damaged session; skipped and refused ones go to ``result``."""
     todo: list[tuple[str, str]] = []
+    repairs: set[str] = set()
     names: dict[str, Path] = {}
     now = settings.record()
     for fif in inputs:
         name = session_name(fif)
+        folder = out_root / name
         if name in names:
             result.failed[name] = (f"{fif}: another stage-1 file ({names[name]}) maps to the same "
                                    "session name")
@@ -375,45 +403,172 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
         names[name] = Path(fif)
         if store.is_complete(out_root, name):
             change = settings_change(read_json_field(
-                out_root / name / store.META_NAME, "provenance", "stage2_settings"), now)
+                folder / store.META_NAME, "provenance", "stage2_settings"), now)
             if change:
                 result.failed[name] = (
-                    f"{out_root / name} is complete but was written with other stage-2 "
+                    f"{folder} is complete but was written with other stage-2 "
                     f"settings ({'; '.join(change)}); it was left as it is. Delete it (or the "
                     "whole chunks folder) to rebuild with the new settings, or write to "
                     "another save_folder")
-            else:
+                continue
+            check = store.check_session(folder, checksums=verify)
+            if check.ok:
                 result.skipped.append(name)
+            elif not check.ours:
+                result.failed[name] = (
+                    f"{folder} is damaged ({'; '.join(check.problems[:3])}) but its meta.json "
+                    "does not show that ephys-gpt wrote it, so it was left as it is; delete it "
+                    "to let stage 2 write the session again")
+            else:
+                logger.warning("%s is damaged (%s); rewriting it from %s", folder,
+                               "; ".join(check.problems[:3]), fif)
+                repairs.add(name)
+                todo.append((str(fif), name))
+        elif (marker := in_progress(folder)) is not None:
+            result.failed[name] = (f"{folder} is being written by {describe_holder(marker)}; "
+                                   "it was left alone")
+        elif folder.exists() or folder.is_symlink():
+            result.failed[name] = (
+                f"{folder} exists but is not a session written by ephys-gpt (no meta.json); it "
+                "was left as it is. Move or rename it so that stage 2 can write this session")
         else:
             todo.append((str(fif), name))
     if result.skipped:
         logger.info("stage 2: %d session(s) already complete, skipping", len(result.skipped))
+    return todo, repairs
+
+
+def _write_sessions(todo: list[tuple[str, str]], repairs: set[str], out_root: Path,
+                    settings: Stage2Settings, n_workers: int, progress: bool,
+                    result: RunResult) -> None:
+    """Write the ``todo`` sessions (in a process pool when ``n_workers > 1``) into ``result``;
+    after a full disk, the sessions not started yet are reported instead of attempted."""
     bar = tqdm(total=len(todo), desc="stage 2 (chunks)", unit="session", disable=not progress)
     if n_workers > 1 and len(todo) > 1:
         ctx = get_context("spawn")  # no fork of a process holding torch/BLAS threads
         with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_process_one, f, str(out_root), settings, n): (f, n)
+            futures = {pool.submit(_process_one, f, str(out_root), settings, n): n
                        for f, n in todo}
             for fut in as_completed(futures):
-                _, name = futures[fut]
-                _record(result, name, fut.exception(), fut)
+                if fut.cancelled():
+                    continue
+                name = futures[fut]
+                err = fut.exception()
+                _record(result, name, err, None if err else fut.result(), repairs)
+                if isinstance(err, DiskFullError):
+                    for other in futures:
+                        other.cancel()  # only those not started yet
                 bar.update()
+        not_started = [n for fut, n in futures.items() if fut.cancelled()]
     else:
-        for f, name in todo:
+        not_started = []
+        for k, (f, name) in enumerate(todo):
             try:
-                result.written.append(process_session(f, out_root, settings, name))
+                path = process_session(f, out_root, settings, name)
             except Exception as err:  # reported at the end; the other sessions go on
-                _record(result, name, err, None)
+                _record(result, name, err, None, repairs)
+                if isinstance(err, DiskFullError):
+                    not_started = [n for _, n in todo[k + 1:]]
+                    break
+            else:
+                _record(result, name, None, path, repairs)
             bar.update()
     bar.close()
-    logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
-                len(result.skipped), len(result.failed))
-    return result
+    if not_started:
+        logger.error("stage 2: the disk is full; %d session(s) were not started",
+                     len(not_started))
+        for name in not_started:
+            result.failed[name] = ("not started: the disk is full (see the other failures); "
+                                   "free some space and run stage 2 again")
 
 
-def _record(result: RunResult, name: str, err: BaseException | None, fut) -> None:
+def _record(result: RunResult, name: str, err: BaseException | None, written, repairs=()
+            ) -> None:
+    """Add one session's outcome: its error, or the folder it was ``written`` to."""
     if err is None:
-        result.written.append(Path(fut.result()))
+        result.written.append(Path(written))
+        if name in repairs:
+            result.repaired.append(name)
         return
     result.failed[name] = str(err)
     logger.error("stage 2 failed for %s: %s", name, err)
+
+
+def recorded_settings(meta: store.SessionMeta) -> Stage2Settings:
+    """The :class:`Stage2Settings` a session was written with (its
+    ``provenance.stage2_settings``); ValueError when they were not recorded."""
+    rec = meta.provenance.get("stage2_settings")
+    if not isinstance(rec, dict):
+        raise ValueError(f"{meta.path / store.META_NAME} does not record the stage-2 settings it "
+                         "was written with (written before they were recorded); "
+                         f"{store.repair_advice(meta)}")
+    known = {f.name for f in fields(Stage2Settings)}
+    try:
+        return Stage2Settings(**{k: v for k, v in rec.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{meta.path / store.META_NAME}: the recorded stage-2 settings cannot "
+                         f"be used again: {err}") from None
+
+
+def recorded_stage1_file(meta: store.SessionMeta) -> Path:
+    """The stage-1 file a session was made from: the recorded path, else the same recording
+    in the ``stage1`` folder beside the store (a save_folder that was moved as a whole)."""
+    prov = meta.provenance
+    recording = str(prov.get("recording") or meta.name)
+    candidates = [Path(prov["stage1_file"])] if prov.get("stage1_file") else []
+    candidates.append(meta.path.parent.parent / "stage1" / recording / f"{recording}{OUTPUT_SUFFIX}")
+    for fif in candidates:
+        if fif.is_file():
+            return fif
+    raise FileNotFoundError(f"the stage-1 file of {meta.path} is gone (looked for "
+                            f"{' and '.join(str(c) for c in candidates)}); run stage 1 again "
+                            "(`ephys-gpt preprocess --args <preprocess.yaml>`), which also "
+                            "rewrites damaged sessions")
+
+
+def rewrite_session(session_dir: str | os.PathLike) -> Path:
+    """Write a session again from the stage-1 file and stage-2 settings its meta.json records
+    (stage 2 is deterministic: the chunks come out as they were first written).
+
+    Raises ValueError/FileNotFoundError saying why when the session cannot be rewritten:
+    meta.json unreadable or not written by ephys-gpt, a converted legacy session, settings not
+    recorded, or the stage-1 file gone.
+    """
+    session_dir = Path(session_dir)
+    if not store.is_store_session(session_dir):
+        raise ValueError(f"{session_dir / store.META_NAME} is unreadable or was not written by "
+                         f"ephys-gpt, so the session cannot be rewritten from it; delete "
+                         f"{session_dir} and re-run stage 2")
+    meta = store.read_meta(session_dir)
+    if meta.provenance.get("legacy_source"):
+        raise ValueError(f"{session_dir} was converted from the original toolkit's chunks "
+                         f"({meta.provenance['legacy_source']}); {store.repair_advice(meta)}")
+    settings = recorded_settings(meta)
+    fif = recorded_stage1_file(meta)
+    return process_session(fif, session_dir.parent, settings, meta.name)
+
+
+def repair_store(root: str | os.PathLike, *, checksums: bool = True, progress: bool = True,
+                 lock_timeout: float | None = 0.0
+                 ) -> tuple[list[store.SessionCheck], RunResult]:
+    """Check every session of the chunk store ``root`` and rewrite the damaged ones with
+    :func:`rewrite_session` (what ``ephys-gpt check-store DIR --repair`` runs).
+
+    The store is locked meanwhile and unfinished folders of interrupted runs are removed.
+    Returns the checks (as found, before repair) and the rewrites (``written``/``failed``).
+    """
+    root = Path(root)
+    result = RunResult()
+    with FolderLock(root, timeout=lock_timeout, what="chunk store"):
+        store.clean_partial(root)
+        checks = store.verify_store(root, checksums=checksums, progress=progress)
+        damaged = [c for c in checks if not c.ok]
+        for check in tqdm(damaged, desc="rewriting damaged sessions", unit="session",
+                          disable=not progress or not damaged):
+            try:
+                result.written.append(rewrite_session(check.path))
+                result.repaired.append(check.name)
+                logger.info("rewrote %s", check.path)
+            except (ValueError, OSError) as err:
+                result.failed[check.name] = str(err)
+    return checks, result

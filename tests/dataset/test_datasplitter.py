@@ -204,13 +204,13 @@ def test_session_without_meta_json(make_store, caplog):
     (root / "only" / "meta.json").unlink()
     with pytest.raises(StoreError, match="holds no complete session"):
         split_datasets(root)
-    # Beside complete sessions, a meta-less folder is skipped with a warning naming it.
+    # Beside complete sessions, a meta-less folder is not a session: skipped, named.
     make_store(n_sessions=3, names=["a", "b", "c"])
     shutil.copytree(root / "only", tmp := (root.parent / "store" / "broken"))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         sp = split_datasets(root.parent / "store", dataset_class="ChunkDatasetForecastCont",
                             example_seconds=0.1)
-    assert f"skipping {tmp}: no meta.json" in caplog.text
+    assert f"skipping {tmp}: not a session (no meta.json)" in caplog.text
     assert sorted(m.name for ds in sp for m in ds.metas) == ["a", "b", "c"]
 
 

@@ -149,3 +149,73 @@ def test_osl_logging_does_not_leak(simulated, tmp_path):
     assert not mine.disabled and not other.disabled
     assert logging.getLogger("mne").level == mne_level
     assert not logging.getLogger("osl_ephys").handlers
+
+
+def test_cleanup_removes_only_marked_temporary_folders(tmp_path, caplog):
+    import logging
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ephys_gpt.locking import MARKER_NAME
+    from ephys_gpt.preprocessing.stage1 import clean_partial
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    user_hidden = tmp_path / ".tmp-archive"  # a user's folder with a look-alike name
+    user_hidden.mkdir()
+    (user_hidden / "old.fif").write_text("mine")
+    unmarked = tmp_path / ".tmp-1234abcd"  # the writer's name, but no marker: not provable
+    unmarked.mkdir()
+    (unmarked / "x.txt").write_text("mine")
+    crashed = tmp_path / ".tmp-0badc0de"
+    crashed.mkdir()
+    (crashed / "partial_preproc-raw.fif").write_bytes(b"half")
+    (crashed / MARKER_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+    empty = tmp_path / ".tmp-89abcdef"
+    empty.mkdir()
+    live = tmp_path / ".tmp-00c0ffee"
+    live.mkdir()
+    (live / MARKER_NAME).write_text(json.dumps({"pid": os.getppid(),
+                                                "host": socket.gethostname()}))
+    with caplog.at_level(logging.INFO, logger="ephys_gpt.preprocessing.stage1"):
+        removed = clean_partial(tmp_path)
+    assert sorted(removed) == sorted([crashed, empty])
+    assert (user_hidden / "old.fif").exists() and (unmarked / "x.txt").exists() and live.exists()
+    assert f"removed {crashed}: temporary folder of an interrupted stage-1 run (pid {dead}" \
+        in caplog.text
+
+
+def test_folder_in_the_way_of_an_output_is_never_replaced(simulated, tmp_path):
+    from ephys_gpt.preprocessing.discovery import discover
+
+    rec = discover(simulated[0])[:1]
+    mine = tmp_path / rec[0].name
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    result = run_stage1(rec, tmp_path, progress=False)
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert not result.written
+    assert f"{mine} exists but holds no stage-1 output" in result.failed[rec[0].name]
+
+
+def test_stage1_refuses_a_folder_another_process_is_writing(simulated, tmp_path):
+    import subprocess
+    import sys
+
+    from ephys_gpt.locking import FolderLockedError
+    from ephys_gpt.preprocessing.discovery import discover
+
+    script = ("import time\nfrom ephys_gpt.locking import FolderLock\n"
+              f"with FolderLock({str(tmp_path)!r}):\n"
+              "    print('locked', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError, match=f"stage-1 folder {tmp_path} is in use by "
+                                                    f"another ephys-gpt run: pid {holder.pid}"):
+            run_stage1(discover(simulated[0])[:1], tmp_path, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -172,21 +174,21 @@ def test_no_matching_channels_is_a_clear_error(tmp_path):
 def test_exception_mid_session_leaves_nothing_then_rerun_completes(stage1_files, tmp_path,
                                                                    monkeypatch):
     root = tmp_path / "chunks"
-    real_save = np.save
+    real_write = store._write_chunk
     calls = {"n": 0}
 
-    def failing_save(fh, arr, **kw):
+    def failing_write(path, arr):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError("disk full (injected)")
-        return real_save(fh, arr, **kw)
+            raise RuntimeError("injected failure")
+        return real_write(path, arr)
 
-    monkeypatch.setattr(store.np, "save", failing_save)
+    monkeypatch.setattr(store, "_write_chunk", failing_write)
     result = run_stage2(stage1_files[:1], root, FAST_TOKENS, progress=False)
-    assert "disk full" in result.failed["sub-01_ses-01_task-rest"]
+    assert "injected failure" in result.failed["sub-01_ses-01_task-rest"]
     assert not store.is_complete(root, "sub-01_ses-01_task-rest")
-    assert list(root.iterdir()) == []  # the temporary folder was removed
-    monkeypatch.setattr(store.np, "save", real_save)
+    assert list(root.iterdir()) == []  # the temporary folder was removed (and the lock file)
+    monkeypatch.setattr(store, "_write_chunk", real_write)
     result = run_stage2(stage1_files[:1], root, FAST_TOKENS, progress=False)
     assert result.ok and len(result.written) == 1
     meta = store.list_sessions(root)[0]
@@ -201,21 +203,22 @@ def test_sigkill_mid_write_then_rerun_gives_complete_store(stage1_files, tmp_pat
         import numpy as np
         from ephys_gpt.dataset import store
         from ephys_gpt.preprocessing.stage2 import Stage2Settings, run_stage2
-        real, n = np.save, [0]
-        def save(fh, arr, **kw):
+        real, n = store._write_chunk, [0]
+        def write(path, arr):
             n[0] += 1
             if n[0] == 4:
-                fh.write(b"half a chunk")
+                path.write_bytes(b"half a chunk")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(fh, arr, **kw)
-        store.np.save = save
+            return real(path, arr)
+        store._write_chunk = write
         run_stage2([{str(stage1_files[0])!r}], {str(root)!r}, Stage2Settings(bad_channels="keep"),
                    progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    leftovers = [p.name for p in root.iterdir()]
-    assert leftovers and all(n.startswith(".tmp-") for n in leftovers)
+    leftovers = sorted(p.name for p in root.iterdir())
+    assert len(leftovers) == 2 and leftovers[0] == ".ephys-gpt.lock"  # released by the kernel
+    assert leftovers[1].startswith(".tmp-sub-01_ses-01_task-rest-")
     assert not store.is_complete(root, "sub-01_ses-01_task-rest")
     with pytest.raises(store.StoreError, match="no complete session"):
         store.list_sessions(root)
@@ -291,3 +294,107 @@ def test_flat_channel_gets_its_type_median_scale():
     scale = steps[0]["scale"]
     assert scale[2] == pytest.approx(np.median(scale[:2]))  # not 1.0 tesla
     assert scale[3] == pytest.approx(1e-11, rel=0.1)
+
+
+def test_stage2_leaves_folders_it_did_not_write(stage1_files, tmp_path):
+    """A user's folders under the chunk store survive a run: a folder without meta.json is
+    neither removed nor replaced, even when it has a session's name."""
+    root = tmp_path / "chunks"
+    notes = root / "my-notes"
+    notes.mkdir(parents=True)
+    (notes / "notes.txt").write_text("keep me")
+    blocking = root / stage1_files[0].parent.name  # the user's folder, named like a session
+    blocking.mkdir()
+    (blocking / "draft.txt").write_text("mine")
+    result = run_stage2(stage1_files, root, FAST_TOKENS, progress=False)
+    assert (notes / "notes.txt").read_text() == "keep me"
+    assert (blocking / "draft.txt").read_text() == "mine"
+    assert [p.name for p in result.written] == [stage1_files[1].parent.name]
+    reason = result.failed[blocking.name]
+    assert f"{blocking} exists but is not a session written by ephys-gpt" in reason
+    assert "left as it is" in reason
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["my-notes", blocking.name, stage1_files[1].parent.name])
+
+
+def _digests(folder):
+    return json.loads((folder / "meta.json").read_text())["chunk_checksums"]["digests"]
+
+
+def test_rerun_rewrites_damaged_sessions(stage1_files, tmp_path, caplog):
+    """Re-runs compare chunk sizes (cheap, always) and, with verify, checksums; damaged
+    sessions are rewritten from their stage-1 file, identical to the first write."""
+    root = tmp_path / "chunks"
+    assert run_stage2(stage1_files, root, FAST_TOKENS, progress=False).ok
+    a, b = (root / f.parent.name for f in stage1_files)
+    before = {a: _digests(a), b: _digests(b)}
+    chunk = a / "1.npy"
+    chunk.write_bytes(chunk.read_bytes()[:1000])  # truncated
+    chunk = b / "0.npy"
+    data = bytearray(chunk.read_bytes())
+    data[-10:] = bytes(10)  # changed, same size
+    chunk.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = run_stage2(stage1_files, root, FAST_TOKENS, progress=False)
+    assert again.repaired == [a.name] and again.skipped == [b.name] and again.ok
+    assert "(of which 1 repaired)" in again.counts()
+    assert f"{a} is damaged (chunk 1 (1.npy): 1000 bytes" in caplog.text
+    assert store.check_session(a).ok and _digests(a) == before[a]
+    assert not store.check_session(b).ok  # a size check cannot see this one
+    verified = run_stage2(stage1_files, root, FAST_TOKENS, progress=False, verify=True)
+    assert verified.repaired == [b.name] and verified.skipped == [a.name]
+    assert store.check_session(b).ok and _digests(b) == before[b]
+    assert sorted(p.name for p in root.iterdir()) == [a.name, b.name]
+
+
+def test_disk_full_during_stage2_names_the_file_and_keeps_other_sessions(stage1_files, tmp_path,
+                                                                         monkeypatch):
+    real = store._write_chunk
+    full_in = {"name": stage1_files[1].parent.name}
+
+    def writer(path, array):
+        if path.parent.name.startswith(f".tmp-{full_in['name']}-") and path.name == "2.npy":
+            path.write_bytes(b"\x93NUMPY partial")
+            raise OSError("306000 requested and 49024 written")
+        return real(path, array)
+
+    monkeypatch.setattr(store, "_write_chunk", writer)
+    root = tmp_path / "chunks"
+    result = run_stage2(stage1_files, root, FAST_TOKENS, progress=False)
+    first, second = (f.parent.name for f in stage1_files)
+    assert [p.name for p in result.written] == [first]
+    reason = result.failed[second]
+    assert "the disk is full" in reason and str(root / second / "2.npy") in reason
+    assert "requested and" in reason  # the original error is kept for the record
+    assert sorted(p.name for p in root.iterdir()) == [first]  # no partial session
+    assert store.check_session(root / first).ok
+    # a full disk stops the sessions not started yet (each would fail the same way)
+    full_in["name"] = first
+    other = tmp_path / "other"
+    result = run_stage2(stage1_files, other, FAST_TOKENS, progress=False)
+    assert "the disk is full" in result.failed[first] and not result.written
+    assert result.failed[second].startswith("not started: the disk is full")
+    assert list(other.iterdir()) == []
+
+
+def test_stage2_refuses_a_store_another_process_is_writing(stage1_files, tmp_path):
+    from ephys_gpt.locking import FolderLockedError
+
+    root = tmp_path / "chunks"
+    script = textwrap.dedent(f"""
+        import time
+        from ephys_gpt.locking import FolderLock
+        with FolderLock({str(root)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError, match=f"chunk store {root} is in use by .*pid "
+                                                    f"{holder.pid}"):
+            run_stage2(stage1_files, root, FAST_TOKENS, progress=False)
+        assert sorted(p.name for p in root.iterdir()) == [".ephys-gpt.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
