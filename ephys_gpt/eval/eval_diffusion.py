@@ -25,7 +25,6 @@ configuration; every loop shows a tqdm bar. Outputs in ``<save_dir>/evals/EvalDi
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Literal
 
@@ -34,19 +33,17 @@ import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from ephys_gpt.eval import report
-from ephys_gpt.eval.eval_bendr import REPEAT_LAST, ContinuousEval, ContinuousEvalOptions
+from ephys_gpt.eval import plots, report
+from ephys_gpt.eval.baselines import REPEAT_LAST, ZERO, repeat_last
 from ephys_gpt.eval.registry import register_eval
-from ephys_gpt.eval.runner import check_history_lengths
-from ephys_gpt.models.capabilities import Sampler
+from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, check_history_lengths
+from ephys_gpt.models.capabilities import Forecaster, Sampler
 from ephys_gpt.models.registry import get_model_spec
 
-logger = logging.getLogger(__name__)
-
-ZERO = "zero (mean)"
+BASELINES = (REPEAT_LAST, ZERO)
 
 
-class EvalDiffusionOptions(ContinuousEvalOptions):
+class EvalDiffusionOptions(RunnerOptions):
     """The ``eval`` block for ``eval_class: EvalDiffusion``."""
 
     history_lengths: list[int] | None = Field(
@@ -66,13 +63,45 @@ class EvalDiffusionOptions(ContinuousEvalOptions):
     _lengths = field_validator("history_lengths")(check_history_lengths)
 
 
+def crps_sums(draws: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    """Summed CRPS over (B, channels) per time step → (T,), normalized units.
+
+    ``draws`` (K, B, C, T): the fair ensemble estimator
+    ``mean_k |x_k - y| - sum_{k != j} |x_k - x_j| / (2 K (K - 1))``; with K = 1 it is the
+    absolute error.
+    """
+    K = draws.shape[0]
+    skill = (draws - true[None]).abs().mean(0)
+    if K > 1:
+        spread = (draws[:, None] - draws[None]).abs().sum((0, 1)) / (2 * K * (K - 1))
+        skill = skill - spread
+    return skill.sum((0, 1)).cpu().double().numpy()
+
+
 @register_eval("EvalDiffusion", options=EvalDiffusionOptions)
-class EvalDiffusion(ContinuousEval):
+class EvalDiffusion(EvalRunner):
     """Horizon / history / recursive error curves and sample spectra of a diffusion model."""
 
     name = "EvalDiffusion"
     options_class = EvalDiffusionOptions
+    capability = Forecaster
     input_kinds = ("continuous",)
+    crps_sums = staticmethod(crps_sums)
+
+    def setup(self) -> None:
+        super().setup()
+        opts, T, H = self.options, self.window, self.options.future_steps
+        if H >= T:
+            raise ValueError(f"eval.future_steps ({H}) must be smaller than the window ({T})")
+        self.hist = opts.history_lengths or sorted({*(2 ** i for i in range(20)
+                                                      if 2 ** i < T - H), T - H})
+        if max(self.hist) > T - H:
+            raise ValueError(f"eval.history_lengths {self.hist} exceed the context available "
+                             f"({T - H} samples: window {T} minus future_steps {H})")
+        self.R = opts.recursive_steps or max(1, T // 2)
+        if self.R >= T:
+            raise ValueError(f"eval.recursive_steps ({self.R}) must be smaller than the "
+                             f"window ({T})")
 
     def _sample_kw(self) -> dict[str, Any]:
         o = self.options
@@ -88,161 +117,151 @@ class EvalDiffusion(ContinuousEval):
     def _draws(self, ctx: torch.Tensor, steps: int) -> torch.Tensor:
         """``n_samples`` forecasts (K, B, C, steps) of ``ctx`` (B, C, T), in one batch."""
         K = self.options.n_samples
-        out = self._forecast(ctx.repeat(K, 1, 1), steps)
-        return out.reshape(K, *ctx.shape[:2], steps)
+        return self._forecast(ctx.repeat(K, 1, 1), steps).reshape(K, *ctx.shape[:2], steps)
 
-    @staticmethod
-    def crps_sums(draws: torch.Tensor, true: torch.Tensor) -> np.ndarray:
-        """Summed CRPS over (B, channels) per time step → (T,), normalized units.
-
-        ``draws`` (K, B, C, T): the fair ensemble estimator
-        ``mean_k |x_k - y| - sum_{k != j} |x_k - x_j| / (2 K (K - 1))``; with K = 1 it is the
-        absolute error.
-        """
-        K = draws.shape[0]
-        skill = (draws - true[None]).abs().mean(0)
-        if K > 1:
-            spread = (draws[:, None] - draws[None]).abs().sum((0, 1)) / (2 * K * (K - 1))
-            skill = skill - spread
-        return skill.sum((0, 1)).cpu().double().numpy()
-
-    @torch.no_grad()
-    def run(self) -> dict:
+    # -- measurements -----------------------------------------------------------------------------
+    def evaluate(self) -> tuple[dict, report.MarkdownReport]:
         opts = self.options
-        torch.manual_seed(opts.seed)
-        t_start = time.perf_counter()
-        self._setup()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        m, T, H = self.model_name, self.window, opts.future_steps
-        if H >= T:
-            raise ValueError(f"eval.future_steps ({H}) must be smaller than the window ({T})")
-        hist = opts.history_lengths or sorted({*(2 ** i for i in range(20) if 2 ** i < T - H),
-                                               T - H})
-        if max(hist) > T - H:
-            raise ValueError(f"eval.history_lengths {hist} exceed the context available "
-                             f"({T - H} samples: window {T} minus future_steps {H})")
-        R = opts.recursive_steps or max(1, T // 2)
-        if R >= T:
-            raise ValueError(f"eval.recursive_steps ({R}) must be smaller than the window ({T})")
         batches = self.heldout(opts.max_batches * opts.batch_size)
-        K = opts.n_samples
-        one = f"{m} (single draw)"
-        preds = (m, REPEAT_LAST, ZERO)
-        hor = {p: {} for p in (m, one, REPEAT_LAST, ZERO)}
-        crps = {p: np.zeros(H) for p in preds}
-        rec = {p: {} for p in preds}
-        sweep = {p: np.zeros(len(hist)) for p in preds}
-        n_win = 0
+        acc, n_win = self.forecast_sums(batches)
+        res = self._curves(acc, n_win)
+        summary = {**self.base_summary(), "n_windows": n_win,
+                   "sampling": self._sample_kw() or "model defaults",
+                   "horizon": self._horizon_summary(res),
+                   "history_sweep": {"history_lengths": self.hist,
+                                     "rmse_normalized": res["sweep"]},
+                   "recursive": {"steps": self.R,
+                                 "forecast_chunk": getattr(self.model.config,
+                                                           "forecast_chunk", None),
+                                 "rmse_mean_normalized": {p: float(v["normalized"].mean())
+                                                          for p, v in res["rec"].items()}}}
+        summary["generation"], real = self.free_running()
+        if opts.n_unconditional and get_model_spec(self.model_name).can(Sampler):
+            # unconditional windows belong to no session: decode with the first window's steps
+            summary["unconditional"] = self.unconditional(real, batches[0][2][0])
+        return summary, self._report(summary, res["sweep"])
 
+    def forecast_sums(self, batches: list) -> tuple[dict, int]:
+        """Summed squared errors (horizon, history sweep, recursive) and CRPS of the model's
+        draws and the baselines over ``batches``."""
+        opts, m, T, R = self.options, self.model_name, self.window, self.R
+        H = opts.future_steps
+        one, preds = f"{m} (single draw)", (m, *BASELINES)
+        acc = {"hor": {p: {} for p in (m, one, *BASELINES)}, "rec": {p: {} for p in preds},
+               "crps": {p: np.zeros(H) for p in preds},
+               "sweep": {p: np.zeros(len(self.hist)) for p in preds}}
+        n_win = 0
         for x, _, steps in tqdm(batches, desc=f"{self.name} forecasts",
                                 disable=not opts.progress, leave=False):
             ctx, fut = x[..., :T - H], x[..., T - H:]
-            base = {REPEAT_LAST: ctx[..., -1:].expand_as(fut), ZERO: torch.zeros_like(fut)}
             draws = self._draws(ctx, H)
-            self.add(hor[m], self.sq_errors(draws.mean(0), fut, steps))
-            self.add(hor[one], self.sq_errors(draws[0], fut, steps))
-            crps[m] += self.crps_sums(draws, fut)
-            for p, v in base.items():
+            self.add(acc["hor"][m], self.sq_errors(draws.mean(0), fut, steps))
+            self.add(acc["hor"][one], self.sq_errors(draws[0], fut, steps))
+            acc["crps"][m] += crps_sums(draws, fut)
+            for p, v in {REPEAT_LAST: repeat_last(ctx, H), ZERO: torch.zeros_like(fut)}.items():
                 err = self.sq_errors(v, fut, steps)
-                self.add(hor[p], err)
-                sweep[p] += err["normalized"].sum()  # the baselines ignore the context length
-                crps[p] += self.crps_sums(v[None], fut)
-            for j, h in enumerate(hist):
+                self.add(acc["hor"][p], err)
+                acc["sweep"][p] += err["normalized"].sum()  # baselines ignore the context length
+                acc["crps"][p] += crps_sums(v[None], fut)
+            for j, h in enumerate(self.hist):
                 err = self.sq_errors(self._draws(ctx[..., -h:], H).mean(0), fut, steps)
-                sweep[m][j] += err["normalized"].sum()
+                acc["sweep"][m][j] += err["normalized"].sum()
             rctx, rfut = x[..., :T - R], x[..., T - R:]
-            self.add(rec[m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
-            self.add(rec[REPEAT_LAST],
-                     self.sq_errors(rctx[..., -1:].expand_as(rfut), rfut, steps))
-            self.add(rec[ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
+            self.add(acc["rec"][m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
+            self.add(acc["rec"][REPEAT_LAST], self.sq_errors(repeat_last(rctx, R), rfut, steps))
+            self.add(acc["rec"][ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
             n_win += x.shape[0]
-        C = len(self.ch_names)
-        hor_rmse = {p: self.rmse(v, n_win) for p, v in hor.items()}
-        rec_rmse = {p: self.rmse(v, n_win) for p, v in rec.items()}
-        sweep_rmse = {p: np.sqrt(v / (n_win * C * H)) for p, v in sweep.items()}
-        crps_mean = {p: v / (n_win * C) for p, v in crps.items()}
-        baselines = (REPEAT_LAST, ZERO)
-        step_ms = f"1 step = {1e3 / self.sfreq:.3g} ms"
-        self.error_curves("horizon_rmse", np.arange(1, H + 1), hor_rmse,
-                          xlabel=f"Steps ahead ({step_ms})", baselines=baselines,
-                          title=f"Forecast error vs horizon (in-painting, mean of {K} draws, "
-                                "held-out)",
-                          n_windows=n_win, context_samples=T - H, n_samples=K)
-        from ephys_gpt.eval import plots
+        return acc, n_win
 
-        self.curve("horizon_crps", np.arange(1, H + 1), crps_mean,
-                   xlabel=f"Steps ahead ({step_ms})", ylabel="CRPS (normalized)",
+    def _curves(self, acc: dict, n_win: int) -> dict:
+        """RMSE / CRPS curves and figures from the summed errors."""
+        C, H, K = len(self.ch_names), self.options.future_steps, self.options.n_samples
+        res = {"hor": {p: self.rmse(v, n_win) for p, v in acc["hor"].items()},
+               "rec": {p: self.rmse(v, n_win) for p, v in acc["rec"].items()},
+               "sweep": {p: np.sqrt(v / (n_win * C * H)) for p, v in acc["sweep"].items()},
+               "crps": {p: v / (n_win * C) for p, v in acc["crps"].items()}}
+        step_ms = f"Steps ahead (1 step = {1e3 / self.sfreq:.3g} ms)"
+        k = np.arange(1, H + 1)
+        self.error_curves("horizon_rmse", k, res["hor"], xlabel=step_ms, baselines=BASELINES,
+                          title=f"Forecast error vs horizon (in-painting, mean of {K} draws, "
+                                "held-out)", n_windows=n_win,
+                          context_samples=self.window - H, n_samples=K)
+        self.curve("horizon_crps", k, res["crps"], xlabel=step_ms, ylabel="CRPS (normalized)",
                    n_windows=n_win, n_samples=K)
-        fig, _ = plots.plot_curves(np.arange(1, H + 1), crps_mean, baselines=list(baselines),
-                                   xlabel=f"Steps ahead ({step_ms})",
+        fig, _ = plots.plot_curves(k, res["crps"], baselines=BASELINES, xlabel=step_ms,
                                    ylabel="CRPS (normalized)",
                                    title=f"Probabilistic forecast skill ({K} draws; lower is "
                                          "better)")
         self.figure(fig, "horizon_crps")
-        self.curve("history_sweep", np.asarray(hist), sweep_rmse,
-                   xlabel="Context length (samples)", ylabel="RMSE (normalized)",
-                   horizon=H, n_windows=n_win)
-        fig, _ = plots.plot_curves(np.asarray(hist), sweep_rmse, baselines=list(baselines),
-                                   logx=len(hist) > 2, xlabel="Context length (samples)",
+        hist = np.asarray(self.hist)
+        self.curve("history_sweep", hist, res["sweep"], xlabel="Context length (samples)",
+                   ylabel="RMSE (normalized)", horizon=H, n_windows=n_win)
+        fig, _ = plots.plot_curves(hist, res["sweep"], baselines=BASELINES, logx=len(hist) > 2,
+                                   xlabel="Context length (samples)",
                                    ylabel=f"RMSE over {H} steps (normalized)",
                                    title="Forecast error vs history length")
         self.figure(fig, "history_sweep")
-        chunk = getattr(getattr(self.model, "config", None), "forecast_chunk", None)
-        self.error_curves("recursive_rmse", np.arange(1, R + 1), rec_rmse,
-                          xlabel=f"Steps ahead ({step_ms})", baselines=baselines,
+        self.error_curves("recursive_rmse", np.arange(1, self.R + 1), res["rec"],
+                          xlabel=step_ms, baselines=BASELINES,
                           title="Recursive forecast error (window by window, held-out)",
-                          n_windows=n_win, context_samples=T - R, forecast_chunk=chunk)
-        # samples vs data
+                          n_windows=n_win, context_samples=self.window - self.R,
+                          forecast_chunk=getattr(self.model.config, "forecast_chunk", None))
+        return res
+
+    def _horizon_summary(self, res: dict) -> dict:
+        m, hor = self.model_name, res["hor"]
+        return {"future_steps": self.options.future_steps,
+                "context_samples": self.window - self.options.future_steps,
+                "n_samples": self.options.n_samples,
+                "rmse_mean_normalized": {p: float(v["normalized"].mean()) for p, v in hor.items()},
+                "rmse_at_1_normalized": {p: float(v["normalized"][0]) for p, v in hor.items()},
+                "crps_mean_normalized": {p: float(v.mean()) for p, v in res["crps"].items()},
+                "beats_baselines": bool(hor[m]["normalized"].mean()
+                                        < min(hor[p]["normalized"].mean() for p in BASELINES))}
+
+    def free_running(self) -> tuple[dict, np.ndarray]:
+        """``gen_seconds`` forecast recursively after held-out contexts, compared with held-out
+        data; → (the summary's generation part, the held-out signal)."""
+        opts = self.options
         n_new = max(1, round(opts.gen_seconds * self.sfreq))
         gen_b = self.heldout(opts.n_generated, seed_offset=1)
         t0 = time.perf_counter()
-        gen = torch.cat([self.decode(self._forecast(x, n_new), s) for x, _, s in
+        gen = torch.cat([self.to_signal(self._forecast(x, n_new), s) for x, _, s in
                          tqdm(gen_b, desc="free-running", disable=not opts.progress,
                               leave=False)]).numpy()
         gen_time = time.perf_counter() - t0
         real = self.real_signal()
         spec = self.compare_spectra(gen, real)
-        summary = self.base_summary()
-        summary["n_windows"] = n_win
-        summary["sampling"] = self._sample_kw() or "model defaults"
-        summary["horizon"] = {
-            "future_steps": H, "context_samples": T - H, "n_samples": K,
-            "rmse_mean_normalized": {p: float(v["normalized"].mean())
-                                     for p, v in hor_rmse.items()},
-            "rmse_at_1_normalized": {p: float(v["normalized"][0])
-                                     for p, v in hor_rmse.items()},
-            "crps_mean_normalized": {p: float(v.mean()) for p, v in crps_mean.items()},
-            "beats_baselines": bool(hor_rmse[m]["normalized"].mean()
-                                    < min(hor_rmse[p]["normalized"].mean() for p in baselines)),
-        }
-        summary["history_sweep"] = {"history_lengths": hist, "rmse_normalized": sweep_rmse}
-        summary["recursive"] = {"steps": R, "forecast_chunk": chunk,
-                                "rmse_mean_normalized": {p: float(v["normalized"].mean())
-                                                         for p, v in rec_rmse.items()}}
-        summary["generation"] = {"seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
-                                 "seconds_per_generated_second":
-                                     gen_time / max(opts.gen_seconds * len(gen), 1e-9),
-                                 **self.spectra_outputs(spec, gen, real,
-                                                        f"{opts.gen_seconds:g} s recursive")}
-        if opts.n_unconditional and get_model_spec(self.model_name).can(Sampler):
-            L = getattr(getattr(self.model, "config", None), "signal_length", T)
-            with self.autocast:
-                unc = self.model.sample(opts.n_unconditional, L, progress=opts.progress,
-                                        **self._sample_kw()).float()
-            steps0 = batches[0][2][0]
-            unc_sig = self.decode(unc, [steps0] * len(unc)).numpy()
-            self.files.append(report.write_npy(self.out_dir / "unconditional_samples.npy",
-                                               unc_sig.astype(np.float32)))
-            uspec = self.compare_spectra(unc_sig, real)
-            summary["unconditional"] = {
-                "n": opts.n_unconditional, "samples": L,
+        return {"seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
+                "seconds_per_generated_second": gen_time / max(opts.gen_seconds * len(gen),
+                                                               1e-9),
+                **self.spectra_outputs(spec, gen, real, f"{opts.gen_seconds:g} s recursive")
+                }, real
+
+    def unconditional(self, real: np.ndarray, steps: list[dict]) -> dict:
+        """``n_unconditional`` unconditional windows compared with held-out data."""
+        opts = self.options
+        L = self.model.config.signal_length
+        with self.autocast:
+            unc = self.model.sample(opts.n_unconditional, L, progress=opts.progress,
+                                    **self._sample_kw()).float()
+        unc_sig = self.to_signal(unc, [steps] * len(unc)).numpy()
+        self.files.append(report.write_npy(self.out_dir / "unconditional_samples.npy",
+                                           unc_sig.astype(np.float32)))
+        uspec = self.compare_spectra(unc_sig, real)
+        return {"n": opts.n_unconditional, "samples": L,
                 "log_spectral_distance_db": {t: d["log_spectral_distance_db"]
                                              for t, d in uspec["types"].items()},
                 "correlation_similarity": uspec["correlation_similarity"]}
+
+    def _report(self, summary: dict, sweep: dict) -> report.MarkdownReport:
+        opts, m = self.options, self.model_name
+        H, K, R = opts.future_steps, opts.n_samples, self.R
+        one = f"{m} (single draw)"
         rep = report.MarkdownReport(f"EvalDiffusion: {m}")
-        rep.text(f"Checkpoint `{opts.ckpt_path}`: {n_win} held-out ({opts.split}) windows of "
-                 f"{T} samples at {self.sfreq:g} Hz, {C} channels; sampling "
-                 f"{summary['sampling']}.")
+        rep.text(f"Checkpoint `{opts.ckpt_path}`: {summary['n_windows']} held-out "
+                 f"({opts.split}) windows of {self.window} samples at {self.sfreq:g} Hz, "
+                 f"{len(self.ch_names)} channels; sampling {summary['sampling']}.")
         rep.section(f"Forecast error over {H} steps (normalized units)")
         rep.text(f"{m}: the mean of {K} in-painted draws per window; {one}: the first draw "
                  "alone. CRPS scores the draws as a forecast distribution (for the "
@@ -252,26 +271,18 @@ class EvalDiffusion(ContinuousEval):
                    f"recursive RMSE ({R} steps)"],
                   [[p, hz["rmse_at_1_normalized"][p], hz["rmse_mean_normalized"][p],
                     hz["crps_mean_normalized"].get(p, "—"), rc.get(p, "—")]
-                   for p in (m, one, REPEAT_LAST, ZERO)])
+                   for p in (m, one, *BASELINES)])
         rep.section("History sweep")
-        rep.table(["context (samples)", *preds],
-                  [[h, *(sweep_rmse[p][j] for p in preds)] for j, h in enumerate(hist)])
+        rep.table(["context (samples)", m, *BASELINES],
+                  [[h, *(sweep[p][j] for p in (m, *BASELINES))]
+                   for j, h in enumerate(self.hist)])
         rep.section("Generated vs held-out spectra")
-        rep.table(["channel type", "alpha peak held-out (Hz)", "alpha peak generated (Hz)",
-                   "log-spectral distance (dB)"],
-                  [[t, d["alpha_peak_heldout_hz"], d["alpha_peak_generated_hz"],
-                    d["log_spectral_distance_db"]]
-                   for t, d in summary["generation"]["psd"].items()])
-        rep.section("Figures")
-        for name, cap in [("horizon_rmse", "Error vs horizon"),
-                          ("horizon_crps", "CRPS vs horizon"),
-                          ("history_sweep", "Error vs history"),
-                          ("recursive_rmse", "Recursive forecast error"), ("psd", "PSD"),
-                          ("channel_correlation", "Channel correlation")]:
-            rep.figure(self.out_dir / f"{name}.png", cap, relative_to=self.out_dir)
-        summary = self.finish(summary, rep, t_start)
-        logger.info("EvalDiffusion done in %.1f s: horizon RMSE %s %.4g, %s %.4g, %s %.4g",
-                    summary["wall_seconds"], m, hor_rmse[m]["normalized"].mean(), REPEAT_LAST,
-                    hor_rmse[REPEAT_LAST]["normalized"].mean(), ZERO,
-                    hor_rmse[ZERO]["normalized"].mean())
-        return summary
+        self.spectra_section(rep, summary["generation"])
+        self.figures_section(rep, [("horizon_rmse", "Error vs horizon"),
+                                   ("horizon_crps", "CRPS vs horizon"),
+                                   ("history_sweep", "Error vs history"),
+                                   ("recursive_rmse", "Recursive forecast error"),
+                                   ("psd", "PSD"),
+                                   ("channel_correlation", "Channel correlation"),
+                                   ("traces", "Signal traces")])
+        return rep

@@ -1,15 +1,35 @@
-"""What every eval runner shares: the :class:`EvalRunner` base (options, output folder,
-device, model loading) and small helpers (units for display, checkpoint loading, devices,
-evenly spread held-out windows)."""
+"""The base every eval runner inherits from, and the options every runner takes.
+
+:class:`EvalRunner` owns what all runners need: loading the model and checking it can do what
+the runner evaluates (a capability from :mod:`ephys_gpt.models.capabilities`), the held-out
+split and its windows, the check that the data was made like the model's training data,
+decoding to signal units, error accumulation per channel type, the comparison of generated
+with held-out spectra and covariance, figures, ``.fif`` export, ``summary.json`` and
+``report.md``. A concrete runner declares its ``capability`` and ``input_kinds`` and
+implements :meth:`EvalRunner.evaluate` with what is specific to that capability; it inherits
+from this base only, never from another runner.
+
+Legend: B windows, C channels, T samples, N steps.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ephys_gpt.eval import plots, report, spectral
+from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
+from ephys_gpt.eval.windows import full_window, spread_indices, to_signal, window_steps
+
+logger = logging.getLogger(__name__)
 
 
 class RunnerOptions(BaseModel):
@@ -56,6 +76,12 @@ def check_history_lengths(v: list[int] | None) -> list[int] | None:
     return sorted(set(v)) if v is not None else v
 
 
+def default_history_lengths(n: int) -> list[int]:
+    """Powers of two up to ``n``, and ``n`` itself."""
+    lengths = [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
+    return sorted(set(lengths + [n]))
+
+
 # Display units per channel type: (factor from SI, label).
 _UNITS = {"mag": (1e15, "fT"), "grad": (1e13, "fT/cm"), "planar1": (1e13, "fT/cm"),
           "planar2": (1e13, "fT/cm"), "eeg": (1e6, "µV"), "seeg": (1e6, "µV"),
@@ -64,32 +90,17 @@ _UNITS = {"mag": (1e15, "fT"), "grad": (1e13, "fT/cm"), "planar1": (1e13, "fT/cm
 
 
 def display_unit(ch_type: str) -> tuple[float, str]:
-    """``(factor, label)`` turning SI values of ``ch_type`` into readable units (fT, µV...)."""
+    """``(factor, label)`` turning SI values of ``ch_type`` into readable units (fT, µV...);
+    ``"normalized"`` (model units) is shown as it is."""
+    if ch_type == "normalized":
+        return 1.0, "normalized"
     return _UNITS.get(ch_type, (1.0, "a.u."))
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
-                    ) -> tuple[torch.nn.Module, dict]:
-    """``(model, info)`` from an export folder, a Lightning ``.ckpt`` or a run's save_dir
-    (:func:`ephys_gpt.training.checkpoint.load_model`)."""
-    from ephys_gpt.training.checkpoint import load_model
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"eval.ckpt_path {path} does not exist (expected an export "
-                                "folder with model.safetensors + config.json, a .ckpt, or a "
-                                "run's save_dir)")
-    return load_model(path, map_location=device)
-
-
 def max_context(model: torch.nn.Module) -> int | None:
-    """Longest input the model accepts (``n_positions``-like setting), None if unbounded."""
-    for owner in (getattr(model, "config", None), getattr(model, "model_config", None)):
-        for key in ("n_positions", "max_seq_len", "block_size", "context_length"):
-            value = owner.get(key) if isinstance(owner, dict) else getattr(owner, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
+    """Longest input the model accepts (its config's ``n_positions``), None if unbounded."""
+    value = getattr(getattr(model, "config", None), "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def resolve_device(accelerator: str, device: int | str | None) -> torch.device:
@@ -105,24 +116,20 @@ def resolve_device(accelerator: str, device: int | str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def spread_indices(n_items: int, n: int, seed: int) -> np.ndarray:
-    """``n`` indices spread evenly over ``range(n_items)`` (a seeded offset; no repeats)."""
-    n = min(n, n_items)
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    offset = np.random.default_rng(seed).integers(0, max(1, n_items // n))
-    return (offset + np.arange(n) * (n_items // n)).astype(np.int64) % n_items
+Batch = tuple[torch.Tensor, tuple, list]  # (x (B, C, T), extra inputs, steps of each window)
 
 
 class EvalRunner:
-    """What every eval runner shares: options, output folder, device and model loading.
+    """Base of the eval runners (see the module docstring).
 
     ``model``/``info``/``splits`` may be passed in (tests, notebooks); otherwise they come
     from ``options.ckpt_path`` and the run config's ``datasplitter``.
     """
 
-    name = "EvalRunner"
-    options_class: type[BaseModel]
+    name: ClassVar[str] = "EvalRunner"
+    options_class: ClassVar[type[RunnerOptions]] = RunnerOptions
+    capability: ClassVar[type | None] = None  # what the evaluated model must be able to do
+    input_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict, options: BaseModel | dict, *,
                  model: torch.nn.Module | None = None, info: dict | None = None,
@@ -140,13 +147,92 @@ class EvalRunner:
         self.device = resolve_device(self.options.accelerator, self.options.device)
         self.files: list[Path] = []
 
+    # -- the run ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> dict:
+        """Set up, evaluate, write ``report.md`` and ``summary.json``; return the summary."""
+        torch.manual_seed(self.options.seed)
+        t_start = time.perf_counter()
+        self.setup()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("%s: %s on %s (%s split, windows of %d samples), writing to %s",
+                    self.name, self.model_name, self.device, self.options.split, self.window,
+                    self.out_dir)
+        summary, rep = self.evaluate()
+        summary["wall_seconds"] = time.perf_counter() - t_start
+        self.files.append(rep.write(self.out_dir / "report.md"))
+        summary["files"] = sorted(str(p.relative_to(self.out_dir)) for p in self.files)
+        self.files.append(report.write_json(self.out_dir / "summary.json", summary))
+        logger.info("%s done in %.1f s: %s", self.name, summary["wall_seconds"],
+                    self.out_dir / "report.md")
+        return summary
+
+    def evaluate(self) -> tuple[dict, report.MarkdownReport]:
+        """The runner's own measurements: the summary and the report (without files)."""
+        raise NotImplementedError
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the model, check what it can do, build the splits, check the data."""
+        self._load_model()
+        self._check_model()
+        self._load_data()
+
     def _load_model(self) -> None:
-        """Set ``self.model`` (on the device, eval mode), ``self.info`` and ``self.model_name``."""
         if self._model is None:
-            self._model, self._info = load_checkpoint(self.options.ckpt_path, self.device)
+            from ephys_gpt.training.checkpoint import load_model
+
+            if not Path(self.options.ckpt_path).exists():
+                raise FileNotFoundError(f"eval.ckpt_path {self.options.ckpt_path} does not exist "
+                                        "(expected an export folder with model.safetensors + "
+                                        "config.json, a .ckpt, or a run's save_dir)")
+            self._model, self._info = load_model(self.options.ckpt_path, self.device)
         self.info = dict(self._info or {})
         self.model = self._model.to(self.device).eval()
         self.model_name = str(getattr(self.model, "registry_name", type(self.model).__name__))
+
+    def _check_model(self) -> None:
+        from ephys_gpt.models.registry import get_model_spec
+
+        spec = get_model_spec(self.model_name)
+        if spec.input_kind not in self.input_kinds or not spec.can(self.capability):
+            raise ValueError(
+                f"{self.name} evaluates models with the {self.capability.__name__} capability "
+                f"on {' or '.join(repr(k) for k in self.input_kinds)} inputs; "
+                f"{self.model_name} consumes {spec.input_kind!r} and can do: "
+                f"{', '.join(spec.capability_names) or 'nothing generative'}")
+
+    def _load_data(self) -> None:
+        opts = self.options
+        if self._splits is None:
+            self._splits = self._build_splits()
+        self.train, self.test = self._splits.train, getattr(self._splits, opts.split)
+        if self.test is None or len(self.test) == 0:
+            raise ValueError(f"the {opts.split!r} split is empty: adjust datasplitter "
+                             f"val_ratio/test_ratio so that {self.name} has held-out windows")
+        self._check_data(self.test)
+        ds = self.test
+        self.sfreq = float(ds.sfreq)
+        self.ch_names = [str(c) for c in ds.ch_names]
+        self.ch_types = [str(t) for t in ds.ch_types]
+        self.types = list(dict.fromkeys(self.ch_types))
+        self.type_idx = {t: [i for i, c in enumerate(self.ch_types) if c == t]
+                         for t in self.types}
+        self.steps = list(ds.steps)
+        self.window = full_window(ds, 0)[0].shape[-1]
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if opts.precision.startswith("bf16") else nullcontext())
+        self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        self.cpu_generator = torch.Generator().manual_seed(opts.seed)
+
+    def _build_splits(self):
+        from ephys_gpt.dataset.datasplitter import get_splitter
+
+        cfg = self.config.get("datasplitter")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{self.name} needs the run config's 'datasplitter' block to find "
+                             "held-out data")
+        return get_splitter(self.config.get("dataset_name", "omega"))(**cfg)
 
     def _check_data(self, dataset) -> None:
         """Refuse held-out data made differently from the model's training data: sampling
@@ -164,3 +250,228 @@ class EvalRunner:
             data = f"the {self.options.split} data"
         source = self.info.get("source") or self.options.ckpt_path
         check_model_data(self.info, dataset, model=f"the model {source}", data_label=data)
+
+    # -- held-out data ----------------------------------------------------------------------------
+    def heldout(self, n: int, seed_offset: int = 0, dataset=None) -> list[Batch]:
+        """Batches of ``n`` windows spread over the held-out split (or ``dataset``)."""
+        opts, ds = self.options, self.test if dataset is None else dataset
+        idx = [int(i) for i in spread_indices(len(ds), n, opts.seed + seed_offset)]
+        out = []
+        for j in range(0, len(idx), opts.batch_size):
+            items = [full_window(ds, i) for i in idx[j:j + opts.batch_size]]
+            x = torch.stack([w for w, _ in items]).to(self.device)
+            extra = tuple(torch.stack([e[k] for _, e in items]).to(self.device)
+                          for k in range(len(items[0][1])))
+            out.append((x, extra, [window_steps(ds, i) for i in idx[j:j + opts.batch_size]]))
+        return out
+
+    @staticmethod
+    def to_signal(x: torch.Tensor, steps, normalized: bool = False) -> torch.Tensor:
+        """Model values (B, C, T) → signal units on the CPU (:func:`~ephys_gpt.eval.windows.to_signal`)."""
+        return to_signal(x, steps, normalized)
+
+    def real_signal(self) -> np.ndarray:
+        """``psd_windows`` held-out windows in signal units (N, C, T), for the spectra."""
+        batches = self.heldout(self.options.psd_windows, seed_offset=2)
+        return torch.cat([self.to_signal(x, s) for x, _, s in batches]).numpy()
+
+    # -- errors per channel type -----------------------------------------------------------------
+    def sq_errors(self, pred: torch.Tensor, true: torch.Tensor, steps) -> dict[str, np.ndarray]:
+        """Summed squared errors over (B, channels) per time step, ``{key: (T,)}``: per channel
+        type in signal units, and ``"normalized"`` (normalization not undone)."""
+        z = (self.to_signal(pred, steps, True) - self.to_signal(true, steps, True)).double()
+        out = {"normalized": z.pow(2).sum((0, 1)).numpy()}
+        err = (self.to_signal(pred, steps) - self.to_signal(true, steps)).double().pow(2)
+        for t, idx in self.type_idx.items():
+            out[t] = err[:, idx].sum((0, 1)).numpy()
+        return out
+
+    @staticmethod
+    def add(acc: dict[str, np.ndarray], sums: dict[str, np.ndarray]) -> None:
+        """Accumulate :meth:`sq_errors` sums into ``acc`` (key by key)."""
+        for k, v in sums.items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    def rmse(self, sums: dict[str, np.ndarray], n_windows: int) -> dict[str, np.ndarray]:
+        """Summed squared errors → RMSE per key (signal units for channel types)."""
+        return {k: np.sqrt(v / (n_windows * (len(self.ch_names) if k == "normalized"
+                                             else len(self.type_idx[k]))))
+                for k, v in sums.items()}
+
+    # -- generated vs held-out ---------------------------------------------------------------------
+    def compare_spectra(self, generated: np.ndarray, real: np.ndarray) -> dict:
+        """PSD per channel type (alpha peaks, log-spectral distance) and channel
+        covariance/correlation of ``generated`` against ``real`` (both (N, C, T), SI units)."""
+        opts = self.options
+        seg = min(opts.psd_seconds, real.shape[-1] / self.sfreq,
+                  generated.shape[-1] / self.sfreq)
+        freqs, psd_gen = spectral.psd_by_channel_type(generated, self.sfreq, self.ch_types,
+                                                      seg_seconds=seg)
+        _, psd_real = spectral.psd_by_channel_type(real, self.sfreq, self.ch_types,
+                                                   seg_seconds=seg)
+        types = {t: {"psd_generated": psd_gen[t], "psd_heldout": psd_real[t],
+                     "peak_generated": self._peak(freqs, psd_gen[t], "generated", t),
+                     "peak_heldout": self._peak(freqs, psd_real[t], "held-out", t),
+                     **spectral.psd_similarity(psd_gen[t], psd_real[t], freqs, fmin=1.0,
+                                               fmax=opts.psd_fmax)}
+                 for t in psd_gen}
+        cov_gen, cov_real = spectral.channel_covariance(generated), spectral.channel_covariance(real)
+        corr_gen = spectral.channel_correlation(generated)
+        corr_real = spectral.channel_correlation(real)
+        return {"freqs": freqs, "types": types,
+                "cov_generated": cov_gen, "cov_heldout": cov_real,
+                "corr_generated": corr_gen, "corr_heldout": corr_real,
+                "covariance_similarity": spectral.matrix_similarity(cov_gen, cov_real),
+                "correlation_similarity": spectral.matrix_similarity(corr_gen, corr_real)}
+
+    def _peak(self, freqs, psd, label: str, ch_type: str):
+        try:
+            return spectral.find_peak(freqs, psd, self.options.alpha_band)
+        except ValueError as err:  # too coarse a resolution around the band
+            logger.warning("alpha peak search skipped for %s %s: %s", label, ch_type, err)
+            return None
+
+    def spectra_outputs(self, spec: dict, generated: np.ndarray, real: np.ndarray,
+                        label: str) -> dict:
+        """Figures (PSD, channel correlation, traces), matrices and the generated ``.fif``
+        files of a :meth:`compare_spectra` result; returns its part of the summary."""
+        summary = self._psd_figure(spec, label)
+        for key in ("cov_generated", "cov_heldout", "corr_generated", "corr_heldout"):
+            self.files.append(report.write_npy(self.out_dir / f"{key}.npy", spec[key]))
+        self.files.append(report.write_json(self.out_dir / "covariance.json", {
+            "covariance_similarity": spec["covariance_similarity"],
+            "correlation_similarity": spec["correlation_similarity"],
+            "ch_names": self.ch_names, "files": ["cov_generated.npy", "cov_heldout.npy",
+                                                 "corr_generated.npy", "corr_heldout.npy"]}))
+        sim = spec["correlation_similarity"]["offdiag_correlation"]
+        fig, _ = plots.plot_matrices({"held-out": spec["corr_heldout"],
+                                      "generated": spec["corr_generated"]},
+                                     cbar_label="Pearson correlation", vmax=1.0,
+                                     title=f"Channel correlation (similarity r = "
+                                           f"{report.fmt_value(sim, 3)})")
+        self.figure(fig, "channel_correlation")
+        self._traces_figure(generated, real)
+        for i, sig in enumerate(generated):
+            name = "generated_raw.fif" if i == 0 else f"generated_{i}_raw.fif"
+            self.files.append(self.write_fif(sig, self.out_dir / name, label))
+        return {"psd": summary, "covariance_similarity": spec["covariance_similarity"],
+                "correlation_similarity": spec["correlation_similarity"]}
+
+    def _psd_figure(self, spec: dict, label: str) -> dict:
+        opts, freqs = self.options, spec["freqs"]
+        fig, axes = plots.new_figure(1, len(self.types))
+        summary = {}
+        for ax, t in zip(axes[0], self.types):
+            d = spec["types"][t]
+            factor, unit = display_unit(t)
+            psds = {"held-out": d["psd_heldout"] * factor ** 2,
+                    "generated": d["psd_generated"] * factor ** 2}
+            pg, ph = d["peak_generated"], d["peak_heldout"]
+            self.curve(f"psd_{t}", freqs, psds, xlabel="Frequency (Hz)",
+                       ylabel=f"PSD ({unit}²/Hz)", unit=f"{unit}²/Hz", ch_type=t,
+                       alpha_peak={"held-out": ph, "generated": pg})
+            plots.plot_psd(freqs, psds, unit=unit, band=opts.alpha_band,
+                           band_label=f"alpha ({opts.alpha_band[0]:g}–{opts.alpha_band[1]:g} Hz)",
+                           peaks={"held-out": ph.freq if ph else None,
+                                  "generated": pg.freq if pg else None},
+                           fmax=opts.psd_fmax, ax=ax,
+                           title=f"{t} ({self.ch_types.count(t)} channels)")
+            summary[t] = {
+                "alpha_peak_generated_hz": pg.freq if pg else None,
+                "alpha_peak_heldout_hz": ph.freq if ph else None,
+                "alpha_peak_ratio_generated": pg.ratio if pg else None,
+                "alpha_peak_ratio_heldout": ph.ratio if ph else None,
+                "alpha_peak_detected_generated": bool(pg and pg.detected),
+                "alpha_peak_detected_heldout": bool(ph and ph.detected),
+                "log_spectral_distance_db": d["log_spectral_distance_db"],
+                "log_psd_correlation": d["log_psd_correlation"]}
+        fig.suptitle(f"PSD: {label} vs held-out")
+        self.figure(fig, "psd")
+        return summary
+
+    def _traces_figure(self, generated: np.ndarray, real: np.ndarray) -> None:
+        """The first channel of each type, held-out against generated."""
+        first = [self.ch_types.index(t) for t in self.types]
+        unit = " / ".join(display_unit(t)[1] for t in self.types)
+        scale = np.array([display_unit(self.ch_types[i])[0] for i in first])[:, None]
+        fig, _ = plots.plot_traces({"held-out": real[0][first] * scale,
+                                    "generated": generated[0][first] * scale},
+                                   self.sfreq, ch_names=[self.ch_names[i] for i in first],
+                                   unit=unit, seconds=min(3.0, real.shape[-1] / self.sfreq),
+                                   max_channels=len(first), title="Held-out vs generated signal")
+        self.figure(fig, "traces")
+
+    def write_fif(self, signal: np.ndarray, path: Path, label: str) -> Path:
+        """``signal`` (C, T) in SI units as an MNE raw ``.fif`` with the recording's channel
+        info (sensor geometry from the stage-1 file, else the stored positions)."""
+        meta = self.test.metas[0]
+        kw: dict[str, Any] = {}
+        template = template_info_from_provenance(meta.provenance, self.ch_names)
+        if template is not None:
+            kw["template"] = template
+        elif meta.pos_3d is not None:
+            kw["pos_3d"], kw["ori_3d"] = meta.pos_3d, meta.ori_3d
+        raw = array_to_raw(signal, ch_names=self.ch_names, ch_types=self.ch_types,
+                           sfreq=self.sfreq, description=f"ephys-gpt {self.name}: {label} by "
+                                                         f"{self.model_name}", **kw)
+        return write_raw_fif(raw, path)
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def curve(self, name: str, x, curves, **kw) -> None:
+        """One set of curves as ``<name>.npy`` + ``<name>.json``."""
+        self.files.extend(report.save_curve(self.out_dir, name, x, curves, **kw).values())
+
+    def figure(self, fig, name: str) -> None:
+        """A figure as ``<name>.png`` + ``<name>.pdf``."""
+        self.files.extend(plots.save_figure(fig, self.out_dir / name))
+
+    def error_curves(self, name: str, x: np.ndarray, rmse: dict[str, dict[str, np.ndarray]],
+                     *, xlabel: str, title: str, baselines=(), **meta) -> None:
+        """One curve file per channel type (+ normalized) and one figure with a panel each.
+
+        ``rmse``: {predictor: {channel type or "normalized": (N,)}} in SI / model units.
+        """
+        keys = [*self.types, "normalized"]
+        fig, axes = plots.new_figure(1, len(keys))
+        for ax, key in zip(axes[0], keys):
+            factor, unit = display_unit(key)
+            curves = {p: v[key] * factor for p, v in rmse.items()}
+            self.curve(f"{name}_{key}", x, curves, xlabel=xlabel, ylabel=f"RMSE ({unit})",
+                       unit=unit, **meta)
+            plots.plot_curves(x, curves, baselines=list(baselines), ax=ax, xlabel=xlabel,
+                              ylabel=f"RMSE ({unit})", title=key)
+        fig.suptitle(title)
+        self.figure(fig, name)
+
+    def base_summary(self) -> dict:
+        """The summary fields every runner reports."""
+        o = self.options
+        return {"eval_class": self.name, "model_name": self.model_name,
+                "ckpt_path": str(o.ckpt_path), "device": str(self.device),
+                "precision": o.precision, "split": o.split, "sfreq": self.sfreq,
+                "n_channels": len(self.ch_names),
+                "channel_types": {t: len(i) for t, i in self.type_idx.items()},
+                "window_samples": self.window,
+                "units": {t: display_unit(t)[1] for t in self.types},
+                "alpha_band_hz": list(o.alpha_band)}
+
+    @staticmethod
+    def spectra_section(rep: report.MarkdownReport, generation: dict) -> None:
+        """The generated-vs-held-out table (alpha peaks, spectral distance) and the
+        covariance similarity of a summary's generation part."""
+        rep.table(["channel type", "alpha peak held-out (Hz)", "alpha peak generated (Hz)",
+                   "peak/background generated", "log-spectral distance (dB)"],
+                  [[t, d["alpha_peak_heldout_hz"], d["alpha_peak_generated_hz"],
+                    d["alpha_peak_ratio_generated"], d["log_spectral_distance_db"]]
+                   for t, d in generation["psd"].items()])
+        corr = generation["correlation_similarity"]["offdiag_correlation"]
+        cov = generation["covariance_similarity"]["offdiag_correlation"]
+        rep.text(f"Channel correlation similarity (off-diagonal r): "
+                 f"{report.fmt_value(corr, 3)}; covariance similarity: "
+                 f"{report.fmt_value(cov, 3)}.")
+
+    def figures_section(self, rep: report.MarkdownReport, figures: list[tuple[str, str]]) -> None:
+        """A "Figures" section embedding ``(name, caption)`` figures."""
+        rep.section("Figures")
+        for name, caption in figures:
+            rep.figure(self.out_dir / f"{name}.png", caption, relative_to=self.out_dir)

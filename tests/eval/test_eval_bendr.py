@@ -99,5 +99,5 @@ def test_eval_bendr_rejects_bad_options_and_models(bendr_setup, tmp_path):
         spec.cls(config, opts).run()
     cnn = build_model("CNNLSTM", get_model_spec("CNNLSTM").tiny_config)
     _, opts = _options(tmp_path, export)
-    with pytest.raises(ValueError, match="continuous forecasters"):
+    with pytest.raises(ValueError, match="evaluates models with the Forecaster capability"):
         spec.cls(config, opts, model=cnn, info={}).run()

@@ -91,7 +91,7 @@ def test_eval_of_a_checkpoint_checks_its_recorded_data_info(stores, exported, tm
 def test_other_sessions_made_the_same_way_are_accepted(stores, exported, tmp_path):
     # other sessions: other normalization statistics, same rate, channels and step settings
     runner = _runner(tmp_path, exported, stores["same"])
-    runner._setup()
+    runner.setup()
     assert runner.sfreq == 100.0 and runner.vocab_size == 256
 
 

@@ -11,17 +11,10 @@ import torch
 from eval_token_store import CH_NAMES, CH_TYPES, N_BITS, SFREQ
 from pydantic import ValidationError
 
-from ephys_gpt.eval.eval_quant import (
-    REPEAT_LAST,
-    UNIGRAM,
-    EvalQuant,
-    EvalQuantOptions,
-    decode,
-    unigram_distribution,
-    window_steps,
-    window_tokens,
-)
+from ephys_gpt.eval.baselines import REPEAT_LAST, UNIGRAM, unigram_distribution
+from ephys_gpt.eval.eval_quant import EvalQuant, EvalQuantOptions
 from ephys_gpt.eval.registry import get_eval_spec
+from ephys_gpt.eval.windows import full_window, to_signal, window_steps
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.pretrained import save_pretrained
@@ -29,6 +22,10 @@ from ephys_gpt.models.registry import MODELS, ModelSpec, build_model
 from ephys_gpt.preprocessing.transforms import tokens_to_signal
 
 V = 2**N_BITS
+
+
+def _tokens(dataset, i):
+    return full_window(dataset, i)[0]
 TINY = {"num_channels": 3, "vocab_size": V, "n_positions": 64, "d_model": 32, "n_layers": 2,
         "n_heads": 2}
 
@@ -47,7 +44,7 @@ def trained_export(token_splits, tmp_path_factory):
     model = build_model("GPT2MEG", TINY)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train = token_splits.train
-    data = torch.stack([window_tokens(train, i) for i in range(len(train))])  # (N, C, 65)
+    data = torch.stack([_tokens(train, i) for i in range(len(train))])  # (N, C, 65)
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
         x = data[torch.randint(0, len(data), (16,), generator=g)]
@@ -171,7 +168,7 @@ def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path, monkeypat
     rmse = json.loads((tmp_path / "evals" / "nstep_rmse_grad.json").read_text())
     np.testing.assert_allclose(rmse["curves"]["CopyLast"], rmse["curves"][REPEAT_LAST])
     # repeat-last accuracy recomputed independently from the held-out windows
-    batch = torch.stack([window_tokens(token_splits.test, i) for i in range(len(token_splits.test))])
+    batch = torch.stack([_tokens(token_splits.test, i) for i in range(len(token_splits.test))])
     assert 0.05 < (batch[..., 1:] == batch[..., :-1]).float().mean() < 0.9
     assert not summary["next_step"]["beats_baselines"]
 
@@ -198,10 +195,10 @@ def test_windows_decode_with_their_own_session_steps(token_splits):
     first, other = 0, int(np.flatnonzero(sessions != sessions[0])[0])
     a, b = window_steps(train, first), window_steps(train, other)
     assert a[0]["name"] == "normalize" and a[0]["center"] != b[0]["center"]
-    tok = torch.stack([window_tokens(train, first), window_tokens(train, other)])
-    sig = decode(tok, [a, b])
+    tok = torch.stack([_tokens(train, first), _tokens(train, other)])
+    sig = to_signal(tok, [a, b])
     np.testing.assert_allclose(sig[1].numpy(), tokens_to_signal(tok[1], b).numpy())
-    z = decode(tok, [a, b], keep_normalized=True)
+    z = to_signal(tok, [a, b], normalized=True)
     assert abs(float(z.abs().max())) <= 4.0 + 1e-5  # mu-law scale 4 in normalized units
 
 
