@@ -106,12 +106,12 @@ class ContinuousEval(EvalRunner):
                              f"{list(self.input_kinds)} with forecast()); {self.model_name} "
                              f"consumes {spec.input_kind!r} and generates {spec.generation!r}")
         if self._splits is None:
-            from ephys_gpt.dataset.datasplitter import get_splitter
+            from ephys_gpt.training.run_folder import run_splits
 
             cfg = self.config.get("datasplitter")
             if not isinstance(cfg, dict):
                 raise ValueError(f"{self.name} needs the run config's 'datasplitter' block")
-            self._splits = get_splitter(self.config.get("dataset_name", "omega"))(**cfg)
+            self._splits = run_splits(self.config, augmentations=False)[0]  # recorded split
         self.test = getattr(self._splits, opts.split)
         if self.test is None or len(self.test) == 0:
             raise ValueError(f"the {opts.split!r} split is empty: adjust datasplitter "

@@ -266,14 +266,13 @@ class EvalQuant(EvalRunner):
         self.cpu_generator = torch.Generator().manual_seed(opts.seed)
 
     def _build_splits(self):
-        from ephys_gpt.dataset.datasplitter import get_splitter
+        from ephys_gpt.training.run_folder import run_splits
 
         cfg = self.config.get("datasplitter")
         if not isinstance(cfg, dict):
             raise ValueError("EvalQuant needs the run config's 'datasplitter' block to find "
                              "held-out data")
-        splitter = get_splitter(self.config.get("dataset_name", "omega"))
-        return splitter(**cfg)
+        return run_splits(self.config, augmentations=False)[0]  # the run's recorded split
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C, T, V) for tokens (B, C, T), truncated to the model's context."""
