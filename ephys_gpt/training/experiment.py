@@ -19,6 +19,7 @@ into a resumable checkpoint (``interrupt.py``) and resumes exactly (``resume.py`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -279,6 +280,11 @@ class ExperimentDL:
         if ckpt_path:  # read and check it here: nothing starts if it cannot be resumed
             ckpt = read_checkpoint(ckpt_path)
             check_checkpoint_fits(ckpt, ckpt_path, self.lit, cfg["model_name"])
+        n_windows, d = len(self.splits.train), cfg["dataloader"]
+        n_batches = (n_windows // d["batch_size"] if d["drop_last"]
+                     else math.ceil(n_windows / d["batch_size"]))
+        check_trains_something(cfg["trainer"], n_windows, n_batches, d["batch_size"],
+                               d["drop_last"], ckpt, ckpt_path)
         self.trainer = self._make_trainer(with_val=val_dl is not None)
         resumable = self.trainer.world_size == 1
         if not resumable:
@@ -289,9 +295,6 @@ class ExperimentDL:
         if train_dl is None:
             raise ValueError(f"the training split is empty (dataset_root="
                              f"{cfg['datasplitter'].get('dataset_root')})")
-        check_trains_something(cfg["trainer"], len(self.splits.train), len(train_dl),
-                               cfg["dataloader"]["batch_size"], cfg["dataloader"]["drop_last"],
-                               ckpt, ckpt_path)
         self._warn_inexact_resume()
         if self.trainer.is_global_zero:
             if self._replace_run:
