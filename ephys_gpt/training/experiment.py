@@ -295,7 +295,8 @@ class ExperimentDL:
         if train_dl is None:
             raise ValueError(f"the training split is empty (dataset_root="
                              f"{cfg['datasplitter'].get('dataset_root')})")
-        self._warn_inexact_resume()
+        if ckpt_path:
+            self._warn_inexact_resume()
         if self.trainer.is_global_zero:
             if self._replace_run:
                 replace_run(self.save_dir)
@@ -326,13 +327,18 @@ class ExperimentDL:
         return out
 
     def _warn_inexact_resume(self) -> None:
+        """Say when this resume cannot be bit-identical (docs/training.md, "Resume is exact")."""
         from ephys_gpt.dataset.datasets import ChunkWindowDataset
 
         ds = self.splits.train
         if not isinstance(ds, ChunkWindowDataset):
-            logger.info("%s may draw random numbers of its own: resuming from a mid-epoch "
-                        "checkpoint restores the data order but not those draws",
-                        type(ds).__name__)
+            logger.warning("%s may draw random numbers of its own: resuming from a mid-epoch "
+                           "checkpoint restores the data order but not those draws",
+                           type(ds).__name__)
+        device = self.trainer.strategy.root_device.type
+        if device != "cpu" and not self.config["trainer"].get("deterministic"):
+            logger.warning("resuming on %s without trainer.deterministic: true; the resumed run "
+                           "is close to, not bit-identical with, an uninterrupted one", device)
 
     def _ckpt(self, which: str) -> str | None:
         p = self.ckpt_dir / f"{which}.ckpt"
