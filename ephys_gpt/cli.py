@@ -87,17 +87,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    log = logging.getLogger("ephys_gpt")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        logging.getLogger("ephys_gpt").error("interrupted; finished outputs are kept, "
-                                             "unfinished ones were discarded")
+        log.error("interrupted; finished outputs are kept, unfinished ones were discarded")
         return 130
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        if args.verbose:
+    except Exception as err:
+        code = user_error_code(err)
+        if code is None:
             raise
-        logging.getLogger("ephys_gpt").error("%s", err)
+        if args.verbose and code == 1:
+            raise
+        log.error("%s", err, exc_info=bool(args.verbose))
+        return code
+
+
+def user_error_code(err: BaseException) -> int | None:
+    """The exit code for an error the user can act on (shown as one line), else None.
+
+    Bad input (ValueError, FileNotFoundError), a missing extra (ImportError) and a full disk
+    (DiskFullError) exit 1; a run stopped on purpose carries its own code (130 after SIGINT,
+    143 after SIGTERM; see ``ephys_gpt/training/errors.py``).
+    """
+    from ephys_gpt.fileio import DiskFullError
+    from ephys_gpt.training.errors import RunStopped
+
+    if isinstance(err, RunStopped):
+        return int(err.exit_code)
+    if isinstance(err, (ValueError, FileNotFoundError, ImportError, DiskFullError)):
         return 1
+    return None
 
 
 if __name__ == "__main__":

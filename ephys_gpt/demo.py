@@ -19,7 +19,8 @@ configs are a starting point for one's own runs::
     <out>/demo_summary.json
 
 A re-run skips stages whose outputs are complete (and made with the same settings) unless
-``--force``; evaluation always runs again.
+``--force``; evaluation always runs again. When training must run again (``--force`` or a
+changed plan), the demo replaces its own run in ``<out>/train`` (``train --overwrite``).
 """
 
 from __future__ import annotations
@@ -255,10 +256,10 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, force
         skipped.append("train")
         logger.info("training: already done (%s), skipping", export)
     else:
-        if (out / "train").exists():
-            shutil.rmtree(out / "train")
+        # the demo owns <out>/train: a changed plan replaces the run there (--overwrite
+        # deletes only what ephys-gpt wrote, nothing else in the folder)
         t = time.perf_counter()
-        _cli(["train", "--args", str(run_yaml)], verbosity)
+        _cli(["train", "--args", str(run_yaml), "--overwrite"], verbosity)
         timings["train"] = time.perf_counter() - t
         _mark_done(out, "train", key, timings["train"])
 

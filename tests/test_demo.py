@@ -68,6 +68,19 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert (ev / "summary.json").stat().st_mtime_ns > first_eval
     assert again["next_step_accuracy"] == summary["next_step_accuracy"]  # same seed, same model
 
+    # changed training settings retrain into the demo's own (occupied) run folder: the
+    # previous run is replaced, a file of the user's there is kept
+    (out / "train" / "my_notes.md").write_text("mine")
+    stamp = out / ".stages" / "train.json"
+    recorded = json.loads(stamp.read_text())
+    recorded["settings"]["steps"] = -1  # as if the plan had changed since
+    stamp.write_text(json.dumps(recorded))
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    third = json.loads((out / "demo_summary.json").read_text())
+    assert third["skipped_stages"] == ["simulate", "preprocess"]
+    assert (out / "train" / "my_notes.md").read_text() == "mine"
+    assert len(list((out / "train" / "logs" / "csv").glob("version_*"))) == 1
+
 
 def test_demo_configs_are_valid_run_configs(tmp_path):
     """The YAML the full demo writes passes the run-config validator (without running it)."""

@@ -18,7 +18,10 @@ Randomness: each process (the main process, or each DataLoader worker) draws fro
 ``numpy`` generator seeded from ``seed`` and the worker's seed that PyTorch assigns
 (``torch.utils.data.get_worker_info().seed``, itself derived from the main process RNG), so a
 run is reproducible under ``torch.manual_seed`` / ``lightning.seed_everything`` while workers
-and epochs get different draws.
+and epochs get different draws. Training goes further: its loader
+(:class:`ephys_gpt.training.resume.ResumableLoader`) calls :meth:`Augmentations.seed_item`
+with each window's (run seed, epoch, position) before reading it, so a window's draws do not
+depend on which worker reads it and are the same after a resume from a checkpoint.
 """
 
 from __future__ import annotations
@@ -309,10 +312,22 @@ class Augmentations:
         self._rng = None
         self._rng_owner = None
 
+    @staticmethod
+    def _owner() -> tuple:
+        info = torch.utils.data.get_worker_info()
+        return (os.getpid(), None if info is None else info.id)
+
+    def seed_item(self, *key: int) -> None:
+        """Draw the next window's augmentations from a generator that is a pure function of
+        ``key`` (integers) and ``seed``, whatever process or worker applies them."""
+        entropy = ([self.seed] if self.seed is not None else []) + [int(k) for k in key]
+        self._rng = np.random.default_rng(np.random.SeedSequence([v % 2**64 for v in entropy]))
+        self._rng_owner = self._owner()
+
     def rng(self) -> np.random.Generator:
         """This process's generator, created on first use in each process / worker."""
         info = torch.utils.data.get_worker_info()
-        owner = (os.getpid(), None if info is None else info.id)
+        owner = self._owner()
         if self._rng is None or self._rng_owner != owner:
             if info is not None:
                 entropy = [info.seed % 2**63] + ([self.seed] if self.seed is not None else [])

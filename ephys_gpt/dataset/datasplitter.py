@@ -18,6 +18,11 @@ Splitting (``split_by``):
 
 With ``val_ratio > 0`` (or ``test_ratio > 0``) each of those splits gets at least one session
 (subject); the training split must keep at least one.
+
+A recorded split (``sessions={"train": [...], "val": [...], "test": [...]}``, what a run
+writes to ``save_dir/split.json``) replaces the draw: each named session goes to its split,
+sessions of the store not named are left out, and a named session the store lacks is an
+error (see ``ephys_gpt/training/run_folder.py``).
 """
 
 from __future__ import annotations
@@ -210,11 +215,40 @@ def _time_split(metas: list[SessionMeta], read: int, stride: int, val_ratio: flo
     return [np.concatenate(b) if b else np.zeros((0, 3), dtype=np.int64) for b in out]
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _recorded_sessions(metas: list[SessionMeta], sessions: Mapping[str, Sequence[str]],
+                       root: Any) -> tuple[list[SessionMeta], dict[str, int]]:
+    """The sessions a recorded split names, and each one's split (0 train, 1 val, 2 test)."""
+    if not isinstance(sessions, Mapping) or not set(sessions) <= set(SPLIT_NAMES):
+        raise ValueError(f"sessions must map {list(SPLIT_NAMES)} to lists of session names, "
+                         f"got {sessions!r}")
+    label: dict[str, int] = {}
+    for i, name in enumerate(SPLIT_NAMES):
+        names = sessions.get(name) or []
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise ValueError(f"sessions[{name!r}] must be a list of session names, got {names!r}")
+        for n in names:
+            label.setdefault(str(n), i)  # split_by='time' names a session in several splits
+    present = {m.name for m in metas}
+    missing = sorted(set(label) - present)
+    if missing:
+        raise StoreError(f"{len(missing)} session(s) of the recorded split are not complete "
+                         f"sessions of {root}: {missing[:10]}")
+    left_out = sorted(present - set(label))
+    if left_out:
+        logger.warning("%d session(s) of %s are not in the recorded split and are left out: %s",
+                       len(left_out), root, left_out[:10])
+    return [m for m in metas if m.name in label], label
+
+
 def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDataset",
                    example_seconds: float = 2.0, stride_seconds: float | None = None,
                    split_by: str = "session", val_ratio: float = 0.1, test_ratio: float = 0.1,
                    seed: int = 0, augmentations: Any = None,
-                   dataset_kwargs: Mapping[str, Any] | None = None) -> DataSplits:
+                   dataset_kwargs: Mapping[str, Any] | None = None,
+                   sessions: Mapping[str, Sequence[str]] | None = None) -> DataSplits:
     """Index a chunk store, split it and build one dataset per split.
 
     Parameters
@@ -238,6 +272,10 @@ def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDatas
     dataset_kwargs : mapping, optional
         Extra keyword arguments of the dataset class (``quantize``, ``target_shift``,
         ``image_size``, ``planes``, ``check_finite``...).
+    sessions : mapping, optional
+        A recorded split: session names per split (``train``, ``val``, ``test``) used instead
+        of drawing one (``split_by='time'`` still cuts each named session in time). Sessions
+        of the store not named are left out; a named session the store lacks is an error.
 
     Returns
     -------
@@ -265,6 +303,9 @@ def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDatas
                          "dataset_kwargs (they apply to the training split only)")
 
     metas = list_sessions(dataset_root)
+    recorded = None
+    if sessions is not None:
+        metas, recorded = _recorded_sessions(metas, sessions, dataset_root)
     check_compatible(metas)
     sfreq = metas[0].sfreq
     window = seconds_to_samples(example_seconds, sfreq, "example_seconds")
@@ -275,6 +316,10 @@ def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDatas
 
     if split_by == "time":
         per_split = _time_split(metas, window + extra, stride or window, val_ratio, test_ratio)
+    elif recorded is not None:
+        session_split = np.array([recorded[m.name] for m in metas], dtype=np.int64)
+        labels = session_split[idx[:, 0]]
+        per_split = [idx[labels == label] for label in range(3)]
     else:
         if split_by == "session":
             keys = [m.name for m in metas]

@@ -19,8 +19,13 @@ mixes every batch with a shuffled copy of itself: for each example ``i`` a weigh
   computed from mixed signals. Token datasets themselves cannot be mixed (mixing token ids is
   meaningless): use a continuous dataset with ``quantize_bits`` instead.
 
-Mixing happens in the collate function, i.e. in the DataLoader workers, with torch's RNG
-(seeded per worker by PyTorch, reproducible under ``torch.manual_seed``).
+Mixing happens in the collate function, i.e. in the DataLoader workers. The weights and
+partners of a batch come from a numpy generator: keyed by the batch when
+:meth:`MixupCollate.seed_batch` was called for it (training does this through
+:class:`ephys_gpt.training.resume.ResumableLoader`, with the batch's run seed, epoch and
+position, so a resumed run mixes exactly as an uninterrupted one, in any worker), otherwise
+seeded from torch's RNG (seeded per worker by PyTorch, reproducible under
+``torch.manual_seed``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
@@ -63,6 +69,17 @@ class MixupCollate:
         self.quantize_bits = quantize_bits
         self.quantize_scale = float(quantize_scale)
         self.base_collate = base_collate
+        self._rng: np.random.Generator | None = None
+
+    def seed_batch(self, *key: int) -> None:
+        """Mix the next batch with draws that are a pure function of ``key`` (integers)."""
+        self._rng = np.random.default_rng(np.random.SeedSequence([int(k) % 2**64 for k in key]))
+
+    def _batch_rng(self) -> np.random.Generator:
+        rng, self._rng = self._rng, None
+        if rng is None:  # not keyed: follow torch's (per-worker) RNG
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        return rng
 
     def _mix(self, t: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         lam = _expand(lam, t)
@@ -83,8 +100,9 @@ class MixupCollate:
                 "a continuous dataset (e.g. ChunkDatasetForecastCont) with quantize_bits to get "
                 "tokens from mixed signals")
         b = x.shape[0]
-        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((b,))  # (B,)
-        perm = torch.randperm(b)
+        rng = self._batch_rng()
+        lam = torch.from_numpy(rng.beta(self.alpha, self.alpha, size=b).astype(np.float32))  # (B,)
+        perm = torch.from_numpy(rng.permutation(b))
         x_mix = self._quantize(self._mix(x, lam, perm))
         if isinstance(inputs, (tuple, list)):
             inputs = type(inputs)([x_mix, *inputs[1:]])

@@ -226,13 +226,13 @@ class EvalRunner:
         self.cpu_generator = torch.Generator().manual_seed(opts.seed)
 
     def _build_splits(self):
-        from ephys_gpt.dataset.datasplitter import get_splitter
+        from ephys_gpt.training.run_folder import run_splits
 
         cfg = self.config.get("datasplitter")
         if not isinstance(cfg, dict):
             raise ValueError(f"{self.name} needs the run config's 'datasplitter' block to find "
                              "held-out data")
-        return get_splitter(self.config.get("dataset_name", "omega"))(**cfg)
+        return run_splits(self.config, augmentations=False)[0]  # the run's recorded split
 
     def _check_data(self, dataset) -> None:
         """Refuse held-out data made differently from the model's training data: sampling

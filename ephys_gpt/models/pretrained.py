@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ephys_gpt
-from ephys_gpt.fileio import write_json_atomic, write_with
+from ephys_gpt.fileio import read_json, write_json_atomic, write_with
 from ephys_gpt.models.registry import build_model
 from ephys_gpt.registry import import_plugins
 
@@ -53,21 +52,47 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike,
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Rebuild a model saved by :func:`save_pretrained` (no unpickling involved)."""
+    """Rebuild a model saved by :func:`save_pretrained` (no unpickling involved).
+
+    A missing file raises FileNotFoundError; a malformed ``config.json``, a truncated or
+    foreign ``model.safetensors`` or weights that do not fit the described model raise
+    ValueError in one line naming the file.
+    """
     path = Path(path)
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: {path} is not an exported ephys-gpt model "
                                     f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = json.loads(cfg_path.read_text())
+    config = load_export_config(path)
     import_plugins(_plugin_modules(config), where=str(cfg_path))
-    model = build_model(config["model_name"], config.get("model_config") or {})
-    state = load_file(str(w_path), device=str(map_location))
-    for k, src in (config.get("tied") or {}).items():
+    name = config["model_name"]
+    try:
+        model = build_model(name, config.get("model_config") or {})
+    except TypeError as err:  # a model_config key the model does not take
+        raise ValueError(f"export config {cfg_path}: model_config does not fit {name}: "
+                         f"{_first_line(err)}") from None
+    try:
+        state = load_file(str(w_path), device=str(map_location))
+    except Exception as err:  # safetensors' own error type: truncated, random bytes...
+        raise ValueError(f"{w_path} is not a readable safetensors file (truncated or damaged; "
+                         f"export the model again): {_first_line(err)}") from None
+    for k, src in config["tied"].items():
+        if src not in state:
+            raise ValueError(f"export config {cfg_path}: tied weight {k!r} refers to {src!r}, "
+                             f"which {w_path} does not hold")
         state[k] = state[src]
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing/unexpected keys, wrong shapes
+        raise ValueError(f"{w_path} does not hold the weights of {name} as {cfg_path} "
+                         f"describes it: {_first_line(err)}") from None
     model.to(map_location)
     model.eval()
     return model
@@ -83,5 +108,19 @@ def _plugin_modules(config: dict) -> list[str]:
 
 
 def load_export_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` of an exported model."""
-    return json.loads((Path(path) / CONFIG_NAME).read_text())
+    """The ``config.json`` of an exported model, checked (errors name the file)."""
+    cfg_path = Path(path) / CONFIG_NAME
+    config = read_json(cfg_path, "export config")
+    if not isinstance(config, dict):
+        raise ValueError(f"export config {cfg_path} should hold a JSON object, found "
+                         f"{type(config).__name__}")
+    if not isinstance(config.get("model_name"), str):
+        raise ValueError(f"export config {cfg_path} has no 'model_name' string (found "
+                         f"{config.get('model_name')!r})")
+    for key in ("model_config", "tied"):
+        if config.get(key) is None:
+            config[key] = {}
+        if not isinstance(config[key], dict):
+            raise ValueError(f"export config {cfg_path}: {key!r} should be a JSON object, "
+                             f"found {type(config[key]).__name__}")
+    return config

@@ -13,17 +13,29 @@ It returns ``(model, info)``; ``info`` is what evaluation needs without the chun
 ``model_name``, ``model_config``, ``sfreq``, ``ch_names``, ``ch_types``, ``pos_2d``,
 ``steps`` (the stage-2 steps, to decode tokens to signal units) and ``config`` (the training
 run's resolved config, when known), plus ``source`` (the file or folder loaded).
+
+Every checkpoint the toolkit reads goes through :func:`read_checkpoint`, which calls
+``torch.load`` with an explicit ``weights_only=True``: torch honours it whatever the
+environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` only changes the default of calls that
+leave ``weights_only`` unset, as Lightning's own loader does). Lightning itself never opens a
+checkpoint here: :class:`SafeCheckpointIO` (the trainer's checkpoint plugin) hands it the
+state :func:`read_checkpoint` read and checked, and writes checkpoints atomically with the
+user's umask (a full disk is reported as :class:`ephys_gpt.fileio.DiskFullError`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ephys_gpt.fileio import is_disk_full, write_with
 from ephys_gpt.models.pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -50,15 +62,109 @@ def _info(model_name: str, model_config: dict, data: dict, config: dict | None,
     return info
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """A Lightning checkpoint as a dict, read with ``weights_only=True`` (no pickled classes)."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A Lightning checkpoint as a dict, read with ``weights_only=True`` (no pickled classes).
+
+    Raises FileNotFoundError for a missing file and ValueError, in one line naming the file,
+    for anything else: a checkpoint that needs to unpickle Python objects (refused: that
+    could run code), a truncated or foreign file, or one that is not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling refused, truncated file...
-        raise ValueError(f"{path} cannot be read as a weights-only checkpoint: {err}") from err
+        # weights_only=True explicitly: torch then ignores TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it asks for {found.group(1)!r})" if found else ""
+        raise ValueError(f"refusing to load {path}: it is not a weights-only checkpoint{what}; "
+                         "unpickling it could run arbitrary code. ephys-gpt only loads "
+                         "checkpoints made of tensors and plain values, as it writes "
+                         "them") from None
+    except Exception as err:  # truncated file, not a torch file...
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by "
+                         f"torch.save): {_first_line(err)}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint: it holds a "
+                         f"{type(ckpt).__name__}, not a mapping of training state")
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt: dict, path: str | os.PathLike, lit_module: torch.nn.Module,
+                          model_name: str, resume: bool = True) -> None:
+    """Refuse, with the differences named, a checkpoint this run cannot load (``resume``:
+    cannot continue training from: optimizer and loop state are needed too)."""
+    what = "resume_from" if resume else "checkpoint"
+    hp = ckpt.get("hyper_parameters") or {}
+    if hp.get("model_name") != model_name:
+        raise ValueError(f"{what}: {path} was written for model "
+                         f"{hp.get('model_name')!r}, this run has {model_name!r}")
+    for key in ("state_dict", "optimizer_states", "loops") if resume else ("state_dict",):
+        if not isinstance(ckpt.get(key), (dict, list)):
+            raise ValueError(f"{what}: {path} holds no {key!r}: it is not a resumable "
+                             "Lightning training checkpoint (an export or weights-only file?)")
+    state = ckpt["state_dict"]
+    own = lit_module.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    extra = sorted(k for k in state if k not in own)
+    shapes = sorted(k for k in own if k in state and isinstance(state[k], torch.Tensor)
+                    and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} (e.g. {extra[:3]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: "
+                         f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} "
+                         "now)")
+        raise ValueError(f"{what}: the weights in {path} do not fit this run's "
+                         f"{model_name} ({'; '.join(parts)}); resume with the model_config "
+                         "the checkpoint was trained with")
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin: weights-only loading and atomic, umask-following saves.
+
+    :meth:`remember` hands it a checkpoint already read (and checked) by
+    :func:`read_checkpoint`, so ``trainer.fit(ckpt_path=...)`` does not read the file again.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._remembered: dict[str, dict] = {}
+
+    def remember(self, path: str | os.PathLike, checkpoint: dict) -> None:
+        self._remembered[os.path.abspath(path)] = checkpoint
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        ckpt = self._remembered.pop(os.path.abspath(path), None)
+        if ckpt is not None:
+            return ckpt
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO takes no storage_options")
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                try:
+                    torch.save(checkpoint, fh)
+                except RuntimeError as err:  # torch hides the OSError of a full disk inside
+                    if err.__context__ is not None and is_disk_full(err.__context__):
+                        raise err.__context__ from None
+                    raise
+
+        write_with(path, save)
 
 
 def model_state_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint") -> dict:
@@ -119,7 +225,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model_config = dict(hp.get("model_config") or {})
     import_plugins((hp.get("run_config") or {}).get("imports") or [], where=str(path))
     model = build_model(name, model_config)
-    model.load_state_dict(model_state_from_checkpoint(ckpt, path))
+    try:
+        model.load_state_dict(model_state_from_checkpoint(ckpt, path))
+    except RuntimeError as err:  # missing/unexpected keys, wrong shapes
+        raise ValueError(f"{path}: the weights do not fit {name} with the checkpoint's "
+                         f"model_config: {_first_line(err)}") from None
     model.to(map_location)
     model.eval()
     return model, _info(name, model_config, hp.get("data_info") or {}, hp.get("run_config"), path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,34 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "datasplitter.dataset_root=runs/demo/preprocessed/chunks")
 
 
+def _add_resplit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resplit", action="store_true",
+                   help="draw the train/val/test split from datasplitter even though the run "
+                        "recorded one in save_dir/split.json (results are then not comparable "
+                        "with the run's earlier ones); same as resplit=true")
+
+
+def resume_command(args) -> str:
+    """The command line that continues an interrupted ``train`` from ``last.ckpt``."""
+    keep = [o for o in args.overrides
+            if o.split("=", 1)[0].strip() not in ("resume_from", "overwrite", "resplit")]
+    words = ["ephys-gpt", "train", "--args", args.config, *keep, "resume_from=last"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def cmd_train(args) -> int:
+    from ephys_gpt.training.errors import TrainingInterrupted
     from ephys_gpt.training.experiment import ExperimentDL
 
-    exp = ExperimentDL(args.config, args.overrides, mode="train")
-    out = exp.train()
+    exp = ExperimentDL(args.config, args.overrides, mode="train",
+                       overwrite=getattr(args, "overwrite", False),
+                       resplit=getattr(args, "resplit", False))
+    try:
+        out = exp.train()
+    except TrainingInterrupted as err:
+        if err.checkpoint:
+            err.args = (f"{err}. Resume with: {resume_command(args)}",)
+        raise
     logger.info("training finished at step %d; best checkpoint %s; export %s",
                 out["global_step"], out["best"], out["export"])
     return 0
@@ -35,7 +59,8 @@ def cmd_train(args) -> int:
 def cmd_test(args) -> int:
     from ephys_gpt.training.experiment import ExperimentDL
 
-    exp = ExperimentDL(args.config, args.overrides, mode="test")
+    exp = ExperimentDL(args.config, args.overrides, mode="test",
+                       resplit=getattr(args, "resplit", False))
     metrics = exp.test(getattr(args, "ckpt", None))
     logger.info("test metrics (%s): %s", exp.save_dir / "test_metrics.json",
                 json.dumps(metrics, sort_keys=True))
@@ -55,6 +80,8 @@ def cmd_eval(args) -> int:
     from ephys_gpt.training.config import load_config
 
     config = load_config(args.config, args.overrides, mode="eval")
+    if getattr(args, "resplit", False):
+        config["resplit"] = True
     summary = run_eval(config)
     logger.info("evaluation %s finished", config.get("eval_class"))
     if isinstance(summary, dict):
@@ -88,17 +115,29 @@ def cmd_list_models(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``train``, ``test``, ``eval`` and ``list-models`` to the ``ephys-gpt`` parser."""
-    p = subparsers.add_parser("train", help="train a model from a run YAML")
+    p = subparsers.add_parser(
+        "train", help="train a model from a run YAML",
+        description="Train a model from a run YAML. A save_dir that already holds a run is "
+                    "refused unless you continue it (resume_from=last) or replace it "
+                    "(--overwrite). Ctrl-C / SIGTERM saves a resumable checkpoint and exits "
+                    "130 / 143.")
     _add_run_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in save_dir: deletes only the files ephys-gpt "
+                        "wrote there (checkpoints, export, logs, config.yaml, split.json, "
+                        "test_metrics.json, evals); same as overwrite=true")
+    _add_resplit(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("test", help="evaluate the best checkpoint on the test split")
     _add_run_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint to test (default: save_dir's best)")
+    _add_resplit(p)
     p.set_defaults(func=cmd_test)
 
     p = subparsers.add_parser("eval", help="run the eval runner (eval_class) of a run YAML")
     _add_run_args(p)
+    _add_resplit(p)
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("list-models", help="list the registered models")

@@ -12,8 +12,11 @@ A run YAML (``configs/<model>/train.yaml``) holds the keys of the original toolk
     dataloader: {batch_size: 8, num_workers: 0, mixup: null}
     lightning: {lr: 3.0e-4, warmup_steps: 100, compile: false}
     trainer: {max_epochs: 5, precision: bf16-mixed}   # lightning.Trainer arguments
-    save_dir: ../../runs/gpt2meg
+    save_dir: ../../runs/gpt2meg      # train refuses a save_dir holding another run
     resume_from: null                 # a .ckpt path, or "last"
+    overwrite: false                  # replace the run in save_dir (or: train --overwrite)
+    resplit: false                    # ignore save_dir/split.json (or: --resplit)
+    checkpoint: {every_n_train_steps: null}
     augmentations: null               # path to a YAML list, or an inline list
     seed: 42
     eval_class: EvalQuant
@@ -109,8 +112,14 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
 
 
+#: One-off switches of a command, never written to a run's config.yaml (a saved config run
+#: again must not overwrite or re-split the run it describes).
+ONE_OFF_KEYS = ("overwrite", "resplit")
+
+
 def dump_config(config: dict, path: str | os.PathLike) -> Path:
-    """Write ``config`` as YAML to ``path`` atomically (temporary name, then rename)."""
+    """Write ``config`` as YAML to ``path`` atomically (one-off switches reset to false)."""
+    config = {**config, **{k: False for k in ONE_OFF_KEYS if k in config}}
     text = yaml.safe_dump(to_jsonable(config), sort_keys=False, default_flow_style=None)
     return write_text_atomic(path, text)
 
@@ -167,6 +176,15 @@ class LightningConfig(_Block):
     metrics_top_k: int = Field(5, ge=1, description="k of the logged top-k accuracy")
 
 
+class CheckpointConfig(_Block):
+    """``checkpoint``: when resumable checkpoints are written besides best/last per validation."""
+
+    every_n_train_steps: int | None = Field(
+        None, ge=1, description="also write checkpoints/last.ckpt every this many optimizer "
+        "steps, mid-epoch included (resuming from it is exact); null: only at validation / "
+        "epoch end")
+
+
 class RunConfig(_Block):
     """The whole run YAML (after ``model_config``/``augmentations`` files are read)."""
 
@@ -184,6 +202,12 @@ class RunConfig(_Block):
     trainer: dict = Field(default_factory=dict)
     save_dir: str
     resume_from: str | None = None
+    overwrite: bool = Field(False, description="train: replace the run already in save_dir "
+                            "(deletes only the files ephys-gpt wrote there); not saved in "
+                            "save_dir/config.yaml")
+    resplit: bool = Field(False, description="draw the split from datasplitter even though "
+                          "save_dir/split.json recorded one; not saved in config.yaml")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     augmentations: list | dict | None = None
     seed: int = 42
     eval_class: str = "EvalQuant"
@@ -433,6 +457,9 @@ def _check_dataset(cfg: dict, spec) -> None:
     except (KeyError, ValueError) as err:
         raise ConfigError(f"key 'dataset_name': {err}") from None
     dcfg = cfg["datasplitter"]
+    if "sessions" in dcfg:
+        raise ConfigError("key 'datasplitter.sessions' cannot be set in the config: a run's "
+                          "sessions per split come from its record save_dir/split.json")
     skip = ("augmentations",) if cfg.get("augmentations") is not None else ()
     _check_callable_kwargs(splitter, dcfg, "datasplitter", skip=skip)
     root = dcfg.get("dataset_root")

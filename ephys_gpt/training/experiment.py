@@ -3,18 +3,23 @@
 Outputs (DESIGN.md, contract 5) under ``save_dir``::
 
     config.yaml                 the resolved config (paths absolute, model_config filled in)
+    split.json                  the sessions of each split (resume, test and eval reuse it)
     checkpoints/best.ckpt       lowest val/loss (resumable Lightning checkpoint)
-    checkpoints/last.ckpt       end of the latest epoch (``resume_from: last`` continues it)
+    checkpoints/last.ckpt       the latest resumable state (``resume_from: last``)
     export/                     model.safetensors + config.json (from_pretrained, eval)
-    logs/csv/version_N/         metrics.csv
+    logs/csv/version_N/         metrics.csv (one version per start, written as it goes)
     logs/tensorboard/version_N/ TensorBoard events
     test_metrics.json           written by test()
+
+Training refuses a ``save_dir`` holding another run (``run_folder.py``), refuses a run that
+would make no optimizer step, stops on a non-finite loss (``guards.py``), turns SIGINT/SIGTERM
+into a resumable checkpoint (``interrupt.py``) and resumes exactly (``resume.py``).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -28,9 +33,25 @@ from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import CHANNEL_KINDS, TOKEN_KINDS, get_model_spec
-from ephys_gpt.training.checkpoint import DATA_KEYS, load_model
+from ephys_gpt.training.checkpoint import (
+    DATA_KEYS,
+    SafeCheckpointIO,
+    check_checkpoint_fits,
+    load_model,
+    read_checkpoint,
+)
 from ephys_gpt.training.config import ConfigError, dump_config, load_config
+from ephys_gpt.training.errors import TrainingInterrupted
+from ephys_gpt.training.guards import NonFiniteLossGuard, check_trains_something
+from ephys_gpt.training.interrupt import SignalCheckpoint
 from ephys_gpt.training.lit_model import LitModel
+from ephys_gpt.training.resume import ResumableLoader, ResumeState, StepCheckpoint
+from ephys_gpt.training.run_folder import (
+    claim_save_dir,
+    record_split,
+    replace_run,
+    run_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +66,6 @@ def dataset_info(dataset, dataset_name: str) -> dict[str, Any]:
         value = getattr(dataset, key, getattr(base, key, None))
         info[key] = to_jsonable(value)
     return info
-
-
-def mixup_loader_class():
-    """``MixupDataLoader`` from wherever the dataset package defines it."""
-    for mod in ("ephys_gpt.dataset.mixup", "ephys_gpt.dataset.loaders",
-                "ephys_gpt.dataset.datasplitter", "ephys_gpt.dataset"):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, "MixupDataLoader"):
-            return module.MixupDataLoader
-    raise ImportError("dataloader.mixup is set but ephys_gpt.dataset provides no MixupDataLoader")
 
 
 class QuantizeCollate:
@@ -98,22 +106,28 @@ class ExperimentDL:
         ``a.b=value`` overrides (only when ``config`` is a path or raw dict).
     mode : str
         ``train`` or ``test`` (``eval`` goes through the eval runners).
+    overwrite : bool
+        Train even though ``save_dir`` holds another run, replacing it (only the files
+        ephys-gpt wrote there are removed). Same as the config key ``overwrite``.
+    resplit : bool
+        Draw the split from ``datasplitter`` even though ``save_dir/split.json`` recorded
+        one. Same as the config key ``resplit``.
     """
 
-    def __init__(self, config, overrides=(), *, mode: str = "train"):
+    def __init__(self, config, overrides=(), *, mode: str = "train", overwrite: bool = False,
+                 resplit: bool = False):
         self.config = load_config(config, overrides, mode=mode)
         cfg = self.config
-        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        self.mode = mode
         self.save_dir = Path(cfg["save_dir"])
         self.ckpt_dir = self.save_dir / "checkpoints"
+        self._replace_run = False
+        if mode == "train":  # before any work: refuse to train over another run
+            self._replace_run = claim_save_dir(self.save_dir, resume_from=cfg["resume_from"],
+                                               overwrite=overwrite or cfg["overwrite"])
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
         self.spec = get_model_spec(cfg["model_name"])
-
-        from ephys_gpt.dataset.datasplitter import get_splitter
-
-        kwargs = dict(cfg["datasplitter"])
-        if cfg.get("augmentations") is not None and "augmentations" not in kwargs:
-            kwargs["augmentations"] = cfg["augmentations"]
-        self.splits = get_splitter(cfg["dataset_name"])(**kwargs)
+        self.splits, self.split_record = run_splits(cfg, resplit=resplit or cfg["resplit"])
         self.data_info = dataset_info(self.splits.train, cfg["dataset_name"])
         mix = cfg["dataloader"]["mixup"] or {}
         if mix.get("quantize_bits"):  # tokens are made on the fly by MixupDataLoader
@@ -169,14 +183,17 @@ class ExperimentDL:
                                   f"dataset's tokens take {needed} values ({quant['n_bits']}-bit "
                                   "mu-law)")
 
-    def _loader(self, dataset, train: bool) -> DataLoader | None:
+    def _loader(self, dataset, train: bool, resumable: bool = True) -> DataLoader | None:
+        """The DataLoader of a split; training gets a :class:`ResumableLoader` (exact resume)
+        unless ``resumable`` is false (several devices: Lightning's sampler takes over)."""
         if dataset is None or len(dataset) == 0:
             return None
-        d = self.config["dataloader"]
+        from ephys_gpt.dataset.mixup import MixupCollate, MixupDataLoader
+
+        d, seed = self.config["dataloader"], int(self.config["seed"])
         kw: dict[str, Any] = {
             "batch_size": d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
             "num_workers": d["num_workers"], "pin_memory": d["pin_memory"],
-            "shuffle": d["shuffle"] if train else False,
             "drop_last": d["drop_last"] if train else False,
         }
         if d["num_workers"] > 0:
@@ -184,25 +201,50 @@ class ExperimentDL:
             if d["prefetch_factor"]:
                 kw["prefetch_factor"] = d["prefetch_factor"]
         mix = d["mixup"]
-        if train and mix:
-            return mixup_loader_class()(dataset, **mix, **kw)
+        if train and resumable:
+            collate = None
+            if mix:
+                m = dict(mix)
+                if m.get("num_classes") is None:
+                    m["num_classes"] = getattr(dataset, "num_classes", None)
+                collate = MixupCollate(**m)
+            return ResumableLoader(dataset, seed=seed, shuffle=d["shuffle"], collate_fn=collate,
+                                   **kw)
+        if train:
+            kw["shuffle"] = d["shuffle"]
+            return MixupDataLoader(dataset, **mix, **kw) if mix else DataLoader(dataset, **kw)
         if mix and mix.get("quantize_bits"):
             kw["collate_fn"] = QuantizeCollate(mix["quantize_bits"], mix.get("quantize_scale", 1.0))
-        return DataLoader(dataset, **kw)
+        # its own generator: iterating never draws from the global RNG training uses
+        return DataLoader(dataset, generator=torch.Generator().manual_seed(seed), **kw)
 
-    def _make_trainer(self, with_val: bool) -> L.Trainer:
+    def _make_trainer(self, with_val: bool, fitting: bool = True) -> L.Trainer:
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
         logs = self.save_dir / "logs"
-        loggers = [CSVLogger(str(logs), name="csv"), TensorBoardLogger(str(logs), name="tensorboard")]
-        ckpt = ModelCheckpoint(dirpath=str(self.ckpt_dir), filename="best",
-                               monitor="val/loss" if with_val else None, mode="min",
-                               save_top_k=1, save_last=True, enable_version_counter=False)
-        callbacks = [ckpt, LearningRateMonitor(logging_interval="step")]
+        # the CSV file is written at every logged step, so a crash keeps the log up to it
+        loggers = [CSVLogger(str(logs), name="csv", flush_logs_every_n_steps=1),
+                   TensorBoardLogger(str(logs), name="tensorboard")]
         kwargs = {"log_every_n_steps": 10, **self.config["trainer"]}
+        self.checkpoint_io = SafeCheckpointIO()
+        callbacks: list = []
+        if fitting:
+            self.interrupt = SignalCheckpoint(self.ckpt_dir / "last.ckpt")
+            callbacks += [
+                ResumeState(),
+                NonFiniteLossGuard(kwargs["log_every_n_steps"], self.ckpt_dir),
+                ModelCheckpoint(dirpath=str(self.ckpt_dir), filename="best",
+                                monitor="val/loss" if with_val else None, mode="min",
+                                save_top_k=1, save_last=True, enable_version_counter=False),
+                LearningRateMonitor(logging_interval="step"),
+            ]
+            every = self.config["checkpoint"]["every_n_train_steps"]
+            if every:
+                callbacks.append(StepCheckpoint(str(self.ckpt_dir), every))
+            callbacks.append(self.interrupt)  # after the ModelCheckpoints (see interrupt.py)
         return L.Trainer(default_root_dir=str(self.save_dir), logger=loggers,
-                         callbacks=callbacks, **kwargs)
+                         callbacks=callbacks, plugins=[self.checkpoint_io], **kwargs)
 
     def resume_path(self) -> str | None:
         """The checkpoint ``train()`` continues from (``resume_from``; ``last`` if it exists)."""
@@ -220,22 +262,57 @@ class ExperimentDL:
         """Fit (continuing from ``resume_from`` if set), then export the best model.
 
         Returns ``{"best": path, "last": path, "export": path, "global_step": int}``.
+        Raises :class:`~ephys_gpt.training.errors.TrainingInterrupted` on SIGINT/SIGTERM
+        (after saving ``checkpoints/last.ckpt``) and
+        :class:`~ephys_gpt.training.errors.NonFiniteLossError` on a NaN/inf loss.
         """
-        train_dl = self._loader(self.splits.train, train=True)
+        if self.mode != "train":
+            raise ValueError("train() needs an ExperimentDL made with mode='train'")
+        cfg = self.config
+        val_dl = self._loader(self.splits.val, train=False)
+        if cfg["trainer"].get("limit_val_batches", 1) in (0, 0.0):
+            val_dl = None
+        ckpt_path = self.resume_path()
+        ckpt = None
+        if ckpt_path:  # read and check it here: nothing starts if it cannot be resumed
+            ckpt = read_checkpoint(ckpt_path)
+            check_checkpoint_fits(ckpt, ckpt_path, self.lit, cfg["model_name"])
+        n_windows, d = len(self.splits.train), cfg["dataloader"]
+        n_batches = (n_windows // d["batch_size"] if d["drop_last"]
+                     else math.ceil(n_windows / d["batch_size"]))
+        check_trains_something(cfg["trainer"], n_windows, n_batches, d["batch_size"],
+                               d["drop_last"], ckpt, ckpt_path)
+        self.trainer = self._make_trainer(with_val=val_dl is not None)
+        resumable = self.trainer.world_size == 1
+        if not resumable:
+            logger.warning("with %d devices Lightning's distributed sampler orders the training "
+                           "data: resuming from a mid-epoch checkpoint is not exact (end-of-epoch "
+                           "checkpoints are)", self.trainer.world_size)
+        train_dl = self._loader(self.splits.train, train=True, resumable=resumable)
         if train_dl is None:
             raise ValueError(f"the training split is empty (dataset_root="
-                             f"{self.config['datasplitter'].get('dataset_root')})")
-        val_dl = self._loader(self.splits.val, train=False)
-        if self.config["trainer"].get("limit_val_batches", 1) in (0, 0.0):
-            val_dl = None
-        self.trainer = self._make_trainer(with_val=val_dl is not None)
-        if self.trainer.is_global_zero:
-            dump_config(self.config, self.save_dir / "config.yaml")
-        ckpt_path = self.resume_path()
+                             f"{cfg['datasplitter'].get('dataset_root')})")
         if ckpt_path:
-            logger.info("resuming from %s", ckpt_path)
-        self.trainer.fit(self.lit, train_dataloaders=train_dl, val_dataloaders=val_dl,
-                         ckpt_path=ckpt_path)
+            self._warn_inexact_resume()
+        if self.trainer.is_global_zero:
+            if self._replace_run:
+                replace_run(self.save_dir)
+                self._replace_run = False
+            dump_config(cfg, self.save_dir / "config.yaml")
+            record_split(self.save_dir, self.splits, cfg)
+        if ckpt_path:
+            logger.info("resuming from %s (global step %s)", ckpt_path, ckpt.get("global_step"))
+            self.checkpoint_io.remember(ckpt_path, ckpt)
+        try:
+            with self.interrupt.catching_signals():
+                self.trainer.fit(self.lit, train_dataloaders=train_dl, val_dataloaders=val_dl,
+                                 ckpt_path=ckpt_path)
+        except (KeyboardInterrupt, SystemExit):
+            if self.interrupt.signum is None:
+                raise
+            raise TrainingInterrupted("training interrupted twice: stopped at once without "
+                                      "saving; the latest checkpoint on disk is kept",
+                                      self.interrupt.signum) from None
         if self.trainer.is_global_zero and not self._ckpt("best") and self._ckpt("last"):
             # validation never ran (e.g. check_val_every_n_epoch > epochs): best = latest
             write_with(self.ckpt_dir / "best.ckpt",
@@ -245,6 +322,20 @@ class ExperimentDL:
         if self.trainer.is_global_zero:
             out["export"] = str(self.export())
         return out
+
+    def _warn_inexact_resume(self) -> None:
+        """Say when this resume cannot be bit-identical (docs/training.md, "Resume is exact")."""
+        from ephys_gpt.dataset.datasets import ChunkWindowDataset
+
+        ds = self.splits.train
+        if not isinstance(ds, ChunkWindowDataset):
+            logger.warning("%s may draw random numbers of its own: resuming from a mid-epoch "
+                           "checkpoint restores the data order but not those draws",
+                           type(ds).__name__)
+        device = self.trainer.strategy.root_device.type
+        if device != "cpu" and not self.config["trainer"].get("deterministic"):
+            logger.warning("resuming on %s without trainer.deterministic: true; the resumed run "
+                           "is close to, not bit-identical with, an uninterrupted one", device)
 
     def _ckpt(self, which: str) -> str | None:
         p = self.ckpt_dir / f"{which}.ckpt"
@@ -274,8 +365,10 @@ class ExperimentDL:
         if ckpt_path is None:
             raise FileNotFoundError(f"no checkpoint to test in {self.ckpt_dir} "
                                     "(train first, or pass a checkpoint path)")
-        if self.trainer is None:
-            self.trainer = self._make_trainer(with_val=False)
+        ckpt = read_checkpoint(ckpt_path)  # weights-only, checked before anything starts
+        check_checkpoint_fits(ckpt, ckpt_path, self.lit, self.config["model_name"], resume=False)
+        self.trainer = self._make_trainer(with_val=False, fitting=False)
+        self.checkpoint_io.remember(ckpt_path, ckpt)
         results = self.trainer.test(self.lit, dataloaders=test_dl, ckpt_path=str(ckpt_path))
         metrics = {k: float(v) for r in results for k, v in r.items()}
         if self.trainer.is_global_zero:

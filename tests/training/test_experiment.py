@@ -126,7 +126,8 @@ def test_mixup_continuous_model(tmp_path, run_cfg, tmp_path_factory):
                                    dataset_class="ChunkDatasetForecastCont")
     run_cfg["dataloader"]["mixup"] = {"alpha": 0.4}
     exp = ExperimentDL(run_cfg)
-    assert type(exp._loader(exp.splits.train, train=True)).__name__ == "MixupDataLoader"
+    loader = exp._loader(exp.splits.train, train=True)
+    assert type(loader.collate_fn.collate).__name__ == "MixupCollate"  # keyed mixup (resume)
     out = exp.train()
     assert out["global_step"] == 3
     assert torch.isfinite(exp.trainer.callback_metrics["val/loss"])

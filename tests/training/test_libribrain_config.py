@@ -37,7 +37,7 @@ def test_cnnlstm_config_trains_and_tests_on_libribrain_layout(tmp_path, monkeypa
     out = ExperimentDL(CONFIG, overrides).train()
     assert out["global_step"] == 2
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
-    ExperimentDL(CONFIG, overrides).test()
+    ExperimentDL(CONFIG, overrides, mode="test").test()
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     text = json.dumps(metrics).lower()
     for name in ("acc", "f1"):

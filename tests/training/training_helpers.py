@@ -62,3 +62,45 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def resume_run(store: Path, save_dir: Path, num_workers: int = 0) -> dict:
+    """A run exercising every random draw of training (for the exact-resume tests).
+
+    Mixup (keyed per batch) turns a continuous store into 4-bit tokens, windows get Gaussian
+    noise (keyed per window), the model has dropout (torch's RNG), validation runs mid-epoch
+    and ``last.ckpt`` is written every 3 optimizer steps, mid-epoch included: 2 epochs of 4
+    steps, validation after batches 2 and 4.
+    """
+    cfg = tiny_run(store, save_dir)
+    cfg["datasplitter"].update(dataset_class="ChunkDatasetForecastCont", example_seconds=0.1)
+    cfg["model_config"].update(n_positions=10, dropout=0.1)
+    cfg["dataloader"] = {"batch_size": 2, "num_workers": num_workers,
+                         "mixup": {"alpha": 0.4, "quantize_bits": 4}}
+    cfg["augmentations"] = [{"name": "gaussian_noise", "std": 0.05, "p": 0.5}]
+    cfg["trainer"].update(max_epochs=2, limit_train_batches=4, limit_val_batches=2,
+                          val_check_interval=2)
+    cfg["checkpoint"] = {"every_n_train_steps": 3}
+    return cfg
+
+
+def exported_weights(save_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(save_dir / "export" / "model.safetensors"))
+
+
+def logged_losses(save_dir: Path) -> dict:
+    """Every logged loss value of a run, ``{(step, column): value}``, over all CSV versions
+    (a resumed run writes a new version; rows of a crashed version repeat the same values)."""
+    import csv
+
+    out: dict = {}
+    for path in sorted((save_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                for key, value in row.items():
+                    if "loss" in key and value not in ("", None):
+                        prev = out.setdefault((int(row["step"]), key), value)
+                        assert prev == value, f"{path}: {key} at step {row['step']} differs"
+    return out
