@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 import ephys_gpt
 from ephys_gpt._optional import require
 from ephys_gpt.fileio import atomic_path, write_json_atomic
+from ephys_gpt.validation import check_number, validate_type
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_SFREQ = 150.0  # the osl-ephys template's sampling rate
 TASK = "rest"
+MAX_SECONDS = 3600.0  # per session: one hour is 1.3 GB in memory (306 x 540000 float64)
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,13 @@ class SimulationConfig:
     faults: bool = False
 
     def __post_init__(self):
-        for key in ("subjects", "sessions"):
-            val = getattr(self, key)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"simulation {key!r} must be an integer >= 1, got {val!r}")
-        if not isinstance(self.seconds, (int, float)) or self.seconds < 2:
-            raise ValueError(f"simulation 'seconds' must be a number >= 2, got {self.seconds!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"simulation 'seed' must be a non-negative integer, got {self.seed!r}")
+        check_number(self.subjects, "simulation 'subjects' (--subjects)", low=1, integer=True)
+        check_number(self.sessions, "simulation 'sessions' (--sessions)", low=1, integer=True)
+        check_number(self.seconds, "simulation 'seconds' (--seconds)", low=2,
+                     high=MAX_SECONDS)
+        check_number(self.seed, "simulation 'seed' (--seed)", low=0, high=2**32 - 1,
+                     integer=True)
+        validate_type(self.faults, "bool", "simulation 'faults' (--faults)")
 
 
 @dataclass

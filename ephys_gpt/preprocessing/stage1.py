@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import ephys_gpt
 from ephys_gpt._optional import require
 from ephys_gpt.fileio import as_json, read_json_field, write_json_atomic
-from ephys_gpt.preprocessing.config import RecipeConfig
+from ephys_gpt.preprocessing.config import RecipeConfig, check_recipe_filters
 from ephys_gpt.preprocessing.discovery import Recording
 from ephys_gpt.preprocessing.result import RunResult
 
@@ -141,6 +141,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(step, dict) or len(step) != 1:
             raise ValueError(f"osl_config {path}: preproc step {i} should be a mapping with one "
                              f"key (the method name), found {step!r:.80}")
+    check_recipe_filters(cfg, str(path))
     return cfg
 
 

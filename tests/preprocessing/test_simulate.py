@@ -84,3 +84,23 @@ def test_cli_simulate(tmp_path):
     fif = tmp_path / "sub-01/ses-01/meg/sub-01_ses-01_task-rest_meg.fif"
     assert fif.is_file()
     assert json.loads(fif.with_name("sub-01_ses-01_task-rest_simulation.json").read_text())["faults"]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--seconds", "nan"], ["'seconds' (--seconds)", "finite", "nan"]),
+    (["--seconds", "inf"], ["'seconds' (--seconds)", "finite", "inf"]),
+    (["--seconds", "0"], ["'seconds' (--seconds)", ">= 2", "0.0"]),
+    (["--seconds", "-1"], ["'seconds' (--seconds)", ">= 2", "-1.0"]),
+    (["--seconds", "1e9"], ["'seconds' (--seconds)", "<= 3600"]),
+    (["--subjects", "0"], ["'subjects' (--subjects)", ">= 1", "0"]),
+    (["--sessions", "-2"], ["'sessions' (--sessions)", ">= 1", "-2"]),
+    (["--seed", "-1"], ["'seed' (--seed)", ">= 0"]),
+])
+def test_cli_simulate_refuses_bad_numbers_without_a_traceback(tmp_path, capsys, argv, needles):
+    out = tmp_path / "out"
+    rc = main(["simulate", "--out", str(out), "--no-progress", *argv])
+    assert rc == 1
+    msg = capsys.readouterr().err
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    assert "Traceback" not in msg and not out.exists()  # refused before anything was written
