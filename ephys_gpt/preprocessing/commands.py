@@ -32,12 +32,20 @@ def register(subparsers) -> None:
     add_preprocess_parser(subparsers)
 
     p = subparsers.add_parser(
-        "convert-legacy", help="convert the original toolkit's pickled .npy chunks (trusted only)",
+        "convert-legacy",
+        help="convert the original toolkit's pickled .npy chunks (needs --trust-pickle)",
         description="Convert chunks of the original toolkit (pickled dicts in .npy files, one "
-                    "folder per session) into the chunk store. This unpickles the files, which "
-                    "executes code from them: only convert files you trust.")
+                    "folder per session) into the chunk store. Reading them means unpickling, "
+                    "and unpickling executes any code the files contain: a crafted .npy can "
+                    "run commands as you. So convert-legacy refuses unless you pass "
+                    "--trust-pickle, and you should pass it only for files from a source you "
+                    "trust (e.g. chunks you wrote yourself with the original toolkit). The "
+                    "converted store holds plain arrays and is read without pickle.")
     p.add_argument("src", help="a legacy session folder, or a folder of them")
     p.add_argument("dst", help="chunk store folder to write")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="I trust these files: unpickle them, which executes any code they "
+                        "contain (without this flag nothing is read)")
     p.add_argument("--ch-type", default="mag",
                    help="channel type for chunks that do not record ch_types (default mag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,8 +110,8 @@ def cmd_preprocess(args) -> int:
 def cmd_convert_legacy(args) -> int:
     from ephys_gpt.preprocessing.legacy import convert_legacy
 
-    result = convert_legacy(args.src, args.dst, progress=not args.no_progress,
-                            default_ch_type=args.ch_type)
+    result = convert_legacy(args.src, args.dst, trust_pickle=args.trust_pickle,
+                            progress=not args.no_progress, default_ch_type=args.ch_type)
     logger.info("convert-legacy: %s -> %s", result.counts(), args.dst)
     for name, reason in result.failed.items():
         logger.error("  %s: %s", name, reason)
