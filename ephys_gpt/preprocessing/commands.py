@@ -15,17 +15,29 @@ logger = logging.getLogger(__name__)
 def register(subparsers) -> None:
     """Add ``simulate``, ``preprocess`` and ``convert-legacy`` to the ``ephys-gpt`` parser."""
     p = subparsers.add_parser(
-        "simulate", help="write simulated raw MEG sessions (osl-ephys MVAR template, 306 ch)",
+        "simulate", help="write simulated raw MEG sessions as BIDS (osl-ephys MVAR template, 306 ch)",
         description="Simulate 306-channel MEGIN resting-state MEG (150 Hz) from the MVAR model "
-                    "osl-ephys ships, as BIDS-like raw .fif sessions.")
-    p.add_argument("--out", required=True, help="output folder (created)")
+                    "osl-ephys ships, written as a BIDS dataset with mne-bids (the simulation "
+                    "parameters go to sourcedata/ephys-gpt-simulate/). Sessions already in "
+                    "--out with the same settings are kept; see docs/preprocessing.md.")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier ephys-gpt simulation")
     p.add_argument("--subjects", type=int, default=2, help="number of subjects (default 2)")
     p.add_argument("--sessions", type=int, default=2, help="sessions per subject (default 2)")
-    p.add_argument("--seconds", type=float, default=60.0, help="seconds per session (default 60)")
+    p.add_argument("--seconds", type=float, default=60.0,
+                   help="seconds per session, 2 to 3600 (default 60)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     p.add_argument("--faults", action="store_true",
-                   help="inject bad segments, noisy and flat channels (listed in a JSON sidecar)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing session files")
+                   help="inject bad segments, noisy and flat channels (recorded in the BIDS "
+                        "channels.tsv and events.tsv, not in the .fif: stage 1 must find them)")
+    p.add_argument("--dynamics", choices=("mvar", "bursty"), default="mvar",
+                   help="mvar: the linear-Gaussian template alone (a long VAR is close to the "
+                        "best predictor of it); bursty: plus transient, state-switching, "
+                        "non-sinusoidal rhythms (alpha, mu, beta, theta bursts from a hidden "
+                        "Markov chain), where the best predictor is nonlinear (default mvar)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace sessions that were simulated with other settings (only in a "
+                        "folder written by ephys-gpt simulate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
@@ -79,7 +91,7 @@ def cmd_simulate(args) -> int:
     from ephys_gpt.preprocessing.simulate import SimulationConfig, simulate_dataset
 
     cfg = SimulationConfig(subjects=args.subjects, sessions=args.sessions, seconds=args.seconds,
-                           seed=args.seed, faults=args.faults)
+                           seed=args.seed, faults=args.faults, dynamics=args.dynamics)
     paths = simulate_dataset(args.out, cfg, progress=not args.no_progress,
                              overwrite=args.overwrite)
     logger.info("wrote %d session(s) to %s", len(paths), args.out)
