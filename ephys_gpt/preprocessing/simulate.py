@@ -503,9 +503,10 @@ def simulate_dataset(out: str | os.PathLike, config: SimulationConfig | None = N
     if conflicts and not overwrite:
         listing = "\n  ".join(conflicts[:10]) + ("\n  ..." if len(conflicts) > 10 else "")
         raise ValueError(
-            f"simulate --out {out}: {len(conflicts)} session(s) exist with other settings "
-            f"than asked for, so nothing was written:\n  {listing}\nRe-run with the same "
-            "settings to keep them, pass --overwrite to replace them, or write to a new folder")
+            f"simulate --out {out}: {len(conflicts)} session(s) exist that were simulated with "
+            f"other settings (or by an ephys-gpt before BIDS output, without a record), so "
+            f"nothing was written:\n  {listing}\nRe-run with the same settings to keep them, "
+            "pass --overwrite to replace them, or write to a new folder")
     todo = [job for job in jobs if states[job][0] != "done"]
     paths = [recording_path(out, *job) for job in jobs]
     kept = len(jobs) - len(todo)
