@@ -604,10 +604,14 @@ def _write_session(stage: Path, out: Path, cfg: SimulationConfig, sub: int, ses:
             before = read_json(old).get("files") or []
         except (ValueError, OSError, AttributeError):
             before = []
+        mine = (_session_dir(sub, ses).as_posix() + "/",
+                (SOURCEDATA / _session_dir(sub, ses)).as_posix() + "/")
         for rel in set(before) - set(files):
-            target = out / rel
-            if target.is_file() and ".." not in Path(rel).parts:
-                target.unlink()
+            # only this session's own folders, whatever the record says
+            if not isinstance(rel, str) or not rel.startswith(mine) or ".." in Path(rel).parts:
+                continue
+            if (out / rel).is_file():
+                (out / rel).unlink()
     (out / _session_dir(sub, ses) / "meg" / f"{base}_simulation.json").unlink(missing_ok=True)
 
     recording = recording_path(Path(), sub, ses)

@@ -14,6 +14,7 @@ from ephys_gpt.preprocessing.simulate import (
     SimulationConfig,
     read_simulation_record,
     record_path,
+    recording_path,
     session_seed,
     simulate_dataset,
     simulate_session,
@@ -200,3 +201,22 @@ def test_cli_simulate_refuses_bad_numbers_without_a_traceback(tmp_path, capsys, 
     for needle in needles:
         assert needle in msg, (needle, msg)
     assert "Traceback" not in msg and not out.exists()  # refused before anything was written
+
+
+def test_overwrite_removes_only_files_of_the_session_it_replaces(tmp_path):
+    """The record lists what a session wrote; a record pointing elsewhere (edited by hand, or
+    crafted) cannot make --overwrite delete anything outside that session's folders."""
+    out = tmp_path / "sim"
+    cfg = SimulationConfig(subjects=1, sessions=1, seconds=2, seed=0)
+    simulate_dataset(out, cfg, progress=False)
+    keep = [tmp_path / "outside.txt", out / "README.mine", out / "sub-01" / "notes.txt"]
+    for f in keep:
+        f.write_text("user file")
+    rec = record_path(out, 1, 1)
+    record = json.loads(rec.read_text())
+    record["files"] += ["../outside.txt", str(keep[0]), "README.mine", "sub-01/notes.txt",
+                        "sub-01/ses-01/../notes.txt"]
+    rec.write_text(json.dumps(record))
+    simulate_dataset(out, SimulationConfig(1, 1, 2, seed=1), progress=False, overwrite=True)
+    assert all(f.read_text() == "user file" for f in keep)
+    assert read_simulation_record(recording_path(out, 1, 1))["settings"]["base_seed"] == 1
