@@ -146,7 +146,7 @@ def test_bad_parameters_are_named():
 def test_headroom_in_sensor_space_against_the_mvar_control():
     """On a whole session (template background + bursts), a VAR(10)'s 1-step error over the
     oracle's is clearly larger than on the template background alone, where the oracle is
-    the template's own MVAR (the same draw: 180 s, about a minute; bench/simulate_headroom.py
+    the template's own MVAR (the same draw: 180 s, one to three minutes; bench/simulate_headroom.py
     gives the figures for longer sessions)."""
     mne = pytest.importorskip("mne")
     from ephys_gpt.preprocessing.simulate import simulate_session, template_one_step_mean
