@@ -163,6 +163,39 @@ def _paths(pnpl: SimpleNamespace, data_path: Path, preprocessing: str, key: RunK
     return Path(h5), Path(events)
 
 
+def channel_list_attr(value: Any, attr: str, h5: str | os.PathLike) -> list[str] | None:
+    """A per-channel h5 attribute (``channel_names``, ``channel_types``) as a list of str.
+
+    Both forms in use are accepted: one string of comma-separated entries, as pnpl's own
+    serializer writes them (``pnpl.preprocessing.serialization.fif_to_h5`` stores
+    ``", ".join(names)``), and an array of strings (or of bytes, as h5py returns fixed-length
+    strings). ``None`` (no such attribute) gives None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    items = [value] if isinstance(value, (str, bytes)) else list(np.ravel(value))
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{h5}: attribute {attr!r} is not UTF-8 text ({err})") from None
+        elif not isinstance(item, str):
+            raise ValueError(f"{h5}: attribute {attr!r} should hold text (one comma-separated "
+                             f"string, or a list of strings), found {type(item).__name__} "
+                             f"{item!r:.60}")
+        out.append(str(item))
+    if len(out) == 1 and "," in out[0]:  # pnpl's serializer: "MEG0111, MEG0112, ..."
+        out = out[0].split(",")
+    out = [x.strip() for x in out]
+    if any(not x for x in out):
+        raise ValueError(f"{h5}: attribute {attr!r} has an empty entry: {value!r:.120}")
+    return out
+
+
 def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
                     preprocessing: str = DEFAULT_PREPROCESSING, missing: str = "error",
                     split: str = "split") -> dict[RunKey, dict[str, Any]]:
@@ -170,7 +203,8 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
 
     ``missing="error"`` raises one FileNotFoundError listing every missing file;
     ``"skip"`` drops runs with a missing file (logged) but fails when none is left. ``ch_names``
-    is the h5 file's ``channel_names`` attribute, or None when it has none. A present
+    and ``ch_types`` are the h5 file's ``channel_names``/``channel_types`` attributes (either
+    form, see :func:`channel_list_attr`), or None when it has none. A present
     but malformed file (no ``data`` dataset, no ``sample_frequency``, missing event columns)
     is always a ValueError naming it.
     """
@@ -199,10 +233,8 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
                     raise ValueError(f"{h5}: expected a file attribute 'sample_frequency' (Hz); "
                                      f"found attributes {sorted(f.attrs.keys())}")
                 sfreq = float(np.asarray(f.attrs["sample_frequency"]).squeeze())
-                names = f.attrs.get("channel_names")
-                if names is not None:
-                    names = [n.decode() if isinstance(n, bytes) else str(n)
-                             for n in np.atleast_1d(names)]
+                names = channel_list_attr(f.attrs.get("channel_names"), "channel_names", h5)
+                types = channel_list_attr(f.attrs.get("channel_types"), "channel_types", h5)
         except OSError as err:
             raise ValueError(f"{h5}: not a readable HDF5 file ({err})") from err
         if len(shape) != 2 or min(shape) == 0:
@@ -215,11 +247,13 @@ def check_run_files(data_path: str | os.PathLike, run_keys: Sequence[RunKey], *,
         if lacking:
             raise ValueError(f"{events}: expected tab-separated columns {list(_EVENT_COLUMNS)}; "
                              f"missing {lacking}, found {columns}")
-        if names is not None and len(names) != shape[0]:
-            raise ValueError(f"{h5}: attribute 'channel_names' has {len(names)} names for "
-                             f"{shape[0]} channels in 'data'")
+        for attr, values in (("channel_names", names), ("channel_types", types)):
+            if values is not None and len(values) != shape[0]:
+                raise ValueError(f"{h5}: attribute {attr!r} has {len(values)} entries for "
+                                 f"{shape[0]} channels in 'data' (read as a comma-separated "
+                                 f"string or a list of strings): {values[:4]}...")
         found[key] = {"h5": h5, "events": events, "sfreq": sfreq, "shape": shape,
-                      "ch_names": names}
+                      "ch_names": names, "ch_types": types}
 
     if absent:
         listing = "\n  ".join(f"{'-'.join(k)}: {', '.join(str(p) for p in ps)}" for k, ps in absent[:20])
@@ -373,7 +407,8 @@ class LibriBrainPhonemeDataset(Dataset):
         int64 ``(N,)`` class id of every item, without reading any signal.
     num_classes, label_names, labels (class ids present), sfreq, n_channels, run_keys, input_kind;
     n_times (= window_samples, T); ch_names (the h5 ``channel_names`` attribute, else
-    placeholders ``ch0 ...``); steps (the normalize/clip steps applied, chunk-store format).
+    placeholders ``ch0 ...``); ch_types (the h5 ``channel_types`` attribute, e.g. ``mag``,
+    ``grad``, else None); steps (the normalize/clip steps applied, chunk-store format).
     """
 
     input_kind = "labelled"
@@ -446,8 +481,10 @@ class LibriBrainPhonemeDataset(Dataset):
         self.sfreq = float(self.base.sfreq)
         self.n_channels = n_channels
         self.n_times = self.window_samples = int(self.base.points_per_sample)
-        first = next(iter(files.values()))["ch_names"]
-        self.ch_names = first if first is not None else [f"ch{i}" for i in range(n_channels)]
+        first = next(iter(files.values()))
+        self.ch_names = (first["ch_names"] if first["ch_names"] is not None
+                         else [f"ch{i}" for i in range(n_channels)])
+        self.ch_types = first["ch_types"]
         self.tmin, self.tmax = float(tmin), float(tmax)
         info = self.base.label_info
         self.num_classes = int(info["n_classes"])

@@ -19,17 +19,29 @@ logger = logging.getLogger(__name__)
 def register(subparsers) -> None:
     """Add ``simulate``, ``preprocess`` and ``convert-legacy`` to the ``ephys-gpt`` parser."""
     p = subparsers.add_parser(
-        "simulate", help="write simulated raw MEG sessions (osl-ephys MVAR template, 306 ch)",
+        "simulate", help="write simulated raw MEG sessions as BIDS (osl-ephys MVAR template, 306 ch)",
         description="Simulate 306-channel MEGIN resting-state MEG (150 Hz) from the MVAR model "
-                    "osl-ephys ships, as BIDS-like raw .fif sessions.")
-    p.add_argument("--out", required=True, help="output folder (created)")
+                    "osl-ephys ships, written as a BIDS dataset with mne-bids (the simulation "
+                    "parameters go to sourcedata/ephys-gpt-simulate/). Sessions already in "
+                    "--out with the same settings are kept; see docs/preprocessing.md.")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier ephys-gpt simulation")
     p.add_argument("--subjects", type=int, default=2, help="number of subjects (default 2)")
     p.add_argument("--sessions", type=int, default=2, help="sessions per subject (default 2)")
-    p.add_argument("--seconds", type=float, default=60.0, help="seconds per session (default 60)")
+    p.add_argument("--seconds", type=float, default=60.0,
+                   help="seconds per session, 2 to 3600 (default 60)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     p.add_argument("--faults", action="store_true",
-                   help="inject bad segments, noisy and flat channels (listed in a JSON sidecar)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing session files")
+                   help="inject bad segments, noisy and flat channels (recorded in the BIDS "
+                        "channels.tsv and events.tsv, not in the .fif: stage 1 must find them)")
+    p.add_argument("--dynamics", choices=("mvar", "bursty"), default="mvar",
+                   help="mvar: the linear-Gaussian template alone (a long VAR is close to the "
+                        "best predictor of it); bursty: plus transient, state-switching, "
+                        "non-sinusoidal rhythms (alpha, mu, beta, theta bursts from a hidden "
+                        "Markov chain), where the best predictor is nonlinear (default mvar)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace sessions that were simulated with other settings (only in a "
+                        "folder written by ephys-gpt simulate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
@@ -37,12 +49,20 @@ def register(subparsers) -> None:
     add_check_store_parser(subparsers)
 
     p = subparsers.add_parser(
-        "convert-legacy", help="convert the original toolkit's pickled .npy chunks (trusted only)",
+        "convert-legacy",
+        help="convert the original toolkit's pickled .npy chunks (needs --trust-pickle)",
         description="Convert chunks of the original toolkit (pickled dicts in .npy files, one "
-                    "folder per session) into the chunk store. This unpickles the files, which "
-                    "executes code from them: only convert files you trust.")
+                    "folder per session) into the chunk store. Reading them means unpickling, "
+                    "and unpickling executes any code the files contain: a crafted .npy can "
+                    "run commands as you. So convert-legacy refuses unless you pass "
+                    "--trust-pickle, and you should pass it only for files from a source you "
+                    "trust (e.g. chunks you wrote yourself with the original toolkit). The "
+                    "converted store holds plain arrays and is read without pickle.")
     p.add_argument("src", help="a legacy session folder, or a folder of them")
     p.add_argument("dst", help="chunk store folder to write")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="I trust these files: unpickle them, which executes any code they "
+                        "contain (without this flag nothing is read)")
     p.add_argument("--ch-type", default="mag",
                    help="channel type for chunks that do not record ch_types (default mag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,7 +139,7 @@ def cmd_simulate(args) -> int:
     from ephys_gpt.preprocessing.simulate import SimulationConfig, simulate_dataset
 
     cfg = SimulationConfig(subjects=args.subjects, sessions=args.sessions, seconds=args.seconds,
-                           seed=args.seed, faults=args.faults)
+                           seed=args.seed, faults=args.faults, dynamics=args.dynamics)
     paths = simulate_dataset(args.out, cfg, progress=not args.no_progress,
                              overwrite=args.overwrite)
     logger.info("wrote %d session(s) to %s", len(paths), args.out)
@@ -155,8 +175,8 @@ def cmd_preprocess(args) -> int:
 def cmd_convert_legacy(args) -> int:
     from ephys_gpt.preprocessing.legacy import convert_legacy
 
-    result = convert_legacy(args.src, args.dst, progress=not args.no_progress,
-                            default_ch_type=args.ch_type)
+    result = convert_legacy(args.src, args.dst, trust_pickle=args.trust_pickle,
+                            progress=not args.no_progress, default_ch_type=args.ch_type)
     logger.info("convert-legacy: %s -> %s", result.counts(), args.dst)
     for name, reason in result.failed.items():
         logger.error("  %s: %s", name, reason)

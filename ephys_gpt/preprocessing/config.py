@@ -10,11 +10,14 @@ resolve relative paths against the current directory, as a shell user expects.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ephys_gpt.validation import check_number
 
 DATASET_KINDS = ("omega", "bids", "files", "auto")
 STEP_NAMES = ("normalize", "clip", "mulaw_quantize")
@@ -22,7 +25,8 @@ _PATH_KEYS = ("data_path", "save_folder", "osl_config")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a sensible setting here (a filter edge, a chunk length, a scale)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class NormalizeStep(_Strict):
@@ -51,7 +55,12 @@ _STEP_MODELS: dict[str, type[_Strict]] = {
 
 
 class RecipeConfig(_Strict):
-    """Parameters of the built-in osl-ephys recipe (ignored when ``osl_config`` is given)."""
+    """Parameters of the built-in osl-ephys recipe (ignored when ``osl_config`` is given).
+
+    The band edges, the notch frequencies and the target rate are checked together
+    (:func:`check_filter_settings`): a reversed band, a value that is not a finite positive
+    number, or a band edge at or above the resampled data's Nyquist frequency is refused.
+    """
 
     l_freq: float | None = Field(1.0, ge=0)  # band-pass low edge in Hz (null: no high-pass)
     h_freq: float | None = Field(45.0, gt=0)  # band-pass high edge in Hz (null: no low-pass)
@@ -61,6 +70,105 @@ class RecipeConfig(_Strict):
     significance_level: float = Field(0.1, gt=0, lt=1)  # GESD alpha for bad segments/channels
     detect_bad_segments: bool = True
     detect_bad_channels: bool = True
+
+    @model_validator(mode="after")
+    def _check_filters(self):
+        check_filter_settings(self.l_freq, self.h_freq, notch_freqs=self.notch_freqs,
+                              sfreq=self.sfreq, prefix="")
+        return self
+
+
+def _freq(value: Any, key: str, *, allow_zero: bool = False) -> float | None:
+    """``value`` as a finite frequency in Hz (> 0, or >= 0 with ``allow_zero``), or None."""
+    if value is None:
+        return None
+    try:
+        return float(check_number(value, f"{key} (Hz)", low=0, low_inclusive=allow_zero))
+    except TypeError as err:  # pydantic reports ValueErrors with the key
+        raise ValueError(str(err)) from None
+
+
+def check_filter_settings(l_freq: Any, h_freq: Any, *, notch_freqs: Sequence[Any] = (),
+                          sfreq: Any = None, prefix: str = "") -> None:
+    """Refuse band-pass/notch/resample settings that would not do what they say.
+
+    MNE's ``filter(l_freq, h_freq)`` silently builds a band-*stop* filter when
+    ``l_freq > h_freq``, so a reversed band would remove the very band asked for. Refused
+    here, each with the key, the values and the fix: non-finite or negative values; ``l_freq
+    >= h_freq``; notch frequencies that are not finite and positive; and, when the data are
+    resampled to ``sfreq``, band edges at or above the new Nyquist frequency ``sfreq / 2``
+    (the resampler's anti-alias filter removes everything above it, so such an edge has no
+    effect). Notch frequencies at or above a recording's Nyquist frequency are skipped at run
+    time by the ``notch_below_nyquist`` step (a harmonics list such as ``[50, 100]`` serves
+    recordings of any rate).
+
+    ``prefix`` names where the settings come from in messages (e.g. ``"recipe."``).
+    """
+    lo = _freq(l_freq, f"{prefix}l_freq", allow_zero=True)
+    hi = _freq(h_freq, f"{prefix}h_freq")
+    if lo is not None and hi is not None and lo >= hi:
+        what = (f"that removes {hi:g}-{lo:g} Hz instead" if lo > hi else
+                "instead, and the band kept would be empty")
+        raise ValueError(
+            f"{prefix}l_freq ({lo:g} Hz) must be below {prefix}h_freq ({hi:g} Hz): l_freq is "
+            f"the high-pass edge and h_freq the low-pass edge of the band kept, and with "
+            f"l_freq >= h_freq MNE builds a band-stop filter {what}. "
+            + ("Swap the two values" if lo > hi else "Widen the band")
+            + ", or set one of them to null to filter on one side only")
+    if notch_freqs is None:
+        notch_freqs = ()
+    if isinstance(notch_freqs, (str, bytes)) or not isinstance(notch_freqs, Sequence):
+        raise ValueError(f"{prefix}notch_freqs must be a list of frequencies in Hz, found "
+                         f"{type(notch_freqs).__name__} {notch_freqs!r:.60}")
+    for i, f in enumerate(notch_freqs):
+        _freq(f, f"{prefix}notch_freqs[{i}]")
+    if sfreq is None:
+        return
+    rate = _freq(sfreq, f"{prefix}sfreq")
+    nyquist = rate / 2
+    for key, edge in (("h_freq", hi), ("l_freq", lo)):
+        if edge is not None and edge >= nyquist:
+            raise ValueError(
+                f"{prefix}{key} ({edge:g} Hz) must be below the Nyquist frequency of the "
+                f"resampled data ({prefix}sfreq {rate:g} Hz / 2 = {nyquist:g} Hz): resampling "
+                f"removes everything above {nyquist:g} Hz, so this band edge has no effect. "
+                f"Lower {prefix}{key}, raise {prefix}sfreq above {2 * edge:g} Hz"
+                + (", or set h_freq to null" if key == "h_freq" else ""))
+
+
+def check_recipe_filters(recipe: dict[str, Any], source: str) -> None:
+    """:func:`check_filter_settings` for every ``filter``, notch and ``resample`` step of an
+    osl-ephys recipe (``{"preproc": [{method: {args}}, ...]}``), in order: a band edge is
+    checked against the Nyquist frequency of the next ``resample``. ``source`` (the recipe
+    file) and the step's position are named in messages. Values that are not numbers (osl-ephys
+    also accepts strings in some places) are left to osl-ephys."""
+
+    def num(v):
+        return v if v is None or isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    band: tuple[Any, Any, int] | None = None  # the last filter step's edges and position
+    for i, step in enumerate(recipe.get("preproc") or []):
+        if not isinstance(step, dict) or len(step) != 1:
+            continue
+        (method, args), = step.items()
+        args = args if isinstance(args, dict) else {}
+        where = f"osl_config {source}: preproc step {i} ({method})"
+        try:
+            if method == "filter":
+                lo, hi = num(args.get("l_freq")), num(args.get("h_freq"))
+                check_filter_settings(lo, hi)
+                band = (lo, hi, i)
+            elif method in ("notch_filter", "notch_below_nyquist"):
+                freqs = args.get("freqs")
+                if isinstance(freqs, (int, float)) and not isinstance(freqs, bool):
+                    freqs = [freqs]
+                if isinstance(freqs, list):
+                    check_filter_settings(None, None, notch_freqs=freqs)
+            elif method == "resample" and band is not None and num(args.get("sfreq")):
+                where += f" after the filter of step {band[2]}"
+                check_filter_settings(band[0], band[1], sfreq=num(args.get("sfreq")))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 class PreprocessConfig(_Strict):
@@ -231,6 +339,13 @@ def load_preprocess_config(path: str | os.PathLike | None = None, overrides=(), 
         raise ValueError(_format_error(source, err, PreprocessConfig)) from None
     if require_data and not cfg.data_path.exists():
         raise FileNotFoundError(f"{source}: data_path {cfg.data_path} does not exist")
-    if cfg.osl_config is not None and not cfg.osl_config.is_file():
-        raise FileNotFoundError(f"{source}: osl_config {cfg.osl_config} does not exist")
+    if cfg.osl_config is not None:
+        if not cfg.osl_config.is_file():
+            raise FileNotFoundError(f"{source}: osl_config {cfg.osl_config} does not exist")
+        try:  # its filter settings are checked now, before any work (its shape by stage 1)
+            recipe = yaml.safe_load(cfg.osl_config.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"osl_config {cfg.osl_config} is not valid YAML: {err}") from None
+        if isinstance(recipe, dict):
+            check_recipe_filters(recipe, str(cfg.osl_config))
     return cfg

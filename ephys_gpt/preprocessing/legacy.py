@@ -5,7 +5,8 @@ The original toolkit saved every chunk as a pickled Python dict inside a ``.npy`
 "ch_types": [...] (optional), ...}``), one folder per session, files ``0.npy``, ``1.npy``...
 This module is the only place in ephys-gpt that unpickles anything: loading a pickle runs
 code chosen by whoever wrote the file, so convert only files you trust, once, and use the
-resulting store from then on.
+resulting store from then on. Every function here that reads a legacy chunk refuses unless
+it is called with ``trust_pickle=True`` (``ephys-gpt convert-legacy --trust-pickle``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +26,20 @@ from ephys_gpt.preprocessing.result import RunResult
 
 logger = logging.getLogger(__name__)
 
-PICKLE_WARNING = ("convert-legacy unpickles the original toolkit's .npy chunks: unpickling "
-                  "executes code from the file. Only convert files from a source you trust.")
+PICKLE_REFUSAL = (
+    "the original toolkit's chunks are pickled Python objects, and unpickling executes any "
+    "code the file contains (a crafted .npy can run commands as you). ephys-gpt unpickles "
+    "only on explicit request: if these files come from a source you trust, run "
+    "`ephys-gpt convert-legacy SRC DST --trust-pickle` (Python: trust_pickle=True)")
+
+
+class UntrustedPickleError(ValueError):
+    """A legacy conversion was asked for without ``trust_pickle=True``."""
+
+
+def _require_trust(trust_pickle: bool, what: str) -> None:
+    if trust_pickle is not True:
+        raise UntrustedPickleError(f"refusing to unpickle {what}: {PICKLE_REFUSAL}")
 
 
 def _chunk_files(folder: Path) -> list[Path]:
@@ -51,12 +63,14 @@ def find_legacy_sessions(src: str | os.PathLike) -> list[Path]:
     return sessions
 
 
-def load_legacy_chunk(path: str | os.PathLike) -> dict:
-    """Unpickle one legacy chunk dict (trusted files only; see the module docstring)."""
+def load_legacy_chunk(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict:
+    """Unpickle one legacy chunk dict. Refused unless ``trust_pickle=True``: unpickling runs
+    code from the file (see the module docstring)."""
     path = Path(path)
+    _require_trust(trust_pickle, str(path))
     try:
-        # The ONLY place in ephys-gpt that unpickles: it executes code from the file;
-        # convert-legacy is opt-in and warns about it.
+        # The ONLY place in ephys-gpt that unpickles: it executes code from the file, so it
+        # runs only on the caller's explicit trust_pickle=True (--trust-pickle).
         obj = np.load(path, allow_pickle=True)  # legacy pickled-dict chunks, trusted files only
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path}: not a readable .npy file: {err}") from None
@@ -73,14 +87,16 @@ def load_legacy_chunk(path: str | os.PathLike) -> dict:
 
 
 def convert_session(folder: str | os.PathLike, dst: str | os.PathLike, name: str | None = None,
-                    default_ch_type: str = "mag") -> Path:
-    """Convert one legacy session folder into ``<dst>/<name>``; returns the new folder."""
+                    default_ch_type: str = "mag", *, trust_pickle: bool = False) -> Path:
+    """Convert one legacy session folder into ``<dst>/<name>``; returns the new folder.
+    Refused unless ``trust_pickle=True`` (the chunks are unpickled)."""
     folder = Path(folder)
+    _require_trust(trust_pickle, f"the legacy chunks in {folder}")
     name = name or folder.name
     files = _chunk_files(folder)
     if not files:
         raise ValueError(f"{folder}: no legacy chunks (<index>.npy files)")
-    first = load_legacy_chunk(files[0])
+    first = load_legacy_chunk(files[0], trust_pickle=True)
     ch_names = [str(c) for c in first["ch_names"]]
     n_ch = len(ch_names)
     sfreq = float(np.asarray(first["sfreq"]).item())
@@ -99,7 +115,7 @@ def convert_session(folder: str | os.PathLike, dst: str | os.PathLike, name: str
 
     def chunks() -> Iterator[np.ndarray]:
         for i, f in enumerate(files):
-            d = first if i == 0 else load_legacy_chunk(f)
+            d = first if i == 0 else load_legacy_chunk(f, trust_pickle=True)
             if [str(c) for c in d["ch_names"]] != ch_names:
                 raise ValueError(f"{f}: channel names differ from {files[0]}")
             if float(np.asarray(d["sfreq"]).item()) != sfreq:
@@ -135,17 +151,20 @@ def convert_session(folder: str | os.PathLike, dst: str | os.PathLike, name: str
     return store.write_session(dst, name, chunks(), meta)
 
 
-def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True,
-                   default_ch_type: str = "mag") -> RunResult:
+def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, trust_pickle: bool = False,
+                   progress: bool = True, default_ch_type: str = "mag") -> RunResult:
     """Convert every legacy session under ``src`` into the chunk store ``dst``.
 
-    Sessions already complete in ``dst`` are skipped; a session that fails is reported with
-    its reason and the others go on.
+    The legacy chunks are pickles, and unpickling executes code from the files, so this
+    refuses (:class:`UntrustedPickleError`, a ValueError, before reading any file) unless
+    ``trust_pickle=True``. Sessions already complete in ``dst`` are skipped; a session that
+    fails is reported with its reason and the others go on.
     """
     src, dst = Path(src), Path(dst)
+    _require_trust(trust_pickle, f"the legacy chunks under {src}")
     sessions = find_legacy_sessions(src)
-    warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=2)
-    logger.warning(PICKLE_WARNING)
+    logger.info("convert-legacy: unpickling %d session folder(s) under %s (trusted: "
+                "--trust-pickle)", len(sessions), src)
     dst.mkdir(parents=True, exist_ok=True)
     store.clean_partial(dst)
     result = RunResult()
@@ -158,7 +177,8 @@ def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, progress: 
             result.skipped.append(name)
             continue
         try:
-            result.written.append(convert_session(folder, dst, name, default_ch_type))
+            result.written.append(convert_session(folder, dst, name, default_ch_type,
+                                                   trust_pickle=True))
         except (ValueError, OSError) as err:
             result.failed[name] = str(err)
             logger.error("convert-legacy failed for %s: %s", folder, err)

@@ -45,7 +45,7 @@ from ephys_gpt.locking import (
     mark_in_progress,
     written_by_live_process,
 )
-from ephys_gpt.preprocessing.config import RecipeConfig
+from ephys_gpt.preprocessing.config import RecipeConfig, check_recipe_filters
 from ephys_gpt.preprocessing.discovery import Recording
 from ephys_gpt.preprocessing.result import RunResult
 
@@ -152,6 +152,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(step, dict) or len(step) != 1:
             raise ValueError(f"osl_config {path}: preproc step {i} should be a mapping with one "
                              f"key (the method name), found {step!r:.80}")
+    check_recipe_filters(cfg, str(path))
     return cfg
 
 

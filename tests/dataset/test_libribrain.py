@@ -416,3 +416,59 @@ def test_works_with_mixup_loader(libri):
     assert y.shape == (3, train.num_classes)  # soft targets over all classes
     torch.testing.assert_close(y.sum(-1), torch.ones(3))
     assert set(torch.nonzero(y)[:, 1].tolist()) <= set(train.labels)
+
+
+PNPL_NAMES = ["MEG0111", "MEG0112", "MEG0113", "MEG0121"]
+PNPL_TYPES = ["mag", "grad", "grad", "mag"]
+
+
+def write_run_with_pnpl(root: Path, key, data: np.ndarray) -> None:
+    """Re-write a run's h5 with pnpl's own serializer, exactly as pnpl stores it: the channel
+    names and types each as ONE comma-separated string attribute ("MEG0111, MEG0112, ...")."""
+    mne = pytest.importorskip("mne")
+    from pnpl.preprocessing.serialization import fif_to_h5
+
+    info = mne.create_info(PNPL_NAMES, SFREQ, PNPL_TYPES)
+    raw = mne.io.RawArray(data.astype(np.float64), info, verbose="error")
+    h5 = h5_path(root, key)
+    h5.unlink()
+    fif_to_h5(raw, str(h5))
+
+
+def test_files_written_by_pnpls_serializer(libri):
+    root, runs = libri
+    for key, data in runs.items():
+        write_run_with_pnpl(root, key, data)
+    with h5py.File(h5_path(root, TRAIN_KEY), "r") as f:  # the form that used to be refused
+        assert f.attrs["channel_names"] == ", ".join(PNPL_NAMES)
+        assert f.attrs["channel_types"] == ", ".join(PNPL_TYPES)
+    sp = split(root, dataset_class="LibriBrainPhonemeDataset")
+    for ds in sp:
+        assert ds.ch_names == PNPL_NAMES and ds.ch_types == PNPL_TYPES
+    train = sp.train
+    want = expected_windows(train, runs[TRAIN_KEY], train.channel_means, train.channel_stds)
+    for i in (0, len(train) - 1):
+        np.testing.assert_allclose(train[i][0].numpy(), want[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [
+    "MEG0111, MEG0112, MEG0113, MEG0121",          # pnpl's serializer (str attribute)
+    b"MEG0111,MEG0112,MEG0113,MEG0121",            # the same as bytes
+    np.array(b"MEG0111, MEG0112, MEG0113, MEG0121"),  # as a 0-d array
+    ["MEG0111", "MEG0112", "MEG0113", "MEG0121"],  # a list of str
+    np.array([b"MEG0111", b"MEG0112", b"MEG0113", b"MEG0121"]),  # fixed-length bytes
+])
+def test_channel_attribute_forms(value):
+    assert lb.channel_list_attr(value, "channel_names", "x.h5") == PNPL_NAMES
+
+
+def test_channel_attribute_with_the_wrong_count_is_named(libri):
+    root, _ = libri
+    with h5py.File(h5_path(root, TRAIN_KEY), "a") as f:
+        f.attrs["channel_types"] = "mag, grad"
+    with pytest.raises(ValueError, match=r"attribute 'channel_types' has 2 entries for 4 channels"):
+        split(root)
+    with h5py.File(h5_path(root, TRAIN_KEY), "a") as f:
+        f.attrs["channel_types"] = np.array([1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"'channel_types' should hold text.*found int64 "):
+        split(root)

@@ -108,3 +108,60 @@ def test_repo_template_is_valid_and_machine_independent():
     cfg = load_preprocess_config(path, require_data=False)
     assert cfg.data_path == REPO / "data" / "raw"
     assert list(cfg.preproc_config) == ["normalize", "clip", "mulaw_quantize"]
+
+
+@pytest.mark.parametrize("recipe, needles", [
+    # MNE would build a band-stop filter: refused, with both values and the fix
+    ({"l_freq": 40, "h_freq": 1}, ["l_freq (40 Hz)", "h_freq (1 Hz)", "band-stop", "Swap"]),
+    ({"l_freq": 10, "h_freq": 10}, ["l_freq (10 Hz)", "h_freq (10 Hz)", "empty"]),
+    ({"l_freq": -1}, ["'recipe.l_freq'", "greater than or equal to 0", "-1"]),
+    ({"h_freq": float("nan")}, ["'recipe.h_freq'", "finite", "nan"]),
+    ({"h_freq": float("inf")}, ["'recipe.h_freq'", "finite", "inf"]),
+    ({"notch_freqs": [50, -60]}, ["notch_freqs[1]", "> 0", "-60"]),
+    ({"notch_freqs": [float("nan")]}, ["'recipe.notch_freqs.0'", "finite"]),
+    # resampling to 60 Hz removes everything above 30 Hz: a 45 Hz low-pass edge is moot
+    ({"sfreq": 60}, ["h_freq (45 Hz)", "Nyquist", "sfreq 60 Hz / 2 = 30 Hz", "raise sfreq above 90"]),
+    ({"h_freq": None, "l_freq": 55}, ["l_freq (55 Hz)", "Nyquist", "50 Hz"]),
+])
+def test_recipe_filter_settings_are_refused(tmp_path, recipe, needles):
+    path = _write(tmp_path, {"data_path": "raw", "recipe": recipe})
+    with pytest.raises(ValueError) as err:
+        load_preprocess_config(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_sensible_recipes_pass(tmp_path):
+    for recipe in ({"l_freq": None, "h_freq": 40}, {"l_freq": 0.5, "h_freq": None},
+                   {"l_freq": None, "h_freq": None, "notch_freqs": []},
+                   {"sfreq": 250, "h_freq": 100, "notch_freqs": [60, 120, 180]}):
+        cfg = load_preprocess_config(_write(tmp_path, {"data_path": "raw", "recipe": recipe}))
+        assert cfg.recipe.h_freq == recipe["h_freq"]
+
+
+def test_user_osl_recipe_with_a_reversed_band_is_refused_before_any_work(tmp_path):
+    from ephys_gpt.preprocessing.stage1 import load_recipe
+
+    osl = tmp_path / "recipe.yml"
+    osl.write_text(yaml.safe_dump({"preproc": [
+        {"notch_filter": {"freqs": [50]}},
+        {"filter": {"l_freq": 45, "h_freq": 1, "method": "iir"}}]}))
+    path = _write(tmp_path, {"data_path": "raw", "osl_config": "recipe.yml"})
+    for load in (lambda: load_preprocess_config(path), lambda: load_recipe(osl)):
+        with pytest.raises(ValueError) as err:
+            load()
+        msg = str(err.value)
+        assert str(osl) in msg and "preproc step 1 (filter)" in msg
+        assert "l_freq (45 Hz)" in msg and "band-stop" in msg
+    # a band edge above the Nyquist frequency of a later resample step
+    osl.write_text(yaml.safe_dump({"preproc": [
+        {"filter": {"l_freq": 1, "h_freq": 80}}, {"resample": {"sfreq": 100}}]}))
+    with pytest.raises(ValueError, match=r"preproc step 1 \(resample\) after the filter of step "
+                                         r"0: h_freq \(80 Hz\) must be below the Nyquist"):
+        load_recipe(osl)
+    osl.write_text(yaml.safe_dump({"preproc": [
+        {"filter": {"l_freq": 1, "h_freq": 45}}, {"resample": {"sfreq": 100}},
+        {"notch_filter": {"freqs": 50}}]}))
+    assert load_recipe(osl)["preproc"][0]["filter"]["h_freq"] == 45

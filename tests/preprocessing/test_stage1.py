@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ephys_gpt.preprocessing.config import RecipeConfig
+from ephys_gpt.preprocessing.simulate import read_simulation_record
 from ephys_gpt.preprocessing.stage1 import (
     default_recipe,
     find_outputs,
@@ -27,7 +28,7 @@ def test_outputs_resampled_with_faults_marked(stage1_run, simulated):
         fif = output_path(out, rec.name)
         raw = mne.io.read_raw_fif(fif, verbose="error")
         assert raw.info["sfreq"] == 100.0 and raw.n_times == 3000
-        side = json.loads(rec.path.with_name(f"{rec.name}_simulation.json").read_text())["faults"]
+        side = read_simulation_record(rec.path)["faults"]
         # flat channels are always caught; injected bad segments overlap bad annotations
         assert set(side["flat_channel_names"]) <= set(raw.info["bads"])
         bad = [(a["onset"], a["onset"] + a["duration"]) for a in raw.annotations
