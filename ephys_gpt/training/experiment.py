@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.dataset.compatibility import check_model_data
 from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.pretrained import save_pretrained
@@ -128,19 +129,25 @@ class ExperimentDL:
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         self.spec = get_model_spec(cfg["model_name"])
         self.splits, self.split_record = run_splits(cfg, resplit=resplit or cfg["resplit"])
-        self.data_info = dataset_info(self.splits.train, cfg["dataset_name"])
-        mix = cfg["dataloader"]["mixup"] or {}
-        if mix.get("quantize_bits"):  # tokens are made on the fly by MixupDataLoader
-            bits = int(mix["quantize_bits"])
-            self.data_info["steps"] = list(self.data_info.get("steps") or []) + [
-                {"name": "mulaw_quantize", "n_bits": bits, "mu": 2**bits - 1,
-                 "scale": float(mix.get("quantize_scale", 1.0))}]
+        self.data_info = self.describe_data(self.splits.train)
         self._fit_model_config()
         self.lit = LitModel(cfg["model_name"], cfg["model_config"], cfg["loss_name"], cfg["loss"],
                             cfg["lightning"], data_info=self.data_info, run_config=cfg)
         self.trainer: L.Trainer | None = None
 
     # ------------------------------------------------------------------ set-up
+    def describe_data(self, dataset) -> dict[str, Any]:
+        """What the model sees of ``dataset`` (rate, channels, stage-2 steps), as stored with
+        checkpoints and exports; tokens made on the fly by MixupDataLoader add their step."""
+        info = dataset_info(dataset, self.config["dataset_name"])
+        mix = self.config["dataloader"]["mixup"] or {}
+        if mix.get("quantize_bits"):
+            bits = int(mix["quantize_bits"])
+            info["steps"] = list(info.get("steps") or []) + [
+                {"name": "mulaw_quantize", "n_bits": bits, "mu": 2**bits - 1,
+                 "scale": float(mix.get("quantize_scale", 1.0)), "scale_from": "config"}]
+        return info
+
     def _fit_model_config(self) -> None:
         """Fill ``num_channels``/``num_classes``/``vocab_size`` from the data when the model
         config omits them, and refuse a model config that contradicts the data."""
@@ -367,6 +374,11 @@ class ExperimentDL:
                                     "(train first, or pass a checkpoint path)")
         ckpt = read_checkpoint(ckpt_path)  # weights-only, checked before anything starts
         check_checkpoint_fits(ckpt, ckpt_path, self.lit, self.config["model_name"], resume=False)
+        trained = (ckpt.get("hyper_parameters") or {}).get("data_info") or {}
+        root = self.config["datasplitter"].get("dataset_root")
+        check_model_data(trained, self.describe_data(self.splits.test),
+                         model=f"the checkpoint {ckpt_path}",
+                         data_label=f"datasplitter.dataset_root={root}")
         self.trainer = self._make_trainer(with_val=False, fitting=False)
         self.checkpoint_io.remember(ckpt_path, ckpt)
         results = self.trainer.test(self.lit, dataloaders=test_dl, ckpt_path=str(ckpt_path))

@@ -122,3 +122,25 @@ def test_test_and_eval_refuse_a_split_whose_sessions_are_gone(own_store, tmp_pat
     # a deliberate re-split uses the sessions that are there
     assert cli_main(["test", "--args", str(path), "--resplit"]) == 0
     assert (save / "test_metrics.json").is_file()
+
+
+def test_test_refuses_data_made_differently_from_the_training_data(token_store, tmp_path,
+                                                                    capsys):
+    """`test` on another store (here resampled to 50 Hz) is refused naming both rates."""
+    import shutil
+
+    save = tmp_path / "run"
+    path = write_yaml(tmp_path / "train.yaml", _quick(tiny_run(token_store, save)))
+    assert cli_main(["train", "--args", str(path)]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(token_store, other)
+    for meta in other.glob("*/meta.json"):
+        m = json.loads(meta.read_text())
+        m["sfreq"] = 50.0
+        meta.write_text(json.dumps(m))
+    capsys.readouterr()
+    assert cli_main(["test", "--args", str(path), f"datasplitter.dataset_root={other}",
+                     "--resplit"]) == 1
+    err = capsys.readouterr().err
+    assert "sampling rate 100 Hz" in err and "50 Hz" in err and "Traceback" not in err
+    assert cli_main(["test", "--args", str(path)]) == 0  # the run's own data is accepted
