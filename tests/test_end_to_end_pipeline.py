@@ -123,7 +123,7 @@ def test_tokens_decode_back_to_tesla(pipeline):
     _, tokens = pipeline
     splits = split_datasets(tokens, dataset_class="ChunkDataset",
                             example_seconds=EXAMPLE_SECONDS, val_ratio=0.25, test_ratio=0.25)
-    from ephys_gpt.preprocessing.transforms import tokens_to_signal
+    from ephys_gpt.codec import tokens_to_signal
 
     x, _ = splits.train[0]
     sig = tokens_to_signal(x.numpy(), splits.train.steps)

@@ -22,7 +22,7 @@ class                          ``input_kind``     item
 
 Token datasets read token stores (stage 2 ended with ``mulaw_quantize``) directly, or
 quantize continuous chunks on the fly with ``quantize={"n_bits": 8, "scale": 1.0}`` (via
-:func:`ephys_gpt.preprocessing.transforms.mulaw_quantize`, after any augmentations); the step
+:func:`ephys_gpt.codec.mulaw_quantize`, after any augmentations); the step
 is then appended to ``.steps`` so tokens can be decoded back to signal units.
 """
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ephys_gpt.codec import mulaw_quantize, mulaw_step
 from ephys_gpt.dataset.augmentations import Augmentations, as_augmentations
 from ephys_gpt.dataset.image_layout import (
     DEFAULT_IMAGE_SIZE,
@@ -53,7 +54,6 @@ from ephys_gpt.dataset.store import (
     load_chunk,
     repair_advice,
 )
-from ephys_gpt.preprocessing.transforms import mulaw_mu, mulaw_quantize
 from ephys_gpt.validation import check_number
 
 logger = logging.getLogger(__name__)
@@ -285,10 +285,8 @@ class ChunkWindowDataset(Dataset):
     def session_steps(self, session_idx: int) -> list[dict]:
         steps = [dict(s) for s in self.metas[session_idx].steps]
         if self.quantize is not None:
-            steps.append({"name": "mulaw_quantize", "n_bits": self.quantize["n_bits"],
-                          "mu": mulaw_mu(self.quantize["n_bits"]),
-                          "scale": self.quantize["scale"], "scale_from": "config",
-                          "on_the_fly": True})
+            steps.append(mulaw_step(self.quantize["n_bits"], self.quantize["scale"],
+                                    on_the_fly=True))
         return steps
 
     def __len__(self) -> int:

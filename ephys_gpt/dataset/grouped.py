@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ephys_gpt.preprocessing.transforms import mulaw_mu, mulaw_quantize
+from ephys_gpt.codec import mulaw_mu, mulaw_quantize, mulaw_step
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class GroupedDatasetAugmented(RandomLabelGroupedDataset):
         deterministic (evaluation) mode.
     quantize_bits : int | None
         When set, items are mu-law tokens: int64 ``(C, T)`` in ``[0, 2**bits - 1]``
-        (:func:`ephys_gpt.preprocessing.transforms.mulaw_quantize`).
+        (:func:`ephys_gpt.codec.mulaw_quantize`).
     quantize_scale : float
         Signal value mapped to the top of the mu-law range (values beyond saturate). For
         z-scored LibriBrain data clipped to +-10 the splitter passes the clipping boundary.
@@ -328,8 +328,7 @@ class GroupedDatasetAugmented(RandomLabelGroupedDataset):
         if steps is not None:
             self.steps = [dict(s) for s in steps]
         if quantize_bits is not None:
-            self.steps.append({"name": "mulaw_quantize", "n_bits": quantize_bits,
-                               "mu": mulaw_mu(quantize_bits), "scale": self.quantize_scale})
+            self.steps.append(mulaw_step(quantize_bits, self.quantize_scale))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, label)``: x float32 (C, T), or int64 tokens (C, T); label int64 scalar."""

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ephys_gpt.preprocessing.transforms import mulaw_quantize
+from ephys_gpt.codec import mulaw_quantize
 
 
 def _expand(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ On held-out windows of a continuous chunk store (``split``, the test split by de
    grows), against the repeat-last-value baseline.
 2. **N-step-ahead error**: the last ``future_steps`` samples of each window forecast
    autoregressively (``model.forecast``) from the rest; RMSE at each horizon ``k`` in signal
-   units (stage-2 steps inverted with :func:`~ephys_gpt.preprocessing.transforms.invert_steps`;
+   units (stage-2 steps inverted with :func:`~ephys_gpt.codec.invert_steps`;
    fT for magnetometers, fT/cm for gradiometers) and in normalized units, against the
    repeat-last baseline.
 3. **Free running**: ``gen_seconds`` forecast from a held-out context, compared with held-out

@@ -14,7 +14,7 @@ Channel info comes, in order of preference, from
    ``meta.json`` where present.
 
 Data must be in SI units (tesla for ``mag``, T/m for ``grad``, volts for ``eeg``), which is
-what :func:`ephys_gpt.preprocessing.transforms.tokens_to_signal` returns.
+what :func:`ephys_gpt.codec.tokens_to_signal` returns.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ephys_gpt.preprocessing.transforms import invert_steps
+from ephys_gpt.codec import invert_steps
 
 
 def full_window(dataset, index: int) -> tuple[torch.Tensor, tuple]:

@@ -12,7 +12,7 @@ Per session:
    Leftovers shorter than ``min_chunk_seconds`` at the end of a span are dropped. Statistics
    come from good samples only.
 4. The stage-2 steps in the configured order, each recorded in ``meta.json`` in the format of
-   :mod:`ephys_gpt.preprocessing.transforms`, so :func:`~ephys_gpt.preprocessing.transforms.invert_steps`
+   :mod:`ephys_gpt.codec`, so :func:`~ephys_gpt.codec.invert_steps`
    maps chunks back to stage-1 units:
 
    - ``normalize``: per-channel ``(x - center) / scale``; ``robust`` (median, IQR/1.349) or
@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
@@ -54,10 +54,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import ephys_gpt
+from ephys_gpt.codec import fit_steps
 from ephys_gpt.dataset import store
 from ephys_gpt.fileio import DiskFullError, as_json, read_json_field
 from ephys_gpt.locking import FolderLock, describe_holder, in_progress
-from ephys_gpt.preprocessing import transforms
 from ephys_gpt.preprocessing.result import RunResult
 from ephys_gpt.preprocessing.sensors import channel_metadata
 
@@ -188,83 +188,6 @@ def chunk_bounds(spans: Sequence[tuple[int, int]], chunk: int, min_len: int
     return out
 
 
-def apply_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict],
-                ch_types: Sequence[str] | None = None
-                ) -> tuple[np.ndarray, list[dict], Callable[[np.ndarray], np.ndarray]]:
-    """Fit and apply the stage-2 steps to ``x`` (C, T) float32, in place where possible.
-
-    Returns ``(x, recorded, finish)``: ``normalize`` and ``clip`` are applied to ``x``;
-    ``mulaw_quantize`` (always last) is fitted here but applied by ``finish`` one chunk at a
-    time (cheaper on memory and cache than a whole-session pass). ``recorded`` lists the steps
-    with their fitted statistics, in the format of :mod:`~ephys_gpt.preprocessing.transforms`.
-    ``good`` (T,) selects the samples that statistics come from. A flat (constant) channel
-    is normalized with the median scale of its channel type (``ch_types``), so that it stays
-    at the signal level of its neighbours instead of getting a scale of 1 in physical units.
-    """
-    recorded: list[dict] = []
-    finish: Callable[[np.ndarray], np.ndarray] = _identity
-    all_good = bool(good.all())
-    for name, params in steps.items():
-        sample = x if all_good else x[:, good]  # (C, T_good)
-        if name == "normalize":
-            method = params.get("method", "robust")
-            center, scale = transforms.normalize_stats(sample, method)
-            scale = _fix_flat_scales(sample, scale, ch_types)
-            x -= center[:, None].astype(np.float32)
-            x *= (1.0 / scale)[:, None].astype(np.float32)
-            recorded.append({"name": "normalize", "method": method,
-                             "center": center.tolist(), "scale": scale.tolist()})
-        elif name == "clip":
-            s = float(params.get("std_factor", 6.0))
-            mean = sample.mean(axis=1).astype(np.float64)
-            std = sample.std(axis=1).astype(np.float64)
-            low, high = mean - s * std, mean + s * std
-            np.clip(x, low[:, None].astype(np.float32), high[:, None].astype(np.float32), out=x)
-            recorded.append({"name": "clip", "std_factor": s,
-                             "low": low.tolist(), "high": high.tolist()})
-        elif name == "mulaw_quantize":
-            n_bits = int(params.get("n_bits", 8))
-            scale, scale_from = params.get("scale"), "config"
-            if scale is None and recorded and recorded[-1]["name"] == "clip":
-                scale, scale_from = (float(max(-min(recorded[-1]["low"]),
-                                               max(recorded[-1]["high"]))), "clip")
-            elif scale is None:
-                scale, scale_from = (float(max(-sample.min(), sample.max()))
-                                     if sample.size else 1.0), "data"
-            scale = scale if scale > 0 else 1.0
-            scale = float(scale)
-            # scale_from: a configured scale must match between datasets, a derived one is a
-            # per-session statistic (ephys_gpt/dataset/compatibility.py)
-            recorded.append({"name": "mulaw_quantize", "n_bits": n_bits,
-                             "mu": transforms.mulaw_mu(n_bits), "scale": scale,
-                             "scale_from": scale_from})
-
-            def finish(chunk: np.ndarray, _n=n_bits, _s=scale) -> np.ndarray:
-                return transforms.mulaw_quantize(chunk, _n, _s)
-        else:
-            raise ValueError(f"unknown stage-2 step {name!r}")
-        del sample
-    return x, recorded, finish
-
-
-def _fix_flat_scales(sample: np.ndarray, scale: np.ndarray,
-                     ch_types: Sequence[str] | None) -> np.ndarray:
-    flat = sample.min(axis=1) == sample.max(axis=1)
-    if not flat.any():
-        return scale
-    types = np.asarray(ch_types if ch_types is not None else [""] * len(scale))
-    scale = scale.copy()
-    for kind in np.unique(types[flat]):
-        ref = ~flat & (types == kind)
-        if ref.any():
-            scale[flat & (types == kind)] = np.median(scale[ref])
-    return scale
-
-
-def _identity(chunk: np.ndarray) -> np.ndarray:
-    return chunk
-
-
 def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
                     settings: Stage2Settings, name: str | None = None) -> Path:
     """Turn one stage-1 file into a chunk-store session; returns its folder.
@@ -325,7 +248,7 @@ def process_session(fif: str | os.PathLike, out_root: str | os.PathLike,
     n_times = raw.n_times
     x = data.astype(np.float32)  # (C, T); stage 2 works in float32 from here on
     del data, raw
-    x, steps, finish = apply_steps(x, mask, settings.steps, sensors["ch_types"])
+    x, steps, finish = fit_steps(x, mask, settings.steps, sensors["ch_types"])
     meta = {
         "sfreq": sfreq,
         **sensors,

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.codec import mulaw_step
 from ephys_gpt.dataset.compatibility import check_model_data
 from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.capabilities import TokenGenerator
@@ -82,7 +83,7 @@ class QuantizeCollate:
     def __call__(self, items):
         from torch.utils.data import default_collate
 
-        from ephys_gpt.preprocessing.transforms import mulaw_quantize
+        from ephys_gpt.codec import mulaw_quantize
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
             return mulaw_quantize(t, self.bits, self.scale) if t.is_floating_point() else t
@@ -144,8 +145,7 @@ class ExperimentDL:
         if mix.get("quantize_bits"):
             bits = int(mix["quantize_bits"])
             info["steps"] = list(info.get("steps") or []) + [
-                {"name": "mulaw_quantize", "n_bits": bits, "mu": 2**bits - 1,
-                 "scale": float(mix.get("quantize_scale", 1.0)), "scale_from": "config"}]
+                mulaw_step(bits, float(mix.get("quantize_scale", 1.0)))]
         return info
 
     def _fit_model_config(self) -> None:

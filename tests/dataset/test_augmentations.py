@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.codec import mulaw_quantize
 from ephys_gpt.dataset.augmentations import (
     AUGMENTATIONS,
     Augmentations,
     parse_augmentations,
 )
 from ephys_gpt.dataset.datasets import ChunkDataset, ChunkDatasetForecastCont
-from ephys_gpt.preprocessing.transforms import mulaw_quantize
 
 
 def _x(c=8, t=200, seed=0):

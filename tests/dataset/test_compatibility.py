@@ -134,14 +134,14 @@ def test_check_model_data_names_both_values():
 def test_stage2_and_on_the_fly_quantization_record_where_the_scale_came_from(make_store):
     import numpy as np
 
-    from ephys_gpt.preprocessing.stage2 import apply_steps
+    from ephys_gpt.codec import fit_steps
 
     x = np.random.default_rng(0).standard_normal((C, 500)).astype(np.float32)
     good = np.ones(500, dtype=bool)
     for config, source in [({"clip": {}, "mulaw_quantize": {}}, "clip"),
                            ({"mulaw_quantize": {}}, "data"),
                            ({"clip": {}, "mulaw_quantize": {"scale": 4.0}}, "config")]:
-        _, recorded, _ = apply_steps(x.copy(), good, {"normalize": {}, **config})
+        _, recorded, _ = fit_steps(x.copy(), good, {"normalize": {}, **config})
         assert recorded[-1]["scale_from"] == source, config
     ds = ChunkDataset.from_root(make_store(n_channels=C), example_seconds=0.1,
                                 quantize={"n_bits": 6, "scale": 3.0})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.codec import invert_steps, mulaw_quantize
 from ephys_gpt.dataset import datasets as dmod
 from ephys_gpt.dataset.datasets import (
     CH_TYPE_CODES,
@@ -21,7 +22,6 @@ from ephys_gpt.dataset.datasets import (
 )
 from ephys_gpt.dataset.datasplitter import build_indices
 from ephys_gpt.dataset.store import StoreError, list_sessions
-from ephys_gpt.preprocessing.transforms import invert_steps, mulaw_quantize
 
 
 def _raw(ds, i):

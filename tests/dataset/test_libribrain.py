@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ephys_gpt.codec import invert_steps, mulaw_quantize
 from ephys_gpt.dataset.grouped import GroupedDatasetAugmented, RandomLabelGroupedDataset
-from ephys_gpt.preprocessing.transforms import invert_steps, mulaw_quantize
 
 pytest.importorskip("pnpl", reason="needs the [libribrain] extra (pnpl)")
 h5py = pytest.importorskip("h5py")

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from ephys_gpt.codec import mulaw_quantize
 from ephys_gpt.dataset.datasets import (
     ChunkDataset,
     ChunkDatasetForecastCont,
     ChunkDatasetReconstruction,
 )
 from ephys_gpt.dataset.mixup import MixupCollate, MixupDataLoader
-from ephys_gpt.preprocessing.transforms import mulaw_quantize
 
 
 class Labelled(Dataset):

@@ -11,6 +11,7 @@ import torch
 from eval_token_store import CH_NAMES, CH_TYPES, N_BITS, SFREQ
 from pydantic import ValidationError
 
+from ephys_gpt.codec import tokens_to_signal
 from ephys_gpt.eval.baselines import REPEAT_LAST, UNIGRAM, unigram_distribution
 from ephys_gpt.eval.eval_quant import EvalQuant, EvalQuantOptions
 from ephys_gpt.eval.registry import get_eval_spec
@@ -19,7 +20,6 @@ from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import MODELS, ModelSpec, build_model
-from ephys_gpt.preprocessing.transforms import tokens_to_signal
 
 V = 2**N_BITS
 

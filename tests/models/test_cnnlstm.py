@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from ephys_gpt.codec import mulaw_quantize
 from ephys_gpt.models.registry import build_loss, build_model, get_model_spec
-from ephys_gpt.preprocessing.transforms import mulaw_quantize
 
 TINY = get_model_spec("CNNLSTM").tiny_config
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ephys_gpt.codec import mulaw_quantize
 from ephys_gpt.models.registry import build_model
-from ephys_gpt.preprocessing.transforms import mulaw_quantize
 
 C, T, V = 3, 48, 16
 

@@ -14,6 +14,7 @@ import mne
 import numpy as np
 import pytest
 
+from ephys_gpt.codec import invert_steps, mulaw_dequantize
 from ephys_gpt.dataset import store
 from ephys_gpt.preprocessing.stage1 import find_outputs
 from ephys_gpt.preprocessing.stage2 import (
@@ -23,7 +24,6 @@ from ephys_gpt.preprocessing.stage2 import (
     process_session,
     run_stage2,
 )
-from ephys_gpt.preprocessing.transforms import invert_steps, mulaw_dequantize
 
 CONT = {"normalize": {"method": "robust"}, "clip": {"std_factor": 4.0}}
 TOKENS = {**CONT, "mulaw_quantize": {"n_bits": 10}}
@@ -283,13 +283,13 @@ def test_zero_bad_channels_option(stage1_files, tmp_path):
 
 
 def test_flat_channel_gets_its_type_median_scale():
-    from ephys_gpt.preprocessing.stage2 import apply_steps
+    from ephys_gpt.codec import fit_steps
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 1000)).astype(np.float32) * np.array([[1e-12], [2e-12], [0], [1e-11]],
                                                                   dtype=np.float32)
     good = np.ones(1000, dtype=bool)
-    _, steps, _ = apply_steps(x.copy(), good, {"normalize": {"method": "zscore"}},
+    _, steps, _ = fit_steps(x.copy(), good, {"normalize": {"method": "zscore"}},
                               ["mag", "mag", "mag", "grad"])
     scale = steps[0]["scale"]
     assert scale[2] == pytest.approx(np.median(scale[:2]))  # not 1.0 tesla

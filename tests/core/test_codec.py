@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ephys_gpt.preprocessing.transforms import (
+from ephys_gpt.codec import (
     invert_steps,
     mulaw_dequantize,
     mulaw_encode,

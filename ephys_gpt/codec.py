@@ -1,8 +1,11 @@
-"""Invertible stage-2 signal transforms: normalization, clipping and mu-law quantization.
+"""The codec of the recorded stage-2 steps: normalization, clipping and mu-law quantization,
+fitted (:func:`fit_steps`), applied, recorded (:func:`mulaw_step`) and inverted
+(:func:`invert_steps`) in one place.
 
 Every transform works on numpy arrays and torch tensors alike (channels first, time last:
 ``(..., C, T)``), so the same code quantizes in stage 2, on the fly in datasets, and decodes
-model tokens back to signal units in evaluation.
+model tokens back to signal units in evaluation. This module sits at the bottom of the
+package: it imports nothing from ``ephys_gpt``.
 
 Each stage-2 step is recorded in the chunk store's ``meta.json`` as a dict with a ``name`` and
 its parameters (see :func:`invert_steps`):
@@ -18,7 +21,7 @@ its parameters (see :func:`invert_steps`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,3 +141,87 @@ def invert_steps(x: Array, steps: Sequence[dict]) -> Array:
 def tokens_to_signal(tokens: Array, steps: Sequence[dict]) -> Array:
     """Decode model tokens to stage-1 signal units (e.g. tesla) through the recorded steps."""
     return invert_steps(tokens, steps)
+
+
+def mulaw_step(n_bits: int, scale: float | Sequence[float], scale_from: str = "config",
+               **extra: Any) -> dict[str, Any]:
+    """The record of a ``mulaw_quantize`` step. ``scale_from`` says where the scale came from:
+    ``config`` (a setting, compared between datasets), ``clip`` or ``data`` (a per-session
+    statistic, see :mod:`ephys_gpt.dataset.compatibility`)."""
+    return {"name": "mulaw_quantize", "n_bits": int(n_bits), "mu": mulaw_mu(int(n_bits)),
+            "scale": scale, "scale_from": scale_from, **extra}
+
+
+def fit_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict],
+                ch_types: Sequence[str] | None = None
+                ) -> tuple[np.ndarray, list[dict], Callable[[np.ndarray], np.ndarray]]:
+    """Fit and apply the stage-2 steps to ``x`` (C, T) float32, in place where possible.
+
+    Returns ``(x, recorded, finish)``: ``normalize`` and ``clip`` are applied to ``x``;
+    ``mulaw_quantize`` (always last) is fitted here but applied by ``finish`` one chunk at a
+    time (cheaper on memory and cache than a whole-session pass). ``recorded`` lists the steps
+    with their fitted statistics, in the format of this module.
+    ``good`` (T,) selects the samples that statistics come from. A flat (constant) channel
+    is normalized with the median scale of its channel type (``ch_types``), so that it stays
+    at the signal level of its neighbours instead of getting a scale of 1 in physical units.
+    """
+    recorded: list[dict] = []
+    finish: Callable[[np.ndarray], np.ndarray] = _identity
+    all_good = bool(good.all())
+    for name, params in steps.items():
+        sample = x if all_good else x[:, good]  # (C, T_good)
+        if name == "normalize":
+            method = params.get("method", "robust")
+            center, scale = normalize_stats(sample, method)
+            scale = _fix_flat_scales(sample, scale, ch_types)
+            x -= center[:, None].astype(np.float32)
+            x *= (1.0 / scale)[:, None].astype(np.float32)
+            recorded.append({"name": "normalize", "method": method,
+                             "center": center.tolist(), "scale": scale.tolist()})
+        elif name == "clip":
+            s = float(params.get("std_factor", 6.0))
+            mean = sample.mean(axis=1).astype(np.float64)
+            std = sample.std(axis=1).astype(np.float64)
+            low, high = mean - s * std, mean + s * std
+            np.clip(x, low[:, None].astype(np.float32), high[:, None].astype(np.float32), out=x)
+            recorded.append({"name": "clip", "std_factor": s,
+                             "low": low.tolist(), "high": high.tolist()})
+        elif name == "mulaw_quantize":
+            n_bits = int(params.get("n_bits", 8))
+            scale, scale_from = params.get("scale"), "config"
+            if scale is None and recorded and recorded[-1]["name"] == "clip":
+                scale, scale_from = (float(max(-min(recorded[-1]["low"]),
+                                               max(recorded[-1]["high"]))), "clip")
+            elif scale is None:
+                scale, scale_from = (float(max(-sample.min(), sample.max()))
+                                     if sample.size else 1.0), "data"
+            scale = scale if scale > 0 else 1.0
+            scale = float(scale)
+            # scale_from: a configured scale must match between datasets, a derived one is a
+            # per-session statistic (ephys_gpt/dataset/compatibility.py)
+            recorded.append(mulaw_step(n_bits, scale, scale_from))
+
+            def finish(chunk: np.ndarray, _n=n_bits, _s=scale) -> np.ndarray:
+                return mulaw_quantize(chunk, _n, _s)
+        else:
+            raise ValueError(f"unknown stage-2 step {name!r}")
+        del sample
+    return x, recorded, finish
+
+
+def _fix_flat_scales(sample: np.ndarray, scale: np.ndarray,
+                     ch_types: Sequence[str] | None) -> np.ndarray:
+    flat = sample.min(axis=1) == sample.max(axis=1)
+    if not flat.any():
+        return scale
+    types = np.asarray(ch_types if ch_types is not None else [""] * len(scale))
+    scale = scale.copy()
+    for kind in np.unique(types[flat]):
+        ref = ~flat & (types == kind)
+        if ref.any():
+            scale[flat & (types == kind)] = np.median(scale[ref])
+    return scale
+
+
+def _identity(chunk: np.ndarray) -> np.ndarray:
+    return chunk
