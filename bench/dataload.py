@@ -31,7 +31,7 @@ import torch
 
 from ephys_gpt.codec import mulaw_quantize
 from ephys_gpt.dataset.datasets import ChunkDataset, ChunkDatasetForecastCont
-from ephys_gpt.dataset.store import write_session
+from ephys_gpt.store import write_session
 
 N_CHANNELS, SFREQ, CHUNK_S, WINDOW_S = 306, 100.0, 10, 2.0
 

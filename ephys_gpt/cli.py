@@ -18,7 +18,8 @@ import ephys_gpt
 # ``func`` to the callable that runs it and returns an exit code).
 _COMMAND_MODULES = [
     "ephys_gpt.preprocessing.commands",  # simulate, preprocess, convert-legacy
-    "ephys_gpt.training.commands",       # train, test, eval, list-models
+    "ephys_gpt.training.commands",       # train, test, list-models
+    "ephys_gpt.eval.commands",           # eval
     "ephys_gpt.demo",                    # demo
 ]
 
@@ -33,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name == mod:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(mod).register(sub)
     return parser
 
 

@@ -147,7 +147,7 @@ def mulaw_step(n_bits: int, scale: float | Sequence[float], scale_from: str = "c
                **extra: Any) -> dict[str, Any]:
     """The record of a ``mulaw_quantize`` step. ``scale_from`` says where the scale came from:
     ``config`` (a setting, compared between datasets), ``clip`` or ``data`` (a per-session
-    statistic, see :mod:`ephys_gpt.dataset.compatibility`)."""
+    statistic, see :mod:`ephys_gpt.compatibility`)."""
     return {"name": "mulaw_quantize", "n_bits": int(n_bits), "mu": mulaw_mu(int(n_bits)),
             "scale": scale, "scale_from": scale_from, **extra}
 
@@ -198,7 +198,7 @@ def fit_steps(x: np.ndarray, good: np.ndarray, steps: dict[str, dict],
             scale = scale if scale > 0 else 1.0
             scale = float(scale)
             # scale_from: a configured scale must match between datasets, a derived one is a
-            # per-session statistic (ephys_gpt/dataset/compatibility.py)
+            # per-session statistic (ephys_gpt/compatibility.py)
             recorded.append(mulaw_step(n_bits, scale, scale_from))
 
             def finish(chunk: np.ndarray, _n=n_bits, _s=scale) -> np.ndarray:

@@ -23,6 +23,7 @@ import importlib
 import logging
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -111,12 +112,27 @@ class Registry(Generic[T]):
         return len(self.names())
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """An eval runner (``eval_class``) and the pydantic model of its ``eval`` block."""
+
+    name: str
+    cls: type
+    options: type
+
+
+#: Eval runners, registered in their modules under ``ephys_gpt/eval/`` with
+#: ``ephys_gpt.eval.registry.register_eval``. The registry lives here, at the bottom, so that
+#: the run-config validator can check an ``eval`` block without importing the eval layer.
+EVAL_RUNNERS: Registry[EvalSpec] = Registry("eval_class", ["ephys_gpt.eval"])
+
+
 def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
-    """``unknown model_name 'GPT2'. Did you mean 'GPT2MEG'? Valid model_names: ...``"""
+    """``unknown model_name 'GPT2'. Did you mean 'GPT2MEG'? Valid choices: ...``"""
     valid = sorted(valid)
     close = difflib.get_close_matches(str(name), valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(valid)}"
+    return f"unknown {kind} {name!r}.{hint} Valid choices: {', '.join(valid)}"
 
 
 def import_plugins(modules: Iterable[str], where: str = "imports") -> None:

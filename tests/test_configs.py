@@ -44,7 +44,7 @@ MODEL_YAMLS = _model_yamls()
 def stores(tmp_path_factory):
     """Tiny token and continuous chunk stores (2 channels, 3 sessions)."""
     from ephys_gpt.codec import mulaw_quantize
-    from ephys_gpt.dataset.store import write_session
+    from ephys_gpt.store import write_session
 
     rng = np.random.default_rng(0)
     out = {}

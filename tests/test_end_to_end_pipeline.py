@@ -14,9 +14,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from ephys_gpt import store
 from ephys_gpt.cli import main
-from ephys_gpt.dataset import store
-from ephys_gpt.dataset.datasplitter import DATASET_CLASSES, split_datasets
+from ephys_gpt.dataset.datasplitter import split_datasets
+from ephys_gpt.dataset.registry import DATASETS
 from ephys_gpt.preprocessing.stage1 import find_outputs
 from ephys_gpt.preprocessing.stage2 import Stage2Settings, run_stage2
 
@@ -97,10 +98,10 @@ def _check_item(cls, ds, item):
         pytest.fail(f"{cls.__name__}: input kind {kind!r} has no end-to-end check yet")
 
 
-@pytest.mark.parametrize("name", sorted(DATASET_CLASSES))
+@pytest.mark.parametrize("name", DATASETS.names())
 def test_every_dataset_class_yields_shaped_items(pipeline, name):
     continuous, tokens = pipeline
-    cls = DATASET_CLASSES[name]
+    cls = DATASETS.get(name)
     produces_tokens = getattr(cls, "produces", "continuous") == "tokens"
     roots = [(continuous, {"quantize": {"n_bits": 8, "scale": 6.0}} if produces_tokens else {})]
     if produces_tokens:

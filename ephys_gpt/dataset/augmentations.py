@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import yaml
 
+from ephys_gpt.dataset.registry import AUGMENTATIONS, register_augmentation
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ def _check_range(aug: Augmentation, field: str, lo: float | None, hi: float | No
                          f"got {v!r}")
 
 
+@register_augmentation
 @dataclass
 class GaussianNoise(Augmentation):
     """Add white Gaussian noise with standard deviation ``std`` (signal units)."""
@@ -88,6 +91,7 @@ class GaussianNoise(Augmentation):
         return x
 
 
+@register_augmentation
 @dataclass
 class ChannelDropout(Augmentation):
     """Zero each channel independently with probability ``rate``."""
@@ -104,6 +108,7 @@ class ChannelDropout(Augmentation):
         return x
 
 
+@register_augmentation
 @dataclass
 class TimeShift(Augmentation):
     """Shift the window by up to ``max_shift`` samples either way.
@@ -138,6 +143,7 @@ class TimeShift(Augmentation):
         return out
 
 
+@register_augmentation
 @dataclass
 class AmplitudeScale(Augmentation):
     """Multiply by a factor drawn uniformly from ``[low, high]`` (one per channel if
@@ -162,6 +168,7 @@ class AmplitudeScale(Augmentation):
         return x
 
 
+@register_augmentation
 @dataclass
 class TimeMask(Augmentation):
     """Set ``n_masks`` random spans of 1..``max_width`` samples (all channels) to ``value``."""
@@ -186,6 +193,7 @@ class TimeMask(Augmentation):
         return x
 
 
+@register_augmentation
 @dataclass
 class SignFlip(Augmentation):
     """Multiply the whole window by -1."""
@@ -197,12 +205,6 @@ class SignFlip(Augmentation):
         return x
 
 
-AUGMENTATIONS: dict[str, type[Augmentation]] = {
-    cls.name: cls for cls in (GaussianNoise, ChannelDropout, TimeShift, AmplitudeScale,
-                              TimeMask, SignFlip)
-}
-
-
 def _build_one(spec: Any, where: str) -> Augmentation:
     if isinstance(spec, Augmentation):
         spec.check()
@@ -212,10 +214,10 @@ def _build_one(spec: Any, where: str) -> Augmentation:
                          f"got {spec!r}")
     spec = dict(spec)
     name = spec.pop("name", None)
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"{where}: unknown augmentation name {name!r}; valid names: "
-                         f"{sorted(AUGMENTATIONS)}")
-    cls = AUGMENTATIONS[name]
+    try:
+        cls = AUGMENTATIONS.get(name)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(spec) - fields)
     if unknown:

@@ -1,7 +1,7 @@
 """Window datasets over the chunk store (DESIGN.md, contract 2).
 
 Every dataset indexes windows ``(session_idx, chunk_idx, start)`` built by
-:func:`ephys_gpt.dataset.datasplitter.build_indices`; a window never crosses a chunk boundary.
+:func:`ephys_gpt.dataset.indexing.build_indices`; a window never crosses a chunk boundary.
 An item reads only its window from the memory-mapped chunk (the memmaps are opened lazily and
 cached per chunk, and dropped when the dataset is pickled for a DataLoader worker).
 
@@ -46,7 +46,9 @@ from ephys_gpt.dataset.image_layout import (
     compute_image_layout,
     image_to_channels,
 )
-from ephys_gpt.dataset.store import (
+from ephys_gpt.dataset.indexing import build_indices, seconds_to_samples
+from ephys_gpt.dataset.registry import register_dataset
+from ephys_gpt.store import (
     SessionMeta,
     StoreError,
     check_compatible,
@@ -152,7 +154,7 @@ class ChunkWindowDataset(Dataset):
         if not metas:
             raise ValueError(f"{type(self).__name__} needs at least one session")
         if not all(isinstance(m, SessionMeta) for m in metas):
-            raise TypeError("metas must be SessionMeta objects (from ephys_gpt.dataset.store."
+            raise TypeError("metas must be SessionMeta objects (from ephys_gpt.store."
                             "list_sessions / read_meta)")
         check_compatible(metas)
         if isinstance(window_samples, bool) or not isinstance(window_samples, (int, np.integer)) \
@@ -222,8 +224,6 @@ class ChunkWindowDataset(Dataset):
     def from_root(cls, root, example_seconds: float = 2.0, stride_seconds: float | None = None,
                   **kwargs) -> ChunkWindowDataset:
         """All windows of every session under ``root`` (no split)."""
-        from ephys_gpt.dataset.datasplitter import build_indices, seconds_to_samples
-
         metas = list_sessions(root)
         window = seconds_to_samples(example_seconds, metas[0].sfreq, "example_seconds")
         stride = (seconds_to_samples(stride_seconds, metas[0].sfreq, "stride_seconds")
@@ -358,6 +358,7 @@ class ChunkWindowDataset(Dataset):
         return mulaw_quantize(x, self.quantize["n_bits"], self.quantize["scale"]).astype(np.int64)
 
 
+@register_dataset
 class ChunkDataset(ChunkWindowDataset):
     """Integer tokens with a one-step shift: ``(x[:, :-1], x[:, 1:])``, int64 (C, T) each."""
 
@@ -370,6 +371,7 @@ class ChunkDataset(ChunkWindowDataset):
         return x[:, :-1], x[:, 1:]
 
 
+@register_dataset
 class ChunkDatasetForecastCont(ChunkWindowDataset):
     """Continuous forecasting pairs: ``(x[:, :-1], x[:, 1:])``, float32 (C, T) each."""
 
@@ -381,6 +383,7 @@ class ChunkDatasetForecastCont(ChunkWindowDataset):
         return x[:, :-1], x[:, 1:]
 
 
+@register_dataset
 class ChunkDatasetReconstruction(ChunkWindowDataset):
     """Continuous windows with sensor metadata: ``((x, pos_2d, ch_type), target)``.
 
@@ -439,6 +442,7 @@ class _ImageMixin:
         return image_to_channels(img, self.image_layout)
 
 
+@register_dataset
 class ChunkDatasetImage(_ImageMixin, ChunkWindowDataset):
     """Sparse sensor images: float32 ``(img, img)``, each (H, W, T); empty pixels are 0.
 
@@ -459,6 +463,7 @@ class ChunkDatasetImage(_ImageMixin, ChunkWindowDataset):
         return img, img
 
 
+@register_dataset
 class ChunkDatasetImageQuantized(_ImageMixin, ChunkWindowDataset):
     """Sensor images of tokens with a one-step shift: int64 ``(img[..., :-1], img[..., 1:])``.
 

@@ -1,7 +1,7 @@
 """Window indexing and train/val/test splits over a chunk store.
 
-:func:`build_indices` turns the sessions of a chunk store into windows
-``(session_idx, chunk_idx, start)``; :func:`split_datasets` assigns them to train/val/test and
+:func:`ephys_gpt.dataset.indexing.build_indices` turns the sessions of a chunk store into
+windows ``(session_idx, chunk_idx, start)``; :func:`split_datasets` assigns them to train/val/test and
 instantiates one dataset class per split (see ``datasets.py`` and ``docs/datasets.md``).
 
 Splitting (``split_by``):
@@ -27,136 +27,21 @@ error (see ``ephys_gpt/training/run_folder.py``).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
-from collections import namedtuple
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ephys_gpt.dataset.augmentations import as_augmentations
-from ephys_gpt.dataset.datasets import (
-    ChunkDataset,
-    ChunkDatasetForecastCont,
-    ChunkDatasetImage,
-    ChunkDatasetImageQuantized,
-    ChunkDatasetReconstruction,
-    ChunkWindowDataset,
-)
-from ephys_gpt.dataset.store import (
-    SessionMeta,
-    StoreError,
-    check_compatible,
-    list_sessions,
-    load_chunk,
-)
+from ephys_gpt.dataset.indexing import build_indices, seconds_to_samples
+from ephys_gpt.dataset.registry import DataSplits, get_dataset_class, register_splitter
+from ephys_gpt.store import SessionMeta, StoreError, check_compatible, list_sessions
 
 logger = logging.getLogger(__name__)
 
-DataSplits = namedtuple("DataSplits", ["train", "val", "test"])
-DataSplits.__doc__ = "The train, val and test datasets of one split (any may hold 0 windows)."
-
-#: Chunk-store dataset classes by name (``datasplitter.dataset_class`` in run configs).
-DATASET_CLASSES: dict[str, type[ChunkWindowDataset]] = {
-    cls.__name__: cls for cls in (ChunkDataset, ChunkDatasetForecastCont,
-                                  ChunkDatasetReconstruction, ChunkDatasetImage,
-                                  ChunkDatasetImageQuantized)
-}
-
 SPLIT_BY = ("session", "subject", "time")
-
-_SPLITTERS = {
-    "omega": "ephys_gpt.dataset.datasplitter:split_datasets",
-    "chunks": "ephys_gpt.dataset.datasplitter:split_datasets",
-    "libribrain": "ephys_gpt.dataset.libribrain:split_datasets_libribrain",
-}
-
-
-def get_dataset_class(name: str) -> type[ChunkWindowDataset]:
-    """The chunk dataset class called ``name`` (error lists the valid names)."""
-    if name not in DATASET_CLASSES:
-        raise ValueError(f"unknown dataset_class {name!r}; valid: {sorted(DATASET_CLASSES)}")
-    return DATASET_CLASSES[name]
-
-
-def seconds_to_samples(seconds: Any, sfreq: float, key: str) -> int:
-    """``round(seconds * sfreq)``, checked to be at least one sample; errors name ``key``."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{key} must be a positive number of seconds, got {seconds!r}")
-    n = int(round(seconds * sfreq))
-    if n < 1:
-        raise ValueError(f"{key}={seconds} s is less than one sample at {sfreq:g} Hz")
-    return n
-
-
-def build_indices(root_or_metas: str | Path | Sequence[SessionMeta], window_samples: int, *,
-                  stride_samples: int | None = None, extra_samples: int = 0,
-                  validate_chunks: bool = True) -> tuple[list[SessionMeta], np.ndarray]:
-    """Index all windows of a chunk store.
-
-    Parameters
-    ----------
-    root_or_metas : path or list of SessionMeta
-        The store's root (scanned with :func:`store.list_sessions`) or its sessions.
-    window_samples : int
-        T, the window length returned by the datasets.
-    stride_samples : int, optional
-        Distance between window starts; default ``window_samples`` (non-overlapping).
-    extra_samples : int
-        Samples read beyond ``window_samples`` (1 for datasets whose targets are shifted).
-    validate_chunks : bool
-        Open every chunk's header once (memory-mapped; reads no data) so that a missing,
-        truncated or mis-shaped file fails here, naming the file, rather than mid-epoch.
-
-    Returns
-    -------
-    metas : list of SessionMeta
-    indices : int64 array (N, 3)
-        ``(session_idx, chunk_idx, start)``; a window reads samples
-        ``[start, start + window_samples + extra_samples)`` of one chunk, always inside it.
-        Chunks shorter than that yield no window (counted in a log message).
-    """
-    if isinstance(root_or_metas, (str, Path)):
-        metas = list_sessions(root_or_metas)
-    else:
-        metas = list(root_or_metas)
-        if not metas:
-            raise ValueError("build_indices needs at least one session")
-    check_compatible(metas)
-    for key, v, lo in (("window_samples", window_samples, 1), ("extra_samples", extra_samples, 0),
-                       ("stride_samples", stride_samples if stride_samples is not None else 1, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
-    stride = int(stride_samples) if stride_samples is not None else int(window_samples)
-    need = int(window_samples) + int(extra_samples)
-    rows, dropped, n_chunks = [], 0, 0
-    for s, meta in enumerate(metas):
-        for c, length in enumerate(meta.chunk_lengths):
-            n_chunks += 1
-            if validate_chunks:
-                load_chunk(meta, c, mmap=True)
-            if length < need:
-                dropped += 1
-                continue
-            starts = np.arange(0, length - need + 1, stride, dtype=np.int64)
-            block = np.empty((len(starts), 3), dtype=np.int64)
-            block[:, 0], block[:, 1], block[:, 2] = s, c, starts
-            rows.append(block)
-    if dropped:
-        logger.info("%d of %d chunk(s) are shorter than a window of %d samples and yield no "
-                    "window", dropped, n_chunks, need)
-    if not rows:
-        raise StoreError(f"no chunk of {metas[0].path.parent} holds a window of {need} samples "
-                         f"(longest chunk: {max(max(m.chunk_lengths) for m in metas)} samples); "
-                         "lower example_seconds or re-run stage 2 with longer chunks")
-    indices = np.concatenate(rows)
-    logger.debug("indexed %d windows of %d samples in %d sessions", len(indices), need,
-                 len(metas))
-    return metas, indices
 
 
 # ------------------------------------------------------------------------------------ splits
@@ -243,6 +128,11 @@ def _recorded_sessions(metas: list[SessionMeta], sessions: Mapping[str, Sequence
     return [m for m in metas if m.name in label], label
 
 
+def _chunk_input_kind(cfg) -> str:
+    return get_dataset_class(cfg.get("dataset_class", "ChunkDataset")).input_kind
+
+
+@register_splitter("omega", "chunks", input_kind=_chunk_input_kind)
 def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDataset",
                    example_seconds: float = 2.0, stride_seconds: float | None = None,
                    split_by: str = "session", val_ratio: float = 0.1, test_ratio: float = 0.1,
@@ -256,7 +146,7 @@ def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDatas
     dataset_root : path
         The chunk store (stage 2's output folder).
     dataset_class : str
-        A key of :data:`DATASET_CLASSES`.
+        A registered chunk dataset class (``ephys_gpt.dataset.registry.DATASETS``).
     example_seconds : float
         Window length T (seconds); shifted kinds read one extra sample.
     stride_seconds : float, optional
@@ -360,32 +250,3 @@ def split_datasets(dataset_root: str | Path, *, dataset_class: str = "ChunkDatas
         logger.info("%s split: %d windows from %d session(s)", name, len(ds),
                     len(used) if len(rows) else 0)
     return DataSplits(*splits)
-
-
-# ---------------------------------------------------------------------- dataset name → split
-def get_splitter(dataset_name: str) -> Callable[..., DataSplits]:
-    """The split function of ``dataset_name`` (``omega``/``chunks``, ``libribrain``)."""
-    if dataset_name not in _SPLITTERS:
-        raise ValueError(f"unknown dataset_name {dataset_name!r}; valid: {sorted(_SPLITTERS)}")
-    module, func = _SPLITTERS[dataset_name].split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-def dataset_input_kind(dataset_name: str, datasplitter_cfg: Mapping[str, Any] | None) -> str:
-    """The input kind (``registry.INPUT_KINDS`` key) the configured datasets yield."""
-    cfg = dict(datasplitter_cfg or {})
-    if dataset_name not in _SPLITTERS:
-        raise ValueError(f"unknown dataset_name {dataset_name!r}; valid: {sorted(_SPLITTERS)}")
-    if dataset_name == "libribrain":
-        module = importlib.import_module("ephys_gpt.dataset.libribrain")
-        name = cfg.get("dataset_class")
-        valid = getattr(module, "DATASET_CLASSES", ())
-        if name is not None and valid and name not in valid:
-            raise ValueError(f"unknown dataset_class {name!r} for libribrain; valid: "
-                             f"{sorted(valid)}")
-        cls = getattr(module, name, None) if isinstance(name, str) else None
-        if cls is None and isinstance(name, str):
-            grouped = importlib.import_module("ephys_gpt.dataset.grouped")
-            cls = getattr(grouped, name, None)
-        return getattr(cls, "input_kind", "labelled")
-    return get_dataset_class(cfg.get("dataset_class", "ChunkDataset")).input_kind

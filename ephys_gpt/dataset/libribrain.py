@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import os
-from collections import Counter, namedtuple
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ephys_gpt._optional import require
 from ephys_gpt.dataset.grouped import GroupedDatasetAugmented, RandomLabelGroupedDataset
+from ephys_gpt.dataset.registry import DataSplits, register_splitter
 from ephys_gpt.fileio import write_with
 
 logger = logging.getLogger(__name__)
@@ -66,21 +67,6 @@ _EVENT_COLUMNS = ("kind", "segment", "timemeg")
 DATASET_CLASSES = ("RandomLabelGroupedDataset", "GroupedDatasetAugmented", "LibriBrainPhonemeDataset")
 
 RunKey = tuple[str, str, str, str]
-_DataSplits = namedtuple("DataSplits", ["train", "val", "test"])
-
-
-def _datasplits_type() -> type:
-    """The project's ``DataSplits`` (datasplitter.py), or a field-compatible namedtuple."""
-    try:
-        from ephys_gpt.dataset.datasplitter import DataSplits
-    except ModuleNotFoundError as err:
-        if err.name != "ephys_gpt.dataset.datasplitter":
-            raise
-        return _DataSplits
-    except ImportError:  # datasplitter exists but does not (yet) define DataSplits
-        return _DataSplits
-    return DataSplits
-
 
 # --------------------------------------------------------------------------- pnpl, offline
 
@@ -589,6 +575,15 @@ def _as_run_spec(value: Any, name: str) -> Any:
                     f"got {type(value).__name__}")
 
 
+def _libribrain_input_kind(cfg) -> str:
+    name = cfg.get("dataset_class", "RandomLabelGroupedDataset")
+    if name not in DATASET_CLASSES:
+        raise ValueError(f"unknown dataset_class {name!r} for libribrain; valid: "
+                         f"{sorted(DATASET_CLASSES)}")
+    return "labelled"
+
+
+@register_splitter("libribrain", input_kind=_libribrain_input_kind)
 def split_datasets_libribrain(
     data_path: str | os.PathLike | None = None,
     *,
@@ -743,4 +738,4 @@ def split_datasets_libribrain(
         else:
             out[split] = RandomLabelGroupedDataset(examples, **kwargs)
         logger.info("LibriBrain %s: %r", split, out[split])
-    return _datasplits_type()(train=out["train"], val=out["val"], test=out["test"])
+    return DataSplits(train=out["train"], val=out["val"], test=out["test"])

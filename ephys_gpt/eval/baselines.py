@@ -34,7 +34,7 @@ def unigram_distribution(dataset, vocab_size: int, *, max_windows: int = 2000,
     metas = list(dataset.metas)
     counts = None
     if metas and all(m.is_tokens for m in metas):
-        from ephys_gpt.dataset.store import load_chunk
+        from ephys_gpt.store import load_chunk
 
         counts = np.zeros((metas[0].n_channels, vocab_size), dtype=np.float64)
         chunks = [(m, i) for m in metas for i in range(m.n_chunks)]

@@ -1,4 +1,4 @@
-"""Registry of evaluation runners (``eval_class`` in eval YAML files).
+"""Registration of evaluation runners (``eval_class`` in eval YAML files).
 
 An eval runner registers itself in its own module under ``ephys_gpt/eval/`` (found
 automatically, see :mod:`ephys_gpt.registry`)::
@@ -14,28 +14,22 @@ validated ``eval`` block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ephys_gpt.registry import EVAL_RUNNERS, EvalSpec
 
-from ephys_gpt.registry import Registry
+EVALS = EVAL_RUNNERS
 
-
-@dataclass(frozen=True)
-class EvalSpec:
-    name: str
-    cls: type
-    options: type  # pydantic BaseModel validating the `eval` block
-
-
-EVALS: Registry[EvalSpec] = Registry("eval_class", ["ephys_gpt.eval"])
+__all__ = ["EVALS", "EvalSpec", "get_eval_spec", "register_eval"]
 
 
 def register_eval(name: str, *, options: type):
+    """Class decorator adding an eval runner with its options model."""
+
     def deco(cls):
-        EVALS.add(name, EvalSpec(name, cls, options), owner=cls)
+        EVAL_RUNNERS.add(name, EvalSpec(name, cls, options), owner=cls)
         return cls
 
     return deco
 
 
 def get_eval_spec(name: str) -> EvalSpec:
-    return EVALS.get(name)
+    return EVAL_RUNNERS.get(name)

@@ -237,8 +237,8 @@ class EvalRunner:
     def _check_data(self, dataset) -> None:
         """Refuse held-out data made differently from the model's training data: sampling
         rate, channels and stage-2 steps against what the export / checkpoint recorded
-        (:func:`ephys_gpt.dataset.compatibility.check_model_data`)."""
-        from ephys_gpt.dataset.compatibility import check_model_data
+        (:func:`ephys_gpt.compatibility.check_model_data`)."""
+        from ephys_gpt.compatibility import check_model_data
 
         root = (self.config.get("datasplitter") or {}).get("dataset_root")
         metas = getattr(dataset, "metas", None)

@@ -186,7 +186,7 @@ def cmd_convert_legacy(args) -> int:
 def cmd_check_store(args) -> int:
     from pathlib import Path
 
-    from ephys_gpt.dataset import store
+    from ephys_gpt import store
     from ephys_gpt.locking import FolderLockedError
 
     root = Path(args.store)
@@ -230,7 +230,7 @@ def cmd_check_store(args) -> int:
 def _repair_command(root, damaged) -> str:
     """How to repair ``damaged`` sessions: this command with --repair where it can, else what
     each of the others needs."""
-    from ephys_gpt.dataset import store
+    from ephys_gpt import store
 
     own = f"`ephys-gpt check-store {shlex.quote(str(root))} --repair`"
     others = {}

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import ephys_gpt
-from ephys_gpt.dataset import store
+from ephys_gpt import store
 from ephys_gpt.preprocessing.result import RunResult
 
 logger = logging.getLogger(__name__)

@@ -297,7 +297,7 @@ def _run_stage1(recordings: Sequence[Recording], stage1_dir: Path, *,
 def _prepare_dask_worker() -> None:
     """Runs in every Dask worker before tasks arrive: the osl-ephys import fix must be in
     place there too, or unpickling the osl-ephys task function fails."""
-    from ephys_gpt.preprocessing.osl_compat import import_osl_ephys
+    from ephys_gpt._optional import import_osl_ephys
 
     import_osl_ephys()
 

@@ -24,7 +24,7 @@ Per session:
      ``clip`` comes right before, else the largest ``|x|`` over good samples (recorded as
      ``scale_from``: ``config``, ``clip`` or ``data``).
 
-5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.dataset.store.write_session`
+5. Cut into ``chunk_seconds`` chunks and write with :func:`ephys_gpt.store.write_session`
    (atomic; ``meta.json`` last, with each chunk's size and SHA-256).
 
 Re-runs skip finished sessions after checking their chunk files against the sizes recorded
@@ -54,8 +54,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import ephys_gpt
+from ephys_gpt import store
 from ephys_gpt.codec import fit_steps
-from ephys_gpt.dataset import store
 from ephys_gpt.fileio import DiskFullError, as_json, read_json_field
 from ephys_gpt.locking import FolderLock, describe_holder, in_progress
 from ephys_gpt.preprocessing.result import RunResult

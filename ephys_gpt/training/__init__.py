@@ -4,7 +4,7 @@
 - :mod:`~ephys_gpt.training.lit_model`: ``LitModel``
 - :mod:`~ephys_gpt.training.experiment`: ``ExperimentDL(config).train() / .test()``
 - :mod:`~ephys_gpt.training.checkpoint`: ``load_model(path) -> (model, info)``
-- :mod:`~ephys_gpt.training.commands`: the ``train``/``test``/``eval``/``list-models`` commands
+- :mod:`~ephys_gpt.training.commands`: the ``train``/``test``/``list-models`` commands
 
 Submodules are imported on use (Lightning is only loaded when training).
 """

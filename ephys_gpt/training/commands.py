@@ -1,7 +1,8 @@
-"""Command-line sub-commands ``train``, ``test``, ``eval`` and ``list-models``.
+"""Command-line sub-commands ``train``, ``test`` and ``list-models``.
 
 Registered into the ``ephys-gpt`` console script by :mod:`ephys_gpt.cli`; ``run.py`` at the
-repository root maps ``--mode train|test|eval`` onto the same functions.
+repository root maps ``--mode train|test`` onto the same functions (``eval`` lives in
+:mod:`ephys_gpt.eval.commands`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--args", required=True, metavar="YAML", dest="config",
                    help="run config (e.g. configs/gpt2meg/train.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -23,7 +24,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "datasplitter.dataset_root=runs/demo/preprocessed/chunks")
 
 
-def _add_resplit(p: argparse.ArgumentParser) -> None:
+def add_resplit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resplit", action="store_true",
                    help="draw the train/val/test split from datasplitter even though the run "
                         "recorded one in save_dir/split.json (results are then not comparable "
@@ -67,28 +68,6 @@ def cmd_test(args) -> int:
     return 0
 
 
-def run_eval(config: dict):
-    """Run the eval runner named by ``config['eval_class']`` on a validated config."""
-    from ephys_gpt.eval.registry import get_eval_spec
-
-    spec = get_eval_spec(config.get("eval_class") or "EvalQuant")
-    options = spec.options.model_validate(config["eval"])
-    return spec.cls(config, options).run()
-
-
-def cmd_eval(args) -> int:
-    from ephys_gpt.training.config import load_config
-
-    config = load_config(args.config, args.overrides, mode="eval")
-    if getattr(args, "resplit", False):
-        config["resplit"] = True
-    summary = run_eval(config)
-    logger.info("evaluation %s finished", config.get("eval_class"))
-    if isinstance(summary, dict):
-        logger.debug("summary: %s", json.dumps(summary, default=str)[:2000])
-    return 0
-
-
 def models_table() -> str:
     """The registered models as an aligned text table."""
     from ephys_gpt.models.registry import list_models
@@ -114,31 +93,26 @@ def cmd_list_models(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``train``, ``test``, ``eval`` and ``list-models`` to the ``ephys-gpt`` parser."""
+    """Add ``train``, ``test`` and ``list-models`` to the ``ephys-gpt`` parser."""
     p = subparsers.add_parser(
         "train", help="train a model from a run YAML",
         description="Train a model from a run YAML. A save_dir that already holds a run is "
                     "refused unless you continue it (resume_from=last) or replace it "
                     "(--overwrite). Ctrl-C / SIGTERM saves a resumable checkpoint and exits "
                     "130 / 143.")
-    _add_run_args(p)
+    add_run_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in save_dir: deletes only the files ephys-gpt "
                         "wrote there (checkpoints, export, logs, config.yaml, split.json, "
                         "test_metrics.json, evals); same as overwrite=true")
-    _add_resplit(p)
+    add_resplit(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("test", help="evaluate the best checkpoint on the test split")
-    _add_run_args(p)
+    add_run_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint to test (default: save_dir's best)")
-    _add_resplit(p)
+    add_resplit(p)
     p.set_defaults(func=cmd_test)
-
-    p = subparsers.add_parser("eval", help="run the eval runner (eval_class) of a run YAML")
-    _add_run_args(p)
-    _add_resplit(p)
-    p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("list-models", help="list the registered models")
     p.add_argument("--markdown", action="store_true",

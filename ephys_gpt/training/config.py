@@ -50,7 +50,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ephys_gpt.fileio import to_jsonable, write_text_atomic
-from ephys_gpt.registry import import_plugins
+from ephys_gpt.registry import EVAL_RUNNERS, import_plugins
 
 MODES = ("train", "test", "eval")
 
@@ -449,7 +449,7 @@ def _check_trainer(trainer_cfg: dict) -> None:
 
 
 def _check_dataset(cfg: dict, spec) -> None:
-    from ephys_gpt.dataset import datasplitter as ds
+    from ephys_gpt.dataset import registry as ds
 
     name = cfg["dataset_name"]
     try:
@@ -476,8 +476,8 @@ def _check_dataset(cfg: dict, spec) -> None:
     if kind == "continuous" and mixup.get("quantize_bits"):
         kind = "tokens"  # MixupDataLoader quantizes the mixed signals to tokens
     if kind != spec.input_kind:
-        fitting = sorted(n for n, c in getattr(ds, "DATASET_CLASSES", {}).items()
-                         if getattr(c, "input_kind", None) == spec.input_kind)
+        fitting = sorted(n for n in ds.DATASETS
+                         if ds.DATASETS.get(n).input_kind == spec.input_kind)
         hint = (f"; dataset classes yielding {spec.input_kind!r}: {', '.join(fitting)}"
                 if fitting else "")
         raise ConfigError(
@@ -487,8 +487,6 @@ def _check_dataset(cfg: dict, spec) -> None:
 
 
 def _check_eval(cfg: dict, mode: str) -> None:
-    from ephys_gpt.eval.registry import get_eval_spec
-
     block = cfg.get("eval")
     if block is None:
         if mode == "eval":
@@ -496,11 +494,11 @@ def _check_eval(cfg: dict, mode: str) -> None:
                               f"eval_class {cfg['eval_class']!r}, e.g. eval.ckpt_path)")
         return
     try:
-        spec = get_eval_spec(cfg["eval_class"])
+        spec = EVAL_RUNNERS.get(cfg["eval_class"])
     except ValueError as err:
         raise ConfigError(f"key 'eval_class': {err}") from None
     opts = spec.options
-    if "ckpt_path" in getattr(opts, "model_fields", {}) and not block.get("ckpt_path"):
+    if "ckpt_path" in opts.model_fields and not block.get("ckpt_path"):
         block["ckpt_path"] = str(Path(cfg["save_dir"]) / "export")
     if mode == "eval" and block.get("ckpt_path"):
         ckpt = Path(block["ckpt_path"])

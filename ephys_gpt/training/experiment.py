@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ephys_gpt.codec import mulaw_step
-from ephys_gpt.dataset.compatibility import check_model_data
+from ephys_gpt.compatibility import check_model_data
 from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.pretrained import save_pretrained

@@ -186,7 +186,8 @@ def split_settings(splitter, datasplitter: dict) -> dict[str, Any]:
 def record_split(save_dir: str | os.PathLike, splits, config: dict) -> Path | None:
     """Write ``save_dir/split.json`` (session names per split, split settings, store root)
     for a chunk-store run; None for datasets with fixed splits of their own (LibriBrain)."""
-    from ephys_gpt.dataset.datasplitter import get_splitter, split_datasets
+    from ephys_gpt.dataset.datasplitter import split_datasets
+    from ephys_gpt.dataset.registry import get_splitter
 
     splitter = get_splitter(config["dataset_name"])
     if splitter is not split_datasets:
@@ -236,8 +237,9 @@ def run_splits(config: dict, *, resplit: bool | None = None, augmentations: bool
     (DataSplits, dict | None)
         The datasets, and the record used (None when the split was drawn).
     """
-    from ephys_gpt.dataset.datasplitter import get_splitter, split_datasets
-    from ephys_gpt.dataset.store import list_sessions
+    from ephys_gpt.dataset.datasplitter import split_datasets
+    from ephys_gpt.dataset.registry import get_splitter
+    from ephys_gpt.store import list_sessions
 
     splitter = get_splitter(config.get("dataset_name", "omega"))
     kwargs = dict(config["datasplitter"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ephys_gpt.dataset.store import write_session
+from ephys_gpt.store import write_session
 
 
 def write_store(root: Path, *, n_sessions: int = 3, n_channels: int = 4,

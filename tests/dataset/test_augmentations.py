@@ -93,7 +93,8 @@ def test_probability_is_respected():
 
 @pytest.mark.parametrize("spec, match", [
     ([{"name": "gaussian_nois"}], r"augmentations\[0\]: unknown augmentation name "
-                                  r"'gaussian_nois'; valid names: \['amplitude_scale'"),
+                                  r"'gaussian_nois'. Did you mean 'gaussian_noise'\? Valid "
+                                  r"choices: amplitude_scale"),
     ([{"name": "gaussian_noise", "sigma": 1}], r"augmentations\[0\] \(gaussian_noise\): unknown "
                                                r"key\(s\) \['sigma'\]; valid keys: .*'std'"),
     ([{"name": "gaussian_noise", "p": 2}], r"'p' must be in \[0.0, 1.0\], got 2"),

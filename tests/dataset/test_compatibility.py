@@ -1,12 +1,12 @@
 """Sessions made differently cannot share a dataset (store.check_compatible), and the rule it
-shares with eval (dataset/compatibility.py): settings are compared, per-session statistics
+shares with eval (compatibility.py): settings are compared, per-session statistics
 are not."""
 
 from __future__ import annotations
 
 import pytest
 
-from ephys_gpt.dataset.compatibility import (
+from ephys_gpt.compatibility import (
     DataMismatchError,
     check_model_data,
     differences,
@@ -14,7 +14,7 @@ from ephys_gpt.dataset.compatibility import (
 )
 from ephys_gpt.dataset.datasets import ChunkDataset, ChunkDatasetForecastCont
 from ephys_gpt.dataset.datasplitter import build_indices, split_datasets
-from ephys_gpt.dataset.store import StoreError
+from ephys_gpt.store import StoreError
 
 C = 4
 

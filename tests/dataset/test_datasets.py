@@ -20,8 +20,8 @@ from ephys_gpt.dataset.datasets import (
     ChunkDatasetImageQuantized,
     ChunkDatasetReconstruction,
 )
-from ephys_gpt.dataset.datasplitter import build_indices
-from ephys_gpt.dataset.store import StoreError, list_sessions
+from ephys_gpt.dataset.indexing import build_indices
+from ephys_gpt.store import StoreError, list_sessions
 
 
 def _raw(ds, i):
@@ -191,7 +191,7 @@ def test_nan_in_data_names_session_file_channel_and_sample(make_store):
 def _store_with(tmp_path, value, *, at=(2, 17), normalized=True, name="s"):
     """One session (4 channels, chunks of 50/50/30 samples) of N(0, 0.3) whose chunk 1 holds
     ``value`` at ``at``; ``normalized`` records a normalize step (else raw SI-like values)."""
-    from ephys_gpt.dataset.store import write_session
+    from ephys_gpt.store import write_session
 
     rng = np.random.default_rng(0)
     scale = 1.0 if normalized else 1e-12

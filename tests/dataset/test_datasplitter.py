@@ -9,16 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from ephys_gpt.dataset import datasplitter as dsp
-from ephys_gpt.dataset.datasplitter import (
-    DATASET_CLASSES,
-    build_indices,
-    dataset_input_kind,
-    get_splitter,
-    split_datasets,
-)
-from ephys_gpt.dataset.store import StoreError
+from ephys_gpt.dataset.datasplitter import split_datasets
+from ephys_gpt.dataset.indexing import build_indices
+from ephys_gpt.dataset.registry import DATASETS, DataSplits, dataset_input_kind, get_splitter
 from ephys_gpt.models.registry import INPUT_KINDS
+from ephys_gpt.store import StoreError
 
 
 def _windows(ds):
@@ -29,7 +24,7 @@ def _windows(ds):
 # ------------------------------------------------------------------------- build_indices
 def test_windows_stay_inside_chunks_and_short_chunks_are_dropped(make_store, caplog):
     root = make_store(n_sessions=1, chunk_lengths=(50, 21, 10))
-    with caplog.at_level(logging.INFO, logger="ephys_gpt.dataset.datasplitter"):
+    with caplog.at_level(logging.INFO, logger="ephys_gpt.dataset.indexing"):
         metas, idx = build_indices(root, 10, extra_samples=1)
     by_chunk = {c: idx[idx[:, 1] == c, 2].tolist() for c in range(3)}
     # 11 samples per window: chunk 0 (50) → starts 0..30; 40 would end at 51 > 50.
@@ -146,7 +141,8 @@ def test_time_split_of_a_single_session(make_store):
 
 def test_split_argument_errors(make_store):
     root = make_store(n_sessions=3)
-    with pytest.raises(ValueError, match=r"unknown dataset_class 'Nope'; valid: \['ChunkDataset'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown dataset_class 'Nope'.*Valid choices: ChunkDataset"):
         split_datasets(root, dataset_class="Nope")
     with pytest.raises(ValueError, match="split_by must be one of"):
         split_datasets(root, split_by="run")
@@ -169,17 +165,17 @@ def test_augmentations_apply_to_the_training_split_only(make_store):
 
 # ------------------------------------------------------------------------ registry helpers
 def test_registry_and_input_kinds():
-    assert set(DATASET_CLASSES) == {"ChunkDataset", "ChunkDatasetForecastCont",
+    assert set(DATASETS) == {"ChunkDataset", "ChunkDatasetForecastCont",
                                     "ChunkDatasetReconstruction", "ChunkDatasetImage",
                                     "ChunkDatasetImageQuantized"}
-    for cls in DATASET_CLASSES.values():
+    for cls in DATASETS.values():
         assert cls.input_kind in INPUT_KINDS
     assert dataset_input_kind("omega", {}) == "tokens"
     assert dataset_input_kind("chunks", {"dataset_class": "ChunkDatasetImage"}) == "image"
     assert dataset_input_kind("omega", {"dataset_class": "ChunkDatasetReconstruction"}) \
         == "continuous_meta"
     assert get_splitter("omega") is split_datasets and get_splitter("chunks") is split_datasets
-    with pytest.raises(ValueError, match=r"unknown dataset_name 'meg'; valid: \['chunks'"):
+    with pytest.raises(ValueError, match=r"unknown dataset_name 'meg'.*Valid choices: chunks"):
         get_splitter("meg")
     with pytest.raises(ValueError, match="unknown dataset_class"):
         dataset_input_kind("omega", {"dataset_class": "ChunkDatasetz"})
@@ -254,4 +250,4 @@ def test_bad_meta_json_names_file_and_key(make_store):
 
 
 def test_module_exports():
-    assert dsp.DataSplits._fields == ("train", "val", "test")
+    assert DataSplits._fields == ("train", "val", "test")

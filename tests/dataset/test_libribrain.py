@@ -244,7 +244,8 @@ def test_mulaw_tokens_and_augmentations(libri):
     xv, _ = val[0]
     assert len(calls) == 1
     assert torch.equal(xv, mulaw_quantize(plain.val[0][0], 6, 10.0))
-    assert val.steps[-1] == {"name": "mulaw_quantize", "n_bits": 6, "mu": 63, "scale": 10.0}
+    assert val.steps[-1] == {"name": "mulaw_quantize", "n_bits": 6, "mu": 63, "scale": 10.0,
+                             "scale_from": "config"}
     decoded = invert_steps(xv, val.steps[-1:])
     assert torch.allclose(decoded, plain.val[0][0], atol=0.2)
     with pytest.raises(ValueError, match="GroupedDatasetAugmented"):
@@ -395,7 +396,7 @@ def test_splitter_returns_datasplits(libri):
         lb.split_datasets_libribrain(root, dataset_root=root)
     assert [d.dataset.run_keys for d in sp] == [[TRAIN_KEY], [VAL_KEY], [TEST_KEY]]
     try:
-        from ephys_gpt.dataset.datasplitter import DataSplits, dataset_input_kind, get_splitter
+        from ephys_gpt.dataset.registry import DataSplits, dataset_input_kind, get_splitter
     except ImportError:
         return
     assert isinstance(sp, DataSplits)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from ephys_gpt.dataset import store
+from ephys_gpt import store
 from ephys_gpt.fileio import DiskFullError
 from ephys_gpt.locking import MARKER_NAME, mark_in_progress
 
@@ -65,7 +65,7 @@ def test_clean_partial_removes_only_the_toolkits_unfinished_folders(tmp_path, ca
     live = root / ".tmp-live-00000000"  # being written by a running process
     _leftover(live, os.getppid())
 
-    with caplog.at_level(logging.INFO, logger="ephys_gpt.dataset.store"):
+    with caplog.at_level(logging.INFO, logger="ephys_gpt.store"):
         removed = store.clean_partial(root)
     assert sorted(removed) == sorted([crashed, replacing, empty])
     assert sorted(p.name for p in root.iterdir()) == sorted(
@@ -123,7 +123,7 @@ def test_list_sessions_skips_non_sessions_once_at_info(tmp_path, caplog):
     store.write_session(root, "s", _chunks(), META)
     (root / "notes").mkdir()
     (root / ".ipynb_checkpoints").mkdir()
-    with caplog.at_level(logging.DEBUG, logger="ephys_gpt.dataset.store"):
+    with caplog.at_level(logging.DEBUG, logger="ephys_gpt.store"):
         assert [m.name for m in store.list_sessions(root)] == ["s"]
         assert [m.name for m in store.list_sessions(root)] == ["s"]
     records = [r for r in caplog.records if "notes" in r.getMessage()]
@@ -178,7 +178,7 @@ def test_stores_written_before_checksums_keep_working(tmp_path, caplog):
         (folder / "meta.json").write_text(json.dumps(meta))
     chunk = root / "old-damaged" / "1.npy"
     chunk.write_bytes(chunk.read_bytes() + b"extra")
-    with caplog.at_level(logging.INFO, logger="ephys_gpt.dataset.store"):
+    with caplog.at_level(logging.INFO, logger="ephys_gpt.store"):
         checks = store.verify_store(root, progress=False)
     assert [c.level for c in checks] == ["structure", "structure"]
     assert checks[0].ok

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from ephys_gpt.dataset.store import SessionMeta, StoreError, check_compatible, read_meta
+from ephys_gpt.store import SessionMeta, StoreError, check_compatible, read_meta
 
 C = 3
 

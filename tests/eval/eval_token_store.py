@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ephys_gpt.codec import mulaw_quantize, normalize_stats
-from ephys_gpt.dataset.store import list_sessions, write_session
+from ephys_gpt.store import list_sessions, write_session
 
 SFREQ = 100.0
 CH_NAMES = ["MEG0111", "MEG0112", "MEG0113"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from eval_token_store import write_token_store
 
-from ephys_gpt.dataset.compatibility import DataMismatchError
+from ephys_gpt.compatibility import DataMismatchError
 from ephys_gpt.dataset.datasplitter import split_datasets
 from ephys_gpt.eval.eval_quant import EvalQuant, EvalQuantOptions
 from ephys_gpt.fileio import to_jsonable

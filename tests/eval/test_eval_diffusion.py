@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ephys_gpt.dataset.store import write_session
 from ephys_gpt.eval.eval_diffusion import EvalDiffusion
 from ephys_gpt.eval.registry import get_eval_spec
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import build_model, get_model_spec
+from ephys_gpt.store import write_session
 
 SFREQ = 100.0
 

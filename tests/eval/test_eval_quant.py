@@ -93,7 +93,7 @@ def test_unigram_distribution_counts_training_tokens(token_splits):
     assert probs.shape == (3, V)
     np.testing.assert_allclose(probs.sum(1), 1.0)
     # from whole chunks: the same as counting all tokens of both training sessions
-    from ephys_gpt.dataset.store import load_chunk
+    from ephys_gpt.store import load_chunk
 
     tokens = np.concatenate([np.asarray(load_chunk(m, i)) for m in token_splits.train.metas
                              for i in range(m.n_chunks)], axis=1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ephys_gpt import store
 from ephys_gpt.cli import main
-from ephys_gpt.dataset import store
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ephys_gpt import store
 from ephys_gpt.cli import main
-from ephys_gpt.dataset import store
 from ephys_gpt.preprocessing.legacy import convert_legacy
 
 

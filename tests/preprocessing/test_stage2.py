@@ -14,8 +14,8 @@ import mne
 import numpy as np
 import pytest
 
+from ephys_gpt import store
 from ephys_gpt.codec import invert_steps, mulaw_dequantize
-from ephys_gpt.dataset import store
 from ephys_gpt.preprocessing.stage1 import find_outputs
 from ephys_gpt.preprocessing.stage2 import (
     Stage2Settings,
@@ -201,7 +201,7 @@ def test_sigkill_mid_write_then_rerun_gives_complete_store(stage1_files, tmp_pat
     script = textwrap.dedent(f"""
         import os, signal
         import numpy as np
-        from ephys_gpt.dataset import store
+        from ephys_gpt import store
         from ephys_gpt.preprocessing.stage2 import Stage2Settings, run_stage2
         real, n = store._write_chunk, [0]
         def write(path, arr):

@@ -14,7 +14,7 @@ def make_store(root: Path, n_sessions: int = 3, n_chunks: int = 2, chunk_samples
                tokens: bool = True, seed: int = 0) -> Path:
     """Write ``n_sessions`` sessions of AR(1)-like signals (as 4-bit tokens or float32)."""
     from ephys_gpt.codec import mulaw_quantize
-    from ephys_gpt.dataset.store import write_session
+    from ephys_gpt.store import write_session
 
     rng = np.random.default_rng(seed)
     for s in range(n_sessions):

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ephys_gpt.dataset.compatibility import differences
+from ephys_gpt.compatibility import differences
 from ephys_gpt.fileio import DiskFullError, disk_full_error, is_disk_full, write_json_atomic
 from ephys_gpt.locking import (
     MARKER_NAME,
@@ -425,7 +425,7 @@ def list_sessions(root: str | os.PathLike) -> list[SessionMeta]:
 def check_compatible(metas: Sequence[SessionMeta]) -> None:
     """Raise if sessions cannot share one dataset: a different sampling rate, channel set or
     stage-2 steps (step names, order and settings; per-session statistics may differ, see
-    :mod:`ephys_gpt.dataset.compatibility`), or quantized mixed with continuous chunks.
+    :mod:`ephys_gpt.compatibility`), or quantized mixed with continuous chunks.
 
     The error names the first session and one that differs from it, with both values.
     """

@@ -19,7 +19,7 @@ it was recorded) is not compared on its scale. A field missing from either descr
 (an older export) is not compared.
 
 A description is a mapping or an object with the attributes ``sfreq``, ``ch_names``,
-``ch_types`` and ``steps``: a :class:`~ephys_gpt.dataset.store.SessionMeta`, a dataset, or a
+``ch_types`` and ``steps``: a :class:`~ephys_gpt.store.SessionMeta`, a dataset, or a
 model's recorded data description (``info`` of
 :func:`ephys_gpt.training.checkpoint.load_model`).
 
