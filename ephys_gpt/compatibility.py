@@ -21,7 +21,7 @@ it was recorded) is not compared on its scale. A field missing from either descr
 A description is a mapping or an object with the attributes ``sfreq``, ``ch_names``,
 ``ch_types`` and ``steps``: a :class:`~ephys_gpt.store.SessionMeta`, a dataset, or a
 model's recorded data description (``info`` of
-:func:`ephys_gpt.training.checkpoint.load_model`).
+:func:`ephys_gpt.models.loading.load_model`).
 
 :func:`differences` lists what differs; :func:`check_model_data` refuses to run a model on
 data that differs from its training data; ``store.check_compatible`` refuses a dataset that
@@ -184,7 +184,7 @@ def check_model_data(trained: Any, data: Any, *, model: str = "the model",
     ----------
     trained : mapping or object
         The model's recorded data description (``info`` of
-        :func:`ephys_gpt.training.checkpoint.load_model`: an export's ``config.json`` or a
+        :func:`ephys_gpt.models.loading.load_model`: an export's ``config.json`` or a
         checkpoint's ``hyper_parameters.data_info``).
     data : mapping or object
         The data it is about to run on (a dataset, a ``SessionMeta`` ...).

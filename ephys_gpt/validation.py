@@ -54,6 +54,13 @@ def _resolve_types(types) -> tuple[tuple[type, ...], list[str]]:
     return tuple(out), names
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty), for
+    one-line messages that wrap a library's error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def validate_type(value: Any, types, name: str) -> Any:
     """Return ``value`` if it is one of ``types``, else raise TypeError naming ``name``.
 

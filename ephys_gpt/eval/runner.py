@@ -180,7 +180,7 @@ class EvalRunner:
 
     def _load_model(self) -> None:
         if self._model is None:
-            from ephys_gpt.training.checkpoint import load_model
+            from ephys_gpt.models.loading import load_model
 
             if not Path(self.options.ckpt_path).exists():
                 raise FileNotFoundError(f"eval.ckpt_path {self.options.ckpt_path} does not exist "

@@ -13,6 +13,7 @@ import ephys_gpt
 from ephys_gpt.fileio import read_json, write_json_atomic, write_with
 from ephys_gpt.models.registry import build_model
 from ephys_gpt.registry import import_plugins
+from ephys_gpt.validation import first_line
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,11 +53,6 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike,
     return out
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save_pretrained` (no unpickling involved).
 
@@ -77,12 +73,12 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         model = build_model(name, config.get("model_config") or {})
     except TypeError as err:  # a model_config key the model does not take
         raise ValueError(f"export config {cfg_path}: model_config does not fit {name}: "
-                         f"{_first_line(err)}") from None
+                         f"{first_line(err)}") from None
     try:
         state = load_file(str(w_path), device=str(map_location))
     except Exception as err:  # safetensors' own error type: truncated, random bytes...
         raise ValueError(f"{w_path} is not a readable safetensors file (truncated or damaged; "
-                         f"export the model again): {_first_line(err)}") from None
+                         f"export the model again): {first_line(err)}") from None
     for k, src in config["tied"].items():
         if src not in state:
             raise ValueError(f"export config {cfg_path}: tied weight {k!r} refers to {src!r}, "
@@ -92,7 +88,7 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(state)
     except RuntimeError as err:  # missing/unexpected keys, wrong shapes
         raise ValueError(f"{w_path} does not hold the weights of {name} as {cfg_path} "
-                         f"describes it: {_first_line(err)}") from None
+                         f"describes it: {first_line(err)}") from None
     model.to(map_location)
     model.eval()
     return model

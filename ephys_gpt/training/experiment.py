@@ -33,15 +33,10 @@ from ephys_gpt.codec import mulaw_step
 from ephys_gpt.compatibility import check_model_data
 from ephys_gpt.fileio import to_jsonable, write_json_atomic, write_with
 from ephys_gpt.models.capabilities import TokenGenerator
+from ephys_gpt.models.loading import DATA_KEYS, load_model, read_checkpoint
 from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import CHANNEL_KINDS, TOKEN_KINDS, get_model_spec
-from ephys_gpt.training.checkpoint import (
-    DATA_KEYS,
-    SafeCheckpointIO,
-    check_checkpoint_fits,
-    load_model,
-    read_checkpoint,
-)
+from ephys_gpt.training.checkpoint import SafeCheckpointIO, check_checkpoint_fits
 from ephys_gpt.training.config import ConfigError, dump_config, load_config
 from ephys_gpt.training.errors import TrainingInterrupted
 from ephys_gpt.training.guards import NonFiniteLossGuard, check_trains_something

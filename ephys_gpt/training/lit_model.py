@@ -117,7 +117,7 @@ class LitModel(L.LightningModule):
         Dataset description kept with the checkpoint (``sfreq``, ``ch_names``, ``ch_types``,
         ``pos_2d``, ``steps``) so a checkpoint can be evaluated without the chunk store.
     run_config : dict | None
-        The resolved run config (plain values), kept for :func:`~ephys_gpt.training.checkpoint.load_model`.
+        The resolved run config (plain values), kept for :func:`~ephys_gpt.models.loading.load_model`.
     """
 
     def __init__(self, model_name: str, model_config: dict | None = None,

@@ -15,9 +15,10 @@ from training_helpers import tiny_run, write_yaml
 
 from ephys_gpt.cli import main as cli_main
 from ephys_gpt.fileio import DiskFullError
+from ephys_gpt.models.loading import load_model, read_checkpoint
 from ephys_gpt.models.pretrained import from_pretrained, save_pretrained
 from ephys_gpt.models.registry import build_model
-from ephys_gpt.training.checkpoint import SafeCheckpointIO, load_model, read_checkpoint
+from ephys_gpt.training.checkpoint import SafeCheckpointIO
 from ephys_gpt.training.experiment import ExperimentDL
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

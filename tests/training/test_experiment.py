@@ -9,8 +9,8 @@ import torch
 import yaml
 from training_helpers import N_BITS, N_CH, write_yaml
 
+from ephys_gpt.models.loading import load_model, read_checkpoint
 from ephys_gpt.models.pretrained import from_pretrained
-from ephys_gpt.training.checkpoint import load_model, read_checkpoint
 from ephys_gpt.training.config import ConfigError, load_config
 from ephys_gpt.training.experiment import ExperimentDL
 
@@ -146,7 +146,7 @@ def test_mixup_quantized_feeds_token_model(tmp_path, run_cfg, tmp_path_factory):
     exp = ExperimentDL(run_cfg)
     assert exp.config["model_config"]["vocab_size"] == 32
     assert exp.data_info["steps"][-1] == {"name": "mulaw_quantize", "n_bits": 5, "mu": 31,
-                                          "scale": 1.0}
+                                          "scale": 1.0, "scale_from": "config"}
     assert exp.train()["global_step"] == 3
     _, info = load_model(tmp_path / "run" / "export")
     assert info["steps"][-1]["n_bits"] == 5

@@ -10,7 +10,7 @@ import torch
 from training_helpers import write_yaml
 
 from ephys_gpt.cli import main as cli_main
-from ephys_gpt.training.checkpoint import read_checkpoint
+from ephys_gpt.models.loading import read_checkpoint
 from ephys_gpt.training.errors import NonFiniteLossError
 from ephys_gpt.training.experiment import ExperimentDL
 from ephys_gpt.training.guards import NonFiniteLossGuard

@@ -11,7 +11,7 @@ from test_resume import _kill_after, _start, assert_same_run, reference  # noqa:
 from training_helpers import resume_run, write_yaml
 
 from ephys_gpt.cli import main as cli_main
-from ephys_gpt.training.checkpoint import read_checkpoint
+from ephys_gpt.models.loading import read_checkpoint
 from ephys_gpt.training.errors import TrainingInterrupted
 from ephys_gpt.training.experiment import ExperimentDL
 from ephys_gpt.training.lit_model import LitModel

@@ -15,7 +15,7 @@ import pytest
 import torch
 from training_helpers import exported_weights, logged_losses, resume_run, write_yaml
 
-from ephys_gpt.training.checkpoint import read_checkpoint
+from ephys_gpt.models.loading import read_checkpoint
 from ephys_gpt.training.experiment import ExperimentDL
 from ephys_gpt.training.lit_model import LitModel
 from ephys_gpt.training.resume import EpochSampler, ResumableLoader
