@@ -14,9 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ephys_gpt.configfile import (
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    read_yaml_mapping,
+    resolve_path,
+)
 from ephys_gpt.validation import check_number
 
 DATASET_KINDS = ("omega", "bids", "files", "auto")
@@ -208,7 +214,9 @@ class PreprocessConfig(_Strict):
             try:
                 out[name] = _STEP_MODELS[name].model_validate(params or {}).model_dump()
             except ValidationError as err:
-                raise ValueError(f"step {name!r}: {_first_error(err)}") from None
+                raise ValueError(f"step {name!r}: "
+                                 f"{format_validation_error(err, '', _STEP_MODELS[name])}"
+                                 ) from None
         return out
 
     @property
@@ -220,132 +228,45 @@ class PreprocessConfig(_Strict):
         return self.save_folder / "chunks"
 
 
-def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    return f"key {loc!r}: {e['msg']} (found {e.get('input')!r:.80})"
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r:.80}"
-
-
-def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
-    """One readable message per problem: the key, what is allowed, what was found."""
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        key = ".".join(loc)
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1])
-            lines.append(f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
-        elif e["type"] == "missing":
-            lines.append(f"required key {key!r} is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"key {key!r}: {msg}; found {_describe(e.get('input'))}")
-    return f"{source}: " + "; ".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} should look like key=value (e.g. n_workers=4)")
-        key, raw = item.split("=", 1)
-        if not key:
-            raise ValueError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: value is not valid YAML: {err}") from None
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict, upd: dict) -> dict:
-    out = dict(base)
-    for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def load_preprocess_config(path: str | os.PathLike | None = None, overrides=(), *,
-                           require_data: bool = True, base: dict | None = None
-                           ) -> PreprocessConfig:
+                           require_data: bool = True) -> PreprocessConfig:
     """Read, merge and validate a preprocessing YAML.
 
     Parameters
     ----------
     path : path or None
-        The YAML file; None builds the config from ``base`` and ``overrides`` alone.
+        The YAML file; None builds the config from ``overrides`` alone.
     overrides : sequence of str
         ``key=value`` strings applied on top of the file.
     require_data : bool
         Check that ``data_path`` exists (stage 1 and discovery need it; stage 2 alone does not).
-    base : dict or None
-        Values used when neither the file nor an override gives them.
     """
-    raw: dict[str, Any] = dict(base or {})
+    raw: dict[str, Any] = {}
     source = "preprocess config"
-    folder = Path.cwd()
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"preprocessing config {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of keys to values at the top level, "
-                             f"found {type(loaded).__name__}")
+        loaded = read_yaml_mapping(path, "preprocessing config")
         folder = path.resolve().parent
         for key in _PATH_KEYS:  # file paths are relative to the file
-            if isinstance(loaded.get(key), str) and not os.path.isabs(loaded[key]):
-                loaded[key] = os.path.normpath(folder / loaded[key])
-        raw = _merge(raw, loaded)
-    ov = parse_overrides(list(overrides))
-    for key in _PATH_KEYS:  # command-line paths are relative to the current directory
-        if isinstance(ov.get(key), str):
-            ov[key] = os.path.normpath(Path(ov[key]).expanduser().absolute())
-    raw = _merge(raw, ov)
+            if isinstance(loaded.get(key), str):
+                loaded[key] = resolve_path(loaded[key], folder)
+        raw.update(loaded)
+    for keys, value in apply_overrides(raw, overrides):
+        if len(keys) == 1 and keys[0] in _PATH_KEYS and isinstance(value, str):
+            raw[keys[0]] = resolve_path(value, Path.cwd())  # command-line paths: from the cwd
     try:
         cfg = PreprocessConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(_format_error(source, err, PreprocessConfig)) from None
+        error = format_validation_error(err, "", PreprocessConfig)
+        raise type(error)(f"{source}: {error}") from None
     if require_data and not cfg.data_path.exists():
         raise FileNotFoundError(f"{source}: data_path {cfg.data_path} does not exist")
     if cfg.osl_config is not None:
         if not cfg.osl_config.is_file():
             raise FileNotFoundError(f"{source}: osl_config {cfg.osl_config} does not exist")
-        try:  # its filter settings are checked now, before any work (its shape by stage 1)
-            recipe = yaml.safe_load(cfg.osl_config.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"osl_config {cfg.osl_config} is not valid YAML: {err}") from None
+        # its filter settings are checked now, before any work (its shape by stage 1)
+        recipe = read_yaml(cfg.osl_config, "osl_config")
         if isinstance(recipe, dict):
             check_recipe_filters(recipe, str(cfg.osl_config))
     return cfg

@@ -37,19 +37,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import inspect
 import os
-import re
-import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ephys_gpt.fileio import to_jsonable, write_text_atomic
+from ephys_gpt.configfile import (
+    ConfigError,
+    ConfigFileNotFoundError,
+    ConfigTypeError,
+    describe,
+    dump_yaml,
+    format_validation_error,
+    get_path,
+    parse_override,
+    read_yaml,
+    resolve_path,
+    set_path,
+    unknown_key_message,
+)
 from ephys_gpt.registry import EVAL_RUNNERS, import_plugins
 
 MODES = ("train", "test", "eval")
@@ -65,53 +74,6 @@ MANAGED_TRAINER_KEYS = {
 }
 
 
-class ConfigError(ValueError):
-    """A run configuration is invalid (the message names the file and the key path)."""
-
-
-class ConfigTypeError(ConfigError, TypeError):
-    """A configuration value has the wrong type."""
-
-
-class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
-    """A file or folder named in a configuration does not exist."""
-
-
-# --------------------------------------------------------------------------------------------
-# YAML
-# --------------------------------------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` (no dot) as a float, as people write learning rates."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def parse_yaml_value(text: str) -> Any:
-    """Parse one command-line value the way YAML would (``3`` → int, ``1e-3`` → float...)."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
-
-
-def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
-    """Read a YAML file; a missing file or a syntax error names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigFileNotFoundError(f"{what} file {path} does not exist")
-    try:
-        with open(path) as fh:
-            return yaml.load(fh, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-
-
 #: One-off switches of a command, never written to a run's config.yaml (a saved config run
 #: again must not overwrite or re-split the run it describes).
 ONE_OFF_KEYS = ("overwrite", "resplit")
@@ -119,9 +81,7 @@ ONE_OFF_KEYS = ("overwrite", "resplit")
 
 def dump_config(config: dict, path: str | os.PathLike) -> Path:
     """Write ``config`` as YAML to ``path`` atomically (one-off switches reset to false)."""
-    config = {**config, **{k: False for k in ONE_OFF_KEYS if k in config}}
-    text = yaml.safe_dump(to_jsonable(config), sort_keys=False, default_flow_style=None)
-    return write_text_atomic(path, text)
+    return dump_yaml({**config, **{k: False for k in ONE_OFF_KEYS if k in config}}, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,89 +174,9 @@ class RunConfig(_Block):
     eval: dict | None = None
 
 
-def _field_keys(model: type[BaseModel]) -> list[str]:
-    return sorted((f.alias or n) for n, f in model.model_fields.items())
-
-
-def _submodel(model: type[BaseModel], loc: Sequence) -> type[BaseModel] | None:
-    """The pydantic block found by following ``loc`` (key names) from ``model``."""
-    for key in loc:
-        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == key), None)
-        if field is None:
-            return None
-        ann = field.annotation
-        cands = [a for a in typing.get_args(ann)] or [ann]
-        model = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _unknown_key(where: str, key: str, allowed: Iterable[str]) -> str:
-    allowed = sorted(allowed)
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown key {where!r}.{hint} Allowed keys: {', '.join(allowed)}"
-
-
-def format_validation_error(err: ValidationError, prefix: str = "",
-                            model: type[BaseModel] | None = None) -> ConfigError:
-    """Turn a pydantic error into one :class:`ConfigError` naming each key path."""
-    lines, kinds = [], []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        path = ".".join([prefix] + loc if prefix else loc) if loc else (prefix or "<top level>")
-        typ = e["type"]
-        if typ == "extra_forbidden":
-            sub = _submodel(model, e["loc"][:-1]) if model is not None else None
-            allowed = _field_keys(sub) if sub is not None else []
-            lines.append(_unknown_key(path, str(e["loc"][-1]), allowed) if allowed
-                         else f"unknown key {path!r}")
-            kinds.append(ConfigError)
-        elif typ == "missing":
-            lines.append(f"required key {path!r} is missing")
-            kinds.append(ConfigError)
-        elif typ.endswith(("_type", "_parsing")) or typ == "is_instance_of":
-            lines.append(f"key {path!r}: {e['msg'].lower()}, got {_describe(e.get('input'))}")
-            kinds.append(ConfigTypeError)
-        else:
-            lines.append(f"key {path!r}: {e['msg']}, got {_describe(e.get('input'))}")
-            kinds.append(ConfigError)
-    kind = kinds[0] if kinds else ConfigError
-    return kind("; ".join(lines))
-
-
 # --------------------------------------------------------------------------------------------
 # Overrides and paths
 # --------------------------------------------------------------------------------------------
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"trainer.max_epochs=3"`` → ``(["trainer", "max_epochs"], 3)`` (value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value "
-                          "(e.g. trainer.max_epochs=3)")
-    key, value = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key name in {key!r}")
-    try:
-        return parts, parse_yaml_value(value)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
-
-
-def _resolve(path: str, base: Path) -> str:
-    p = Path(os.path.expanduser(str(path)))
-    # normpath, not resolve(): keep the user's symlinked folders as they named them
-    return os.path.normpath(p if p.is_absolute() else base / p)
-
 
 def _path_keys(cfg: dict) -> list[tuple[str, ...]]:
     """Key paths holding file-system paths (resolved against the config file's folder)."""
@@ -311,33 +191,13 @@ def _path_keys(cfg: dict) -> list[tuple[str, ...]]:
     return keys
 
 
-def _get(cfg: dict, keys: Sequence[str]) -> Any:
-    for k in keys:
-        if not isinstance(cfg, dict) or k not in cfg:
-            return None
-        cfg = cfg[k]
-    return cfg
-
-
-def _set(cfg: dict, keys: Sequence[str], value: Any, override: str) -> None:
-    node = cfg
-    for i, k in enumerate(keys[:-1]):
-        if node.get(k) is None:
-            node[k] = {}
-        if not isinstance(node[k], dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(keys[:i + 1])!r} is "
-                              f"{_describe(node[k])}, not a mapping")
-        node = node[k]
-    node[keys[-1]] = value
-
-
 def _resolve_paths(cfg: dict, base: Path, only: set[tuple[str, ...]] | None = None) -> None:
     for keys in _path_keys(cfg):
         if only is not None and keys not in only:
             continue
-        value = _get(cfg, keys)
+        value = get_path(cfg, keys)
         if isinstance(value, str) and value:
-            _set(cfg, keys, _resolve(value, base), ".".join(keys))
+            set_path(cfg, keys, resolve_path(value, base), ".".join(keys))
 
 
 def _load_model_config(cfg: dict, source: str) -> None:
@@ -352,7 +212,7 @@ def _load_model_config(cfg: dict, source: str) -> None:
         cfg["model_config"] = data
     elif value is not None and not isinstance(value, dict):
         raise ConfigTypeError(f"{source}: key 'model_config' should be a path to a model YAML "
-                              f"or a mapping, got {_describe(value)}")
+                              f"or a mapping, got {describe(value)}")
 
 
 def _load_augmentations(cfg: dict, source: str) -> None:
@@ -367,7 +227,7 @@ def _load_augmentations(cfg: dict, source: str) -> None:
         cfg["augmentations"] = data
     elif value is not None and not isinstance(value, (list, dict)):
         raise ConfigTypeError(f"{source}: key 'augmentations' should be a path to a YAML file, "
-                              f"a list or a mapping, got {_describe(value)}")
+                              f"a list or a mapping, got {describe(value)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +241,7 @@ def _check_model_config(spec, model_cfg: dict) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in model_cfg:
         if key not in fields:
-            raise ConfigError(_unknown_key(f"model_config.{key}", key, fields) +
+            raise ConfigError(unknown_key_message(f"model_config.{key}", key, fields) +
                               f" (the arguments of {spec.name})")
     try:
         adapter = TypeAdapter(cls)
@@ -407,7 +267,7 @@ def _check_callable_kwargs(fn, kwargs: dict, where: str, skip: Iterable[str] = (
     if not takes_any:
         for key in kwargs:
             if key not in params:
-                raise ConfigError(_unknown_key(f"{where}.{key}", key, params))
+                raise ConfigError(unknown_key_message(f"{where}.{key}", key, params))
     for n, p in params.items():
         if p.default is p.empty and n not in kwargs:
             raise ConfigError(f"required key '{where}.{n}' is missing "
@@ -434,18 +294,18 @@ def _check_trainer(trainer_cfg: dict) -> None:
             raise ConfigError(f"key 'trainer.{key}' cannot be set in the config: "
                               f"{MANAGED_TRAINER_KEYS[key]}")
         if key not in params:
-            raise ConfigError(_unknown_key(f"trainer.{key}", key, params - set(MANAGED_TRAINER_KEYS))
+            raise ConfigError(unknown_key_message(f"trainer.{key}", key, params - set(MANAGED_TRAINER_KEYS))
                               + " (lightning.Trainer arguments)")
         if key in ("max_epochs", "min_epochs", "max_steps", "min_steps", "log_every_n_steps",
                    "accumulate_grad_batches", "num_sanity_val_steps", "num_nodes",
                    "check_val_every_n_epoch") and value is not None:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigTypeError(f"key 'trainer.{key}' should be an integer, got "
-                                      f"{_describe(value)}")
+                                      f"{describe(value)}")
         if key in ("gradient_clip_val",) and value is not None:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigTypeError(f"key 'trainer.{key}' should be a number, got "
-                                      f"{_describe(value)}")
+                                      f"{describe(value)}")
 
 
 def _check_dataset(cfg: dict, spec) -> None:
@@ -570,7 +430,7 @@ def _load(raw: dict, base: Path, overrides: Sequence[str], mode: str) -> dict:
         keys, value = parse_override(text)
         if keys[0] == "model_config" and len(keys) > 1 and isinstance(raw.get("model_config"), str):
             _load_model_config(raw, "config")
-        _set(raw, keys, value, text)
+        set_path(raw, keys, value, text)
         if tuple(keys) in _path_keys(raw):
             _resolve_paths(raw, cwd, only={tuple(keys)})
         if keys == ["model_config"]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ephys_gpt.preprocessing.config import load_preprocess_config, parse_overrides
+from ephys_gpt.configfile import parse_override
+from ephys_gpt.preprocessing.config import load_preprocess_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,8 +95,8 @@ def test_overrides(tmp_path, monkeypatch):
     assert cfg.n_workers == 3 and cfg.preproc_config["clip"]["std_factor"] == 4.5
     assert cfg.data_path == other  # command-line paths are relative to the current folder
     assert cfg.recipe.notch_freqs == [60.0, 120.0]
-    with pytest.raises(ValueError, match="key=value"):
-        parse_overrides(["n_workers"])
+    with pytest.raises(ValueError, match="key.path=value"):
+        parse_override("n_workers")
     with pytest.raises(ValueError, match="'bogus'"):
         load_preprocess_config(path, ["bogus=1"])
 
