@@ -63,10 +63,18 @@ def quiet_third_party() -> None:
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    """Log lines of the package to stderr. In a distributed run, ranks other than 0 run the
+    same code as rank 0, which already says everything once: they print only errors,
+    prefixed with their rank."""
+    from ephys_gpt.training.distributed import launch_rank
+
+    rank = launch_rank()
+    level = (logging.ERROR if rank else logging.WARNING if quiet
+             else logging.DEBUG if verbose else logging.INFO)
+    prefix = f"[rank {rank}] " if rank else ""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           datefmt="%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(name)s: "
+                                           "%(message)s", datefmt="%H:%M:%S"))
     pkg = logging.getLogger("ephys_gpt")
     pkg.handlers[:] = [h for h in pkg.handlers if isinstance(h, logging.NullHandler)]
     pkg.addHandler(handler)

@@ -71,6 +71,8 @@ MANAGED_TRAINER_KEYS = {
     "enable_checkpointing": "best/last checkpoints are always written to save_dir/checkpoints",
     "plugins": "plugins are Python objects and cannot come from YAML",
     "profiler": "set trainer.profiler from Python; YAML strings are not checked here",
+    "use_distributed_sampler": "ephys-gpt shards the data over the ranks itself, respecting "
+                               "dataloader.shuffle and keeping resume exact",
 }
 
 

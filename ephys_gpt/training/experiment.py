@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ephys_gpt.codec import mulaw_step
 from ephys_gpt.compatibility import check_model_data
@@ -38,6 +38,7 @@ from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import CHANNEL_KINDS, TOKEN_KINDS, get_model_spec
 from ephys_gpt.training.checkpoint import SafeCheckpointIO, check_checkpoint_fits
 from ephys_gpt.training.config import ConfigError, dump_config, load_config
+from ephys_gpt.training.distributed import launch_rank
 from ephys_gpt.training.errors import TrainingInterrupted
 from ephys_gpt.training.guards import NonFiniteLossGuard, check_trains_something
 from ephys_gpt.training.interrupt import SignalCheckpoint
@@ -119,7 +120,7 @@ class ExperimentDL:
         self.save_dir = Path(cfg["save_dir"])
         self.ckpt_dir = self.save_dir / "checkpoints"
         self._replace_run = False
-        if mode == "train":  # before any work: refuse to train over another run
+        if mode == "train" and launch_rank() == 0:  # before any work: never over another run
             self._replace_run = claim_save_dir(self.save_dir, resume_from=cfg["resume_from"],
                                                overwrite=overwrite or cfg["overwrite"])
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -185,12 +186,13 @@ class ExperimentDL:
                                   f"dataset's tokens take {needed} values ({quant['n_bits']}-bit "
                                   "mu-law)")
 
-    def _loader(self, dataset, train: bool, resumable: bool = True) -> DataLoader | None:
-        """The DataLoader of a split; training gets a :class:`ResumableLoader` (exact resume)
-        unless ``resumable`` is false (several devices: Lightning's sampler takes over)."""
+    def _loader(self, dataset, train: bool) -> DataLoader | None:
+        """The DataLoader of a split (after the trainer exists: each rank of a distributed run
+        reads its share). Training gets a :class:`ResumableLoader` (keyed order, exact resume);
+        validation and test windows are split over the ranks in order."""
         if dataset is None or len(dataset) == 0:
             return None
-        from ephys_gpt.dataset.mixup import MixupCollate, MixupDataLoader
+        from ephys_gpt.dataset.mixup import MixupCollate
 
         d, seed = self.config["dataloader"], int(self.config["seed"])
         kw: dict[str, Any] = {
@@ -203,7 +205,9 @@ class ExperimentDL:
             if d["prefetch_factor"]:
                 kw["prefetch_factor"] = d["prefetch_factor"]
         mix = d["mixup"]
-        if train and resumable:
+        rank, world = ((self.trainer.global_rank, self.trainer.world_size)
+                       if self.trainer is not None else (0, 1))
+        if train:
             collate = None
             if mix:
                 m = dict(mix)
@@ -211,12 +215,12 @@ class ExperimentDL:
                     m["num_classes"] = getattr(dataset, "num_classes", None)
                 collate = MixupCollate(**m)
             return ResumableLoader(dataset, seed=seed, shuffle=d["shuffle"], collate_fn=collate,
-                                   **kw)
-        if train:
-            kw["shuffle"] = d["shuffle"]
-            return MixupDataLoader(dataset, **mix, **kw) if mix else DataLoader(dataset, **kw)
+                                   rank=rank, world=world, **kw)
         if mix and mix.get("quantize_bits"):
             kw["collate_fn"] = QuantizeCollate(mix["quantize_bits"], mix.get("quantize_scale", 1.0))
+        if world > 1:
+            kw["sampler"] = DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                               shuffle=False)
         # its own generator: iterating never draws from the global RNG training uses
         return DataLoader(dataset, generator=torch.Generator().manual_seed(seed), **kw)
 
@@ -228,7 +232,9 @@ class ExperimentDL:
         # the CSV file is written at every logged step, so a crash keeps the log up to it
         loggers = [CSVLogger(str(logs), name="csv", flush_logs_every_n_steps=1),
                    TensorBoardLogger(str(logs), name="tensorboard")]
-        kwargs = {"log_every_n_steps": 10, **self.config["trainer"]}
+        # the loaders shard the data over the ranks themselves (_loader)
+        kwargs = {"log_every_n_steps": 10, **self.config["trainer"],
+                  "use_distributed_sampler": False}
         self.checkpoint_io = SafeCheckpointIO()
         callbacks: list = []
         if fitting:
@@ -271,9 +277,8 @@ class ExperimentDL:
         if self.mode != "train":
             raise ValueError("train() needs an ExperimentDL made with mode='train'")
         cfg = self.config
-        val_dl = self._loader(self.splits.val, train=False)
-        if cfg["trainer"].get("limit_val_batches", 1) in (0, 0.0):
-            val_dl = None
+        with_val = bool(len(self.splits.val)) and \
+            cfg["trainer"].get("limit_val_batches", 1) not in (0, 0.0)
         ckpt_path = self.resume_path()
         ckpt = None
         if ckpt_path:  # read and check it here: nothing starts if it cannot be resumed
@@ -284,13 +289,9 @@ class ExperimentDL:
                      else math.ceil(n_windows / d["batch_size"]))
         check_trains_something(cfg["trainer"], n_windows, n_batches, d["batch_size"],
                                d["drop_last"], ckpt, ckpt_path)
-        self.trainer = self._make_trainer(with_val=val_dl is not None)
-        resumable = self.trainer.world_size == 1
-        if not resumable:
-            logger.warning("with %d devices Lightning's distributed sampler orders the training "
-                           "data: resuming from a mid-epoch checkpoint is not exact (end-of-epoch "
-                           "checkpoints are)", self.trainer.world_size)
-        train_dl = self._loader(self.splits.train, train=True, resumable=resumable)
+        self.trainer = self._make_trainer(with_val=with_val)
+        train_dl = self._loader(self.splits.train, train=True)
+        val_dl = self._loader(self.splits.val, train=False) if with_val else None
         if train_dl is None:
             raise ValueError(f"the training split is empty (dataset_root="
                              f"{cfg['datasplitter'].get('dataset_root')})")
@@ -334,6 +335,10 @@ class ExperimentDL:
             logger.warning("%s may draw random numbers of its own: resuming from a mid-epoch "
                            "checkpoint restores the data order but not those draws",
                            type(ds).__name__)
+        if self.trainer.world_size > 1:
+            logger.warning("resuming a run over %d processes: the data order is restored, the "
+                           "random generators of ranks other than 0 (dropout, augmentations "
+                           "drawn outside the data loader) are not", self.trainer.world_size)
         device = self.trainer.strategy.root_device.type
         if device != "cpu" and not self.config["trainer"].get("deterministic"):
             logger.warning("resuming on %s without trainer.deterministic: true; the resumed run "
@@ -360,8 +365,7 @@ class ExperimentDL:
     def test(self, ckpt_path: str | os.PathLike | None = None) -> dict[str, float]:
         """Evaluate ``ckpt_path`` (default: best, else last checkpoint) on the test split and
         write ``save_dir/test_metrics.json``."""
-        test_dl = self._loader(self.splits.test, train=False)
-        if test_dl is None:
+        if not len(self.splits.test):
             raise ValueError("the test split is empty; set datasplitter.test_ratio > 0")
         ckpt_path = ckpt_path or self._ckpt("best") or self._ckpt("last")
         if ckpt_path is None:
@@ -376,6 +380,7 @@ class ExperimentDL:
                          data_label=f"datasplitter.dataset_root={root}")
         self.trainer = self._make_trainer(with_val=False, fitting=False)
         self.checkpoint_io.remember(ckpt_path, ckpt)
+        test_dl = self._loader(self.splits.test, train=False)
         results = self.trainer.test(self.lit, dataloaders=test_dl, ckpt_path=str(ckpt_path))
         metrics = {k: float(v) for r in results for k, v in r.items()}
         if self.trainer.is_global_zero:

@@ -195,7 +195,10 @@ class LitModel(L.LightningModule):
             parts.update(output.aux_losses)
             loss = loss + output.total_aux_loss()
         bs = targets.shape[0] if isinstance(targets, torch.Tensor) else None
-        on_step, sync = stage == "train", stage != "train"
+        # validation/test values are averaged over the ranks of a distributed run; so are the
+        # training values when there is more than one rank (its epoch means are then global)
+        on_step = stage == "train"
+        sync = stage != "train" or (self._trainer is not None and self.trainer.world_size > 1)
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=bs, sync_dist=sync)
         for k, v in {**parts, **output.metrics}.items():

@@ -73,10 +73,20 @@ class EpochSampler(Sampler):
     place in this epoch's order (what keyed random draws are seeded with). ``start`` windows
     of the epoch are skipped by the next iteration (set when resuming); :meth:`set_epoch` to
     another epoch clears it.
+
+    In a distributed run each of ``world`` ranks takes every ``world``-th window of the one
+    order (``rank``, ``rank + world``, ...; the order is padded by repeating its start so every
+    rank gets ``size`` windows), so the ranks together see exactly the global batches a single
+    process would, and ``position`` (the place in the global order) keys the same random draws.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle = int(size), int(seed), bool(shuffle)
+    def __init__(self, size: int, seed: int, shuffle: bool = True, *, rank: int = 0,
+                 world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+        self.total, self.seed, self.shuffle = int(size), int(seed), bool(shuffle)
+        self.rank, self.world = int(rank), int(world)
+        self.size = -(-self.total // self.world)  # windows per rank
         self.epoch = 0
         self.start = 0
 
@@ -86,17 +96,20 @@ class EpochSampler(Sampler):
             self.epoch, self.start = epoch, 0
 
     def order(self, epoch: int | None = None) -> np.ndarray:
-        """The dataset indices of ``epoch`` (default: the current one) in training order."""
+        """The dataset indices of ``epoch`` (default: the current one) in training order
+        (all ranks, before padding)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if not self.shuffle:
-            return np.arange(self.size)
-        return keyed_rng(self.seed, epoch, _ORDER).permutation(self.size)
+            return np.arange(self.total)
+        return keyed_rng(self.seed, epoch, _ORDER).permutation(self.total)
 
     def __iter__(self):
         start, self.start = self.start, 0
         epoch, order = self.epoch, self.order()
-        for position in range(start, self.size):
-            yield int(order[position]), epoch, position
+        padded = np.resize(order, self.size * self.world)  # repeats the start to even out
+        for k in range(start, self.size):
+            position = self.rank + k * self.world
+            yield int(padded[position]), epoch, position
 
     def __len__(self) -> int:
         return self.size
@@ -154,6 +167,9 @@ class ResumableLoader(DataLoader):
         Shuffle each epoch (else the dataset's order).
     collate_fn : callable, optional
         Batches the items (e.g. :class:`ephys_gpt.dataset.mixup.MixupCollate`).
+    rank, world : int
+        This process's rank and the number of ranks of a distributed run (each rank reads its
+        share of the one order, see :class:`EpochSampler`).
     **kwargs
         Other :class:`torch.utils.data.DataLoader` arguments (not ``sampler``,
         ``batch_sampler`` or ``generator``, which this loader owns).
@@ -163,14 +179,15 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True,
-                 collate_fn: Callable | None = None, **kwargs):
+                 collate_fn: Callable | None = None, rank: int = 0, world: int = 1, **kwargs):
         for key in ("sampler", "batch_sampler", "generator"):
             if kwargs.get(key) is not None:
                 raise TypeError(f"ResumableLoader sets {key} itself")
             kwargs.pop(key, None)
         self.seed = int(seed)
         self._position = 0
-        super().__init__(KeyedItems(dataset, seed), sampler=EpochSampler(len(dataset), seed, shuffle),
+        sampler = EpochSampler(len(dataset), seed, shuffle, rank=rank, world=world)
+        super().__init__(KeyedItems(dataset, seed), sampler=sampler,
                          collate_fn=KeyedCollate(collate_fn or default_collate, seed),
                          generator=torch.Generator(), **kwargs)
 
@@ -192,13 +209,15 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         s = self.sampler
         return {"epoch": s.epoch, "position": self._position, "size": s.size, "seed": s.seed,
-                "shuffle": s.shuffle, "batch_size": self.batch_size, "drop_last": self.drop_last}
+                "shuffle": s.shuffle, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "world": s.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.sampler
-        now = {"size": s.size, "seed": s.seed, "shuffle": s.shuffle,
+        now = {"world": s.world, "size": s.size, "seed": s.seed, "shuffle": s.shuffle,
                "batch_size": self.batch_size, "drop_last": self.drop_last}
-        names = {"size": "training windows", "seed": "seed", "shuffle": "dataloader.shuffle",
+        names = {"world": "processes (devices x nodes)", "size": "training windows per process",
+                 "seed": "seed", "shuffle": "dataloader.shuffle",
                  "batch_size": "dataloader.batch_size", "drop_last": "dataloader.drop_last"}
         diff = [f"{names[k]}: {state.get(k)!r} in the checkpoint, {v!r} now"
                 for k, v in now.items() if k in state and state[k] != v]

@@ -169,7 +169,7 @@ def test_loader_state_round_trip_and_mismatch(cont_store):
     rest = torch.cat([b[0] for b in fresh])
     assert torch.equal(torch.cat(seen + [rest]).sort().values, torch.arange(10.0))
     other = ResumableLoader(TensorDataset(torch.arange(12.0)), seed=0, batch_size=3)
-    with pytest.raises(ValueError, match=r"training windows: 10 in the checkpoint, 12 now"):
+    with pytest.raises(ValueError, match=r"training windows per process: 10 in the checkpoint, 12 now"):
         other.load_state_dict(state)
 
 
@@ -195,3 +195,20 @@ def test_augmentations_and_mixup_are_keyed_by_position_not_by_process():
     mix.seed_batch(1, 0, 4)
     again = mix(batch)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_ranks_share_one_order_and_key_draws_by_global_position():
+    """Two ranks together read exactly the one-process order (padded to even shares), with
+    the same (epoch, position) keys, so augmentations draw the same numbers."""
+    from ephys_gpt.training.resume import EpochSampler
+
+    one = EpochSampler(7, seed=3, shuffle=True)
+    ranks = [EpochSampler(7, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
+    full = list(one)
+    shares = [list(s) for s in ranks]
+    assert [len(s) for s in shares] == [4, 4] and len(ranks[0]) == 4
+    merged = sorted(shares[0] + shares[1], key=lambda k: k[2])
+    assert merged[:7] == full  # interleaved shares are the one order...
+    assert merged[7][0] == full[0][0]  # ...padded by repeating its start
+    with pytest.raises(ValueError, match="rank must be in"):
+        EpochSampler(7, seed=3, rank=2, world=2)
