@@ -187,6 +187,7 @@ class PreprocessConfig(_Strict):
     recipe: RecipeConfig = RecipeConfig()
     gen_report: bool = False  # osl-ephys HTML report (slow: plots every recording)
     n_workers: int = Field(1, ge=1)  # >1: stage 1 through Dask, stage 2 through a process pool
+    dask_scheduler: str | None = None  # tcp://host:8786: both stages on that Dask cluster
     chunk_seconds: float = Field(10.0, gt=0)
     min_chunk_seconds: float = Field(1.0, ge=0)  # shorter leftovers between bad segments are dropped
     picks: str = "meg"  # MNE channel selection kept in stage 2 ("meg", "mag", "grad", "eeg", "data")

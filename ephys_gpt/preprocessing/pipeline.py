@@ -61,6 +61,7 @@ def _run_locked(cfg: PreprocessConfig, stage: str, verify: bool) -> PipelineResu
         recordings = discover(cfg.data_path, cfg.dataset, exclude=[cfg.save_folder])
         result.stage1 = run_stage1(recordings, cfg.stage1_dir, osl_config=cfg.osl_config,
                                    recipe=cfg.recipe, n_workers=cfg.n_workers,
+                                   dask_scheduler=cfg.dask_scheduler,
                                    gen_report=cfg.gen_report, progress=cfg.progress)
         result.failed.update({f"stage 1: {k}": v for k, v in result.stage1.failed.items()})
     if stage in ("stage_2", "both"):
@@ -69,7 +70,8 @@ def _run_locked(cfg: PreprocessConfig, stage: str, verify: bool) -> PipelineResu
             raise FileNotFoundError(f"no stage-1 outputs (*_preproc-raw.fif) under "
                                     f"{cfg.stage1_dir}; run stage_1 first")
         result.stage2 = run_stage2(inputs, cfg.chunks_dir, stage2_settings(cfg),
-                                   n_workers=cfg.n_workers, progress=cfg.progress, verify=verify)
+                                   n_workers=cfg.n_workers, progress=cfg.progress, verify=verify,
+                                   dask_scheduler=cfg.dask_scheduler)
         result.failed.update({f"stage 2: {k}": v for k, v in result.stage2.failed.items()})
     return result
 

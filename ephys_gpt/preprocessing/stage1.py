@@ -47,6 +47,7 @@ from ephys_gpt.locking import (
 )
 from ephys_gpt.preprocessing.config import RecipeConfig, check_recipe_filters
 from ephys_gpt.preprocessing.discovery import Recording
+from ephys_gpt.preprocessing.parallel import dask_client
 from ephys_gpt.preprocessing.result import RunResult
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ def clean_partial(stage1_dir: str | os.PathLike) -> list[Path]:
 def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *,
                osl_config: str | os.PathLike | None = None, recipe: RecipeConfig | None = None,
                n_workers: int = 1, gen_report: bool = False, progress: bool = True,
-               random_seed: int = 0, lock_timeout: float | None = 0.0) -> RunResult:
+               random_seed: int = 0, lock_timeout: float | None = 0.0,
+               dask_scheduler: str | None = None) -> RunResult:
     """Run osl-ephys over ``recordings``, writing ``<stage1_dir>/<name>/<name>_preproc-raw.fif``.
 
     Parameters
@@ -213,6 +215,9 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
         osl-ephys recipe YAML; None uses :func:`default_recipe` with ``recipe``.
     n_workers : int
         >1 runs the batch on a local Dask cluster of that many single-threaded workers.
+    dask_scheduler : str or None
+        Address of an existing Dask cluster (``tcp://host:8786``) to run the batch on instead
+        (see :mod:`ephys_gpt.preprocessing.parallel`).
     gen_report : bool
         Also write osl-ephys's HTML report (slow).
     random_seed : int
@@ -224,13 +229,13 @@ def run_stage1(recordings: Sequence[Recording], stage1_dir: str | os.PathLike, *
     with FolderLock(stage1_dir, timeout=lock_timeout, what="stage-1 folder"):
         return _run_stage1(recordings, Path(stage1_dir), osl_config=osl_config, recipe=recipe,
                            n_workers=n_workers, gen_report=gen_report, progress=progress,
-                           random_seed=random_seed)
+                           random_seed=random_seed, dask_scheduler=dask_scheduler)
 
 
 def _run_stage1(recordings: Sequence[Recording], stage1_dir: Path, *,
                 osl_config: str | os.PathLike | None, recipe: RecipeConfig | None,
-                n_workers: int, gen_report: bool, progress: bool, random_seed: int
-                ) -> RunResult:
+                n_workers: int, gen_report: bool, progress: bool, random_seed: int,
+                dask_scheduler: str | None) -> RunResult:
     batch = require("osl_ephys.preprocessing.batch")
     import mne
 
@@ -276,8 +281,8 @@ def _run_stage1(recordings: Sequence[Recording], stage1_dir: Path, *,
                   gen_report=gen_report, overwrite=True, extra_funcs=EXTRA_FUNCS,
                   random_seed=random_seed, verbose=verbose, mneverbose="ERROR")
     try:
-        if n_workers > 1:
-            _run_dask(batch, config, todo, n_workers, kwargs)
+        if n_workers > 1 or dask_scheduler:
+            _run_dask(batch, config, todo, n_workers, kwargs, dask_scheduler)
             for rec in todo:
                 _collect(rec, tmp, stage1_dir, logs, result, recorded_recipe)
         else:
@@ -294,30 +299,9 @@ def _run_stage1(recordings: Sequence[Recording], stage1_dir: Path, *,
     return result
 
 
-def _prepare_dask_worker() -> None:
-    """Runs in every Dask worker before tasks arrive: the osl-ephys import fix must be in
-    place there too, or unpickling the osl-ephys task function fails."""
-    from ephys_gpt._optional import import_osl_ephys
-
-    import_osl_ephys()
-
-
-def _run_dask(batch, config, todo, n_workers, kwargs) -> None:
-    require("distributed")
-    from distributed import Client, LocalCluster
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class _OslImportFix(WorkerPlugin):
-        name = "ephys-gpt-osl-import-fix"
-
-        def setup(self, worker):
-            _prepare_dask_worker()
-
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.register_plugin(_OslImportFix())
-        logger.info("stage 1: %d recording(s) on a Dask cluster of %d workers", len(todo),
-                    n_workers)
+def _run_dask(batch, config, todo, n_workers, kwargs, scheduler: str | None) -> None:
+    with dask_client(n_workers, scheduler):
+        logger.info("stage 1: %d recording(s) on a Dask cluster", len(todo))
         with _contained_osl_logging():
             batch.run_proc_batch(config, [str(r.path) for r in todo],
                                  subjects=[r.name for r in todo], dask_client=True, **kwargs)

@@ -45,6 +45,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -58,6 +59,7 @@ from ephys_gpt import store
 from ephys_gpt.codec import fit_steps
 from ephys_gpt.fileio import DiskFullError, as_json, read_json_field
 from ephys_gpt.locking import FolderLock, describe_holder, in_progress
+from ephys_gpt.preprocessing.parallel import dask_client
 from ephys_gpt.preprocessing.result import RunResult
 from ephys_gpt.preprocessing.sensors import channel_metadata
 
@@ -284,7 +286,7 @@ def _process_one(fif: str, out_root: str, settings: Stage2Settings, name: str) -
 def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
                settings: Stage2Settings | None = None, *, n_workers: int = 1,
                progress: bool = True, verify: bool = False,
-               lock_timeout: float | None = 0.0) -> RunResult:
+               lock_timeout: float | None = 0.0, dask_scheduler: str | None = None) -> RunResult:
     """Run stage 2 over stage-1 files ``inputs`` into the chunk store ``out_root``.
 
     Finished sessions are skipped when their chunk files match the sizes recorded in
@@ -294,7 +296,9 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
     session is reported, not replaced. ``out_root`` is locked for the run: another run holding
     it makes this one wait up to ``lock_timeout`` seconds (None: as long as it takes) and then
     raise :class:`~ephys_gpt.locking.FolderLockedError`. Failures of single sessions are
-    collected in the result with their reason, never raised.
+    collected in the result with their reason, never raised. Sessions run in a process pool
+    of ``n_workers``, or on the Dask cluster at ``dask_scheduler``
+    (:mod:`ephys_gpt.preprocessing.parallel`).
     """
     settings = settings or Stage2Settings()
     out_root = Path(out_root)
@@ -302,7 +306,8 @@ def run_stage2(inputs: Sequence[str | os.PathLike], out_root: str | os.PathLike,
         store.clean_partial(out_root)
         result = RunResult()
         todo, repairs = _plan(inputs, out_root, settings, verify, result)
-        _write_sessions(todo, repairs, out_root, settings, n_workers, progress, result)
+        _write_sessions(todo, repairs, out_root, settings, n_workers, progress, result,
+                        dask_scheduler)
     logger.info("stage 2: %d written, %d skipped, %d failed", len(result.written),
                 len(result.skipped), len(result.failed))
     return result
@@ -361,15 +366,28 @@ def _plan(inputs: Sequence[str | os.PathLike], out_root: Path, settings: Stage2S
     return todo, repairs
 
 
+def _executor(n_workers: int, n_todo: int, dask_scheduler: str | None):
+    """A concurrent.futures executor: the Dask cluster at ``dask_scheduler``, else a pool of
+    ``n_workers`` spawned processes."""
+    if dask_scheduler:
+        stack = ExitStack()
+        client = stack.enter_context(dask_client(n_workers, dask_scheduler))
+        return stack, stack.enter_context(client.get_executor())
+    ctx = get_context("spawn")  # no fork of a process holding torch/BLAS threads
+    pool = ProcessPoolExecutor(max_workers=min(n_workers, n_todo), mp_context=ctx)
+    return pool, pool
+
+
 def _write_sessions(todo: list[tuple[str, str]], repairs: set[str], out_root: Path,
                     settings: Stage2Settings, n_workers: int, progress: bool,
-                    result: RunResult) -> None:
-    """Write the ``todo`` sessions (in a process pool when ``n_workers > 1``) into ``result``;
-    after a full disk, the sessions not started yet are reported instead of attempted."""
+                    result: RunResult, dask_scheduler: str | None = None) -> None:
+    """Write the ``todo`` sessions (in parallel when ``n_workers > 1`` or on a Dask cluster)
+    into ``result``; after a full disk, the sessions not started yet are reported instead of
+    attempted."""
     bar = tqdm(total=len(todo), desc="stage 2 (chunks)", unit="session", disable=not progress)
-    if n_workers > 1 and len(todo) > 1:
-        ctx = get_context("spawn")  # no fork of a process holding torch/BLAS threads
-        with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
+    if dask_scheduler or (n_workers > 1 and len(todo) > 1):
+        context, pool = _executor(n_workers, len(todo), dask_scheduler)
+        with context:
             futures = {pool.submit(_process_one, f, str(out_root), settings, n): n
                        for f, n in todo}
             for fut in as_completed(futures):
