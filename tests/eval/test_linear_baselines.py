@@ -273,6 +273,21 @@ def test_predict_next_matches_the_model_equation_and_handles_the_warmup():
     np.testing.assert_allclose(model.predict_next(xd[0]), out[0].double().numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["ar", "var"])
+def test_order_one_predicts_from_the_last_sample_only(kind):
+    (a1, a2), cov = var2_params()
+    x = simulate_var([a1, a2], 2000, seed=6, noise_cov=cov)
+    model = fit_linear([x], kind, 1)
+    assert model.valid_from == 0
+    xt = torch.as_tensor(x[None, :, :30])
+    out = model.predict_next(xt, warmup="nan")
+    assert torch.isfinite(out).all()
+    a = np.diag(model.coef[0]) if kind == "ar" else model.coef[0]
+    np.testing.assert_allclose(out[0].numpy(), a @ x[:, :30] + model.intercept[:, None],
+                               rtol=1e-10)
+    assert model.forecast(xt, 3).shape == (1, 3, 3)
+
+
 def test_forecast_iterates_the_one_step_predictor():
     (a1, a2), cov = var2_params()
     x = simulate_var([a1, a2], 3000, seed=2, noise_cov=cov)

@@ -415,14 +415,14 @@ def _to_predictor(kind: str, p: int, coef: torch.Tensor, icpt: torch.Tensor,
     n = st.n
     my = st.sy.cpu().numpy() / n
     if kind == "ar":
-        a = np.ascontiguousarray(coef[:, ::-1, 0].T)  # (p, C); inputs were oldest first
+        a = coef[:, ::-1, 0].T  # (p, C); inputs were oldest first
         b = icpt[:, 0] + shift - a.sum(0) * shift
         noise = np.diag(sscp[:, 0, 0] / n)
         mean = my[:, 0] + shift
     else:
         C = icpt.shape[1]
         K = coef.shape[1] // p
-        a = np.ascontiguousarray(coef[0].reshape(p, K, C)[::-1].transpose(0, 2, 1))  # A_l
+        a = coef[0].reshape(p, K, C)[::-1].transpose(0, 2, 1)  # (p, C, K): a[l-1] = A_l
         zshift = shift if projection is None else projection @ shift
         b = icpt[0] + shift - a.sum(0) @ zshift
         noise = sscp[0] / n

@@ -35,6 +35,12 @@ from ephys_gpt.eval.linear.data import decode_tokens, requantize
 Array = Any  # np.ndarray | torch.Tensor
 
 
+def _owned(a: Any) -> np.ndarray:
+    """A float64 C-ordered copy (positive strides, as torch needs; no aliasing of the
+    caller's arrays)."""
+    return np.array(a, dtype=np.float64, order="C", copy=True)
+
+
 @dataclass
 class LinearPredictor:
     """A fitted per-channel AR(p) or VAR(p) (see ``fitting.py`` for the model equations).
@@ -71,7 +77,7 @@ class LinearPredictor:
     def __post_init__(self):
         if self.kind not in ("ar", "var"):
             raise ValueError(f"kind must be 'ar' or 'var', got {self.kind!r}")
-        self.coef = np.asarray(self.coef, dtype=np.float64)
+        self.coef = _owned(self.coef)
         C = np.asarray(self.intercept).shape[0]
         want = 2 if self.kind == "ar" else 3
         if self.coef.ndim != want or self.coef.shape[0] < 1 or self.coef.shape[1] != C:
@@ -79,16 +85,16 @@ class LinearPredictor:
                              f" with C = {C} (the intercept's length), got {self.coef.shape}")
         K = self.coef.shape[2] if want == 3 else C
         if self.projection is not None:
-            self.projection = np.asarray(self.projection, dtype=np.float64)
+            self.projection = _owned(self.projection)
             if self.projection.shape != (K, C):
                 raise ValueError(f"projection must be (K, C) = ({K}, {C}), got "
                                  f"{self.projection.shape}")
         elif K != C:
             raise ValueError(f"coef acts on {K} inputs but there are {C} channels and no "
                              "projection")
-        self.intercept = np.asarray(self.intercept, dtype=np.float64)
-        self.mean = np.asarray(self.mean, dtype=np.float64)
-        self.noise_cov = np.asarray(self.noise_cov, dtype=np.float64)
+        self.intercept = _owned(self.intercept)
+        self.mean = _owned(self.mean)
+        self.noise_cov = _owned(self.noise_cov)
         if self.mean.shape != (C,) or self.noise_cov.shape != (C, C):
             raise ValueError(f"mean must be ({C},) and noise_cov ({C}, {C}); got "
                              f"{self.mean.shape} and {self.noise_cov.shape}")
