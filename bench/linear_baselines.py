@@ -208,7 +208,8 @@ def heldout(store: str, args) -> dict:
 
             def segment(seg, steps, m=model):
                 return m.predict_next(seg), seg
-        score(model.name, windows, segment, model.order, extra)
+        label = model.name if order != "auto" else f"{model.name} (auto)"
+        score(label, windows, segment, model.order, extra)
     return {"store": str(store), "kind": "tokens" if tokens else "continuous",
             "metric": ("next-token accuracy (re-quantized through each session's mu-law step)"
                        if tokens else "1-step RMSE, normalized units"),

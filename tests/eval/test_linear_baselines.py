@@ -160,6 +160,22 @@ def test_no_lag_crosses_a_segment_boundary(kind):
     assert np.abs(joined.noise_cov).max() > 1e-3  # the junction rows do leave residuals
 
 
+def test_a_flat_channel_without_ridge_uses_the_minimum_norm_solution(caplog):
+    (a1, a2), cov = var2_params()
+    x = simulate_var([a1, a2], 3000, seed=7, noise_cov=cov)
+    flat = np.concatenate([x, np.full((1, 3000), 2.5)])  # a dead sensor: singular Gram
+    with caplog.at_level("WARNING", logger="ephys_gpt.eval.linear.fitting"):
+        model = fit_linear([flat], "var", 2, ridge=0.0)
+    assert "singular" in caplog.text
+    assert np.abs(model.coef[:, :, 3]).max() < 1e-12 and np.abs(model.coef[:, 3]).max() < 1e-12
+    ref = fit_linear([x], "var", 2, ridge=0.0)
+    xt = torch.as_tensor(flat[None, :, :200])
+    pred = model.predict_next(xt)[0].numpy()
+    np.testing.assert_allclose(pred[:3], ref.predict_next(xt[:, :3])[0].numpy(), atol=1e-8)
+    np.testing.assert_allclose(pred[3], 2.5, rtol=1e-12)
+    np.testing.assert_allclose(model.noise_cov[:3, :3], ref.noise_cov, atol=1e-10)
+
+
 def write_continuous_store(root, n_sessions=3, chunks=(300, 300, 120), seed=0):
     """Sessions of a 3-channel VAR(2) in float32 chunks (normalized units)."""
     (a1, a2), cov = var2_params()

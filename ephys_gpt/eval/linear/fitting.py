@@ -196,26 +196,38 @@ def _sub(st: LagStats, F: int) -> LagStats:
 
 
 def _solve(st: LagStats, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ridge solution: coefficients (G, F, O), intercepts (G, O), residual SSCP (G, O, O)."""
+    """Ridge solution: coefficients (G, F, O), intercepts (G, O), residual SSCP (G, O, O).
+
+    Memory: the statistics plus one (G, F, F) matrix (the Cholesky factor overwrites it).
+    """
     n = st.n
     mx, my = st.sx / n, st.sy / n
-    gc = st.xx - n * mx[:, :, None] * mx[:, None, :]
     xyc = st.xy - n * mx[:, :, None] * my[:, None, :]
     yyc = st.yy - n * my[:, :, None] * my[:, None, :]
-    F = gc.shape[-1]
-    lam = ridge * torch.diagonal(gc, dim1=1, dim2=2).sum(-1) / F  # (G,)
-    eye = torch.eye(F, dtype=gc.dtype, device=gc.device)
-    a = gc + lam[:, None, None] * eye
-    chol, info = torch.linalg.cholesky_ex(a)
+
+    def regularized() -> tuple[torch.Tensor, torch.Tensor]:
+        a = st.xx - n * mx[:, :, None] * mx[:, None, :]  # centred Gram
+        lam = ridge * torch.diagonal(a, dim1=1, dim2=2).sum(-1) / a.shape[-1]  # (G,)
+        a.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+        return a, lam
+
+    a, lam = regularized()
+    info = torch.empty(a.shape[0], dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))  # in place: a holds the factor
     if bool((info == 0).all()):
-        coef = torch.cholesky_solve(xyc, chol)
-    else:  # singular (constant inputs with ridge=0): the minimum-norm solution
+        coef = torch.cholesky_solve(xyc, a)
+    else:  # singular (constant or duplicated inputs with ridge=0): minimum-norm solution
         logger.warning("the lagged Gram matrix is singular (constant or duplicated inputs); "
                        "using the minimum-norm least-squares solution (raise ridge to avoid)")
+        del a
+        a, lam = regularized()
         coef = torch.linalg.pinv(a, hermitian=True) @ xyc
+    del a
     intercept = my - (coef * mx[:, :, None]).sum(1)
-    ct_xy = coef.transpose(1, 2) @ xyc
-    sscp = yyc - ct_xy - ct_xy.transpose(1, 2) + coef.transpose(1, 2) @ gc @ coef
+    # at the solution (Gc + lam I) B = Xy, so E'E = Y'Y - B'X'y - lam B'B (all centred)
+    ct = coef.transpose(1, 2)
+    ct_xy = ct @ xyc
+    sscp = yyc - ct_xy - lam[:, None, None] * (ct @ coef)
     return coef, intercept, 0.5 * (sscp + sscp.transpose(1, 2))
 
 
