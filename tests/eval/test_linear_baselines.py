@@ -454,6 +454,8 @@ def test_bad_data_gets_a_clear_error():
         fit_linear([x[0]], "var", 2)
     with pytest.raises(TypeError, match="not a one-shot iterator"):
         fit_linear(iter([x]), "ar", 2)
+    with pytest.raises(TypeError, match="TensorDataset is not a chunk dataset"):
+        fit_linear(torch.utils.data.TensorDataset(torch.zeros(4, 2, 10)), "ar", 2)
     with pytest.raises(ValueError, match="kind must be one of 'ar', 'var'"):
         fit_linear([x], "arma", 2)
     with pytest.raises(ValueError, match="ridge must be >= 0"):

@@ -219,6 +219,10 @@ def as_segments(data: Any, what: str = "data") -> Any:
         raise ValueError(f"{what}: expected a (C, T) array, a (N, C, T) stack of segments, a "
                          f"list of (C, T) arrays or a chunk dataset; got an array of shape "
                          f"{tuple(data.shape)}")
+    if isinstance(data, torch.utils.data.Dataset):
+        raise TypeError(f"{what}: {type(data).__name__} is not a chunk dataset (no .metas / "
+                        ".indices); pass a dataset of ephys_gpt/dataset/datasets.py or a list "
+                        "of contiguous (C, T) arrays")
     if iter(data) is data:
         raise TypeError(f"{what}: pass a list of (C, T) arrays (or a dataset), not a one-shot "
                         "iterator: fitting may read the data twice")

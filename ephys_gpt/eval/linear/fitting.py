@@ -268,8 +268,8 @@ def _check_order(order: Any, name: str = "order") -> int:
     return int(order)
 
 
-def _projection(data: Any, n_components: int, n_channels: int, device: torch.device,
-                progress: bool, what: str) -> tuple[np.ndarray, float]:
+def _projection(data: Any, n_components: int, n_channels: int, shift: np.ndarray,
+                device: torch.device, progress: bool, what: str) -> tuple[np.ndarray, float]:
     """Leading principal components of the per-channel standardized data: (K, C), and the
     fraction of the standardized variance they explain."""
     s1 = torch.zeros(n_channels, dtype=torch.float64, device=device)
@@ -278,7 +278,8 @@ def _projection(data: Any, n_components: int, n_channels: int, device: torch.dev
     total = len(data) if hasattr(data, "__len__") else None
     for i, seg in enumerate(tqdm(data, total=total, desc="VAR: principal components",
                                  disable=not progress, leave=False, unit="segment")):
-        x = torch.as_tensor(_checked(data, seg, i, n_channels, what), device=device)
+        x = torch.as_tensor(_checked(data, seg, i, n_channels, what) - shift[:, None],
+                            device=device)
         s1 += x.sum(1)
         s2 += x @ x.T
         n += x.shape[1]
@@ -328,7 +329,8 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
         all channels while ``order x C <= max_features`` and otherwise
         ``max_features // order`` components. The outputs are always all C channels.
     device : torch device for the accumulation (float64).
-    buffer_mb : size of the lagged-row buffer (bounded memory whatever the data size).
+    buffer_mb : the data read at a time: longer segments are cut into blocks of rows of
+        about this size (bounded memory whatever the segment length).
     progress : tqdm progress bars.
 
     Returns
@@ -342,7 +344,9 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
     check_option(criterion, CRITERIA, "criterion")
     check_number(ridge, "ridge", low=0.0)
     check_number(buffer_mb, "buffer_mb", low=0.0, low_inclusive=False)
+    check_number(max_features, "max_features", low=1, integer=True)
     device = torch.device(device)
+    t0 = time.perf_counter()
     if order == "auto":
         cands = sorted({_check_order(o, "orders[]") for o in orders}) if orders is not None \
             else list(range(1, _check_order(max_order, "max_order") + 1))
@@ -366,15 +370,14 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
                             p_max, C, p_max * C, max_features, n_components)
         if n_components is not None:
             check_number(n_components, "n_components", low=1, high=C, integer=True)
-            projection, explained = _projection(data, int(n_components), C, device, progress,
-                                                "data")
+            projection, explained = _projection(data, int(n_components), C, shift, device,
+                                                progress, "data")
             logger.info("VAR inputs: %d principal components explain %.1f%% of the "
                         "standardized variance", n_components, 100 * explained)
     elif n_components not in (None, "auto"):
         raise ValueError("n_components applies to kind='var' only (a per-channel AR has no "
                          "channel mixing to reduce)")
 
-    t0 = time.perf_counter()
     name = kind.upper()
     st = _accumulate(kind, data, p_max, C, shift, projection, device, buffer_mb, progress,
                      f"{name}({p_max}) fit", "data")
