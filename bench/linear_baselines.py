@@ -183,11 +183,14 @@ def heldout(store: str, args) -> dict:
     score("repeat-last", lambda x, steps: x,
           lambda seg, steps: ((seg_tokens(seg, steps),) * 2) if tokens else (seg, seg), 1, {})
     for spec in args.models.split(","):
-        kind, _, order_s = spec.partition(":")
+        kind, order_s, *comps = spec.split(":")
         order = "auto" if order_s == "auto" else int(order_s)
+        kw = {}
+        if comps:  # VAR inputs: auto, all (every channel) or a number of components
+            kw["n_components"] = {"auto": "auto", "all": None}.get(comps[0]) or int(comps[0])
         t0, c0 = time.perf_counter(), time.process_time()
         model = fit_linear(train, kind, order, val=val if len(val) else None,
-                           max_order=args.max_order, progress=args.progress)
+                           max_order=args.max_order, progress=args.progress, **kw)
         extra = {"fit_seconds": round(time.perf_counter() - t0, 2),
                  "fit_cpu_seconds": round(time.process_time() - c0, 2),
                  "train_rows": model.n_rows,
@@ -195,6 +198,8 @@ def heldout(store: str, args) -> dict:
         if model.selection:
             extra["selection"] = {"criterion": model.selection["criterion"],
                                   "chosen": model.selection["chosen"]}
+        if model.projection is not None:
+            extra["explained_variance"] = model.explained_variance
         if tokens:
             def windows(x, steps, m=model):
                 return m.predict_next_tokens(x, steps)
@@ -230,7 +235,9 @@ def main() -> None:
                     help="skip VAR(30) on all 306 channels (a 9180-input regression)")
     ap.add_argument("--store", help="a chunk store for the held-out skill")
     ap.add_argument("--models", default="ar:10,ar:30,var:1,var:10,var:30",
-                    help="kind:order list (order 'auto': chosen on the validation split)")
+                    help="kind:order[:inputs] list; order 'auto': chosen on the validation "
+                         "split; VAR inputs 'auto' (default), 'all' or a number of "
+                         "principal components")
     ap.add_argument("--max-order", type=int, default=30)
     ap.add_argument("--split-by", default="session")
     ap.add_argument("--val-ratio", type=float, default=0.2)

@@ -206,7 +206,7 @@ def _solve(st: LagStats, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torc
     yyc = st.yy - n * my[:, :, None] * my[:, None, :]
 
     def regularized() -> tuple[torch.Tensor, torch.Tensor]:
-        a = st.xx - n * mx[:, :, None] * mx[:, None, :]  # centred Gram
+        a = st.xx.clone().baddbmm_(mx[:, :, None], mx[:, None, :], alpha=-n)  # centred
         lam = ridge * torch.diagonal(a, dim1=1, dim2=2).sum(-1) / a.shape[-1]  # (G,)
         a.diagonal(dim1=1, dim2=2).add_(lam[:, None])
         return a, lam
