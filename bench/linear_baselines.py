@@ -187,7 +187,8 @@ def heldout(store: str, args) -> dict:
         order = "auto" if order_s == "auto" else int(order_s)
         kw = {}
         if comps:  # VAR inputs: auto, all (every channel) or a number of components
-            kw["n_components"] = {"auto": "auto", "all": None}.get(comps[0]) or int(comps[0])
+            kw["n_components"] = ({"auto": "auto", "all": None}[comps[0]]
+                                  if comps[0] in ("auto", "all") else int(comps[0]))
         t0, c0 = time.perf_counter(), time.process_time()
         model = fit_linear(train, kind, order, val=val if len(val) else None,
                            max_order=args.max_order, progress=args.progress, **kw)

@@ -215,6 +215,13 @@ def test_dataset_segments_merge_windows_within_chunks_only(tmp_path):
     # the model fitted on the dataset sees only these segments
     m = fit_linear(train, "var", 3)
     assert m.n_rows == sum(b - a - 3 for *_, a, b in seg.runs if b - a > 3)
+    # a sample budget keeps whole segments, spread over the split
+    few = Segments(train, max_samples=seg.n_samples // 2)
+    assert set(few.runs) < set(seg.runs) and few.n_samples <= seg.n_samples // 2 + max(
+        b - a for *_, a, b in seg.runs)
+    assert {r[0] for r in few.runs} == {r[0] for r in seg.runs}  # every session still read
+    with pytest.raises(ValueError, match="max_samples must be a positive integer"):
+        Segments(train, max_samples=0)
 
 
 def test_dataset_segments_name_the_file_of_a_non_finite_value(tmp_path):
