@@ -119,9 +119,9 @@ def _full_window(dataset, i: int) -> torch.Tensor:
 
 def heldout(store: str, args) -> dict:
     from ephys_gpt.dataset.datasplitter import split_datasets
-    from ephys_gpt.dataset.store import list_sessions
     from ephys_gpt.eval.linear import Segments, fit_linear
     from ephys_gpt.eval.linear.data import requantize
+    from ephys_gpt.store import list_sessions
 
     tokens = list_sessions(store)[0].is_tokens
     splits = split_datasets(store, dataset_class="ChunkDataset" if tokens

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from ephys_gpt.codec import mulaw_quantize, tokens_to_signal
 from ephys_gpt.dataset.datasplitter import split_datasets
-from ephys_gpt.dataset.store import write_session
 from ephys_gpt.eval.linear import (
     LinearBaselineOptions,
     LinearPredictor,
@@ -17,7 +17,7 @@ from ephys_gpt.eval.linear import (
     fit_linear_baselines,
     requantize,
 )
-from ephys_gpt.preprocessing.transforms import mulaw_quantize, tokens_to_signal
+from ephys_gpt.store import write_session
 
 # -- simulated processes -----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ window's own session (:func:`decode_tokens`), i.e. into the normalized units the
 quantized from; the ``normalize`` step is *not* undone, because its statistics differ per
 session and the token model itself sees normalized values. Predictions go back to tokens
 with :func:`requantize`, which calls
-:func:`ephys_gpt.preprocessing.transforms.mulaw_quantize` with the recorded parameters, so
+:func:`ephys_gpt.codec.mulaw_quantize` with the recorded parameters, so
 the tokens are exactly those the quantizer gives for the predicted values. Datasets that
 quantize a continuous store on the fly are read as tokens too (quantized, then decoded), so
 the baseline sees what the token model sees; training augmentations are not applied.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ephys_gpt.preprocessing.transforms import mulaw_dequantize, mulaw_quantize
+from ephys_gpt.codec import mulaw_dequantize, mulaw_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Segments:
 
     def read(self, i: int) -> np.ndarray:
         """Segment ``i`` as float64 (C, L), decoded for token data, checked finite."""
-        from ephys_gpt.dataset.store import load_chunk
+        from ephys_gpt.store import load_chunk
 
         s, c, a, b = self.runs[i]
         ds = self.dataset
