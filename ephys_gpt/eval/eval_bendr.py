@@ -5,12 +5,13 @@ On held-out windows of a continuous chunk store (``split``, the test split by de
 
 1. **1-step error by history** (teacher forced): RMSE of the prediction of ``x[t+1]`` made
    from ``x[:t+1]``, at every position ``t`` of a window (how the error falls as history
-   grows), against the repeat-last-value baseline.
+   grows), against the repeat-last-value baseline and the fitted per-channel AR and
+   multichannel VAR (``ephys_gpt/eval/linear/``).
 2. **N-step-ahead error**: the last ``future_steps`` samples of each window forecast
    autoregressively (``model.forecast``) from the rest; RMSE at each horizon ``k`` in signal
    units (stage-2 steps inverted with :func:`~ephys_gpt.codec.invert_steps`;
    fT for magnetometers, fT/cm for gradiometers) and in normalized units, against the
-   repeat-last baseline.
+   repeat-last baseline and the recursive AR and VAR forecasts.
 3. **Free running**: ``gen_seconds`` forecast from a held-out context, compared with held-out
    data by Welch PSD per channel type (alpha peak) and channel covariance/correlation; the
    signal is written as an MNE ``.fif``.
@@ -97,18 +98,20 @@ class EvalBENDR(EvalRunner):
         if N >= T:
             raise ValueError(f"eval.future_steps ({N}) must be smaller than the window "
                              f"({T} samples)")
+        self.baselines = (REPEAT_LAST, *(m.name for m in self.linear_models()))
         one, nst, n_win = self.error_sums(self.heldout(opts.max_batches * opts.batch_size))
         one_rmse = {p: self.rmse(v, n_win) for p, v in one.items()}
         n_rmse = {p: self.rmse(v, n_win) for p, v in nst.items()}
         self.error_curves("one_step_rmse", np.arange(1, T) / self.sfreq * 1e3, one_rmse,
-                          xlabel="History available (ms)", baselines=(REPEAT_LAST,),
+                          xlabel="History available (ms)", baselines=self.baselines,
                           title="1-step-ahead error vs history (teacher forced, held-out)",
                           n_windows=n_win)
-        self.error_curves("nstep_rmse", np.arange(1, N + 1), n_rmse, baselines=(REPEAT_LAST,),
+        self.error_curves("nstep_rmse", np.arange(1, N + 1), n_rmse, baselines=self.baselines,
                           xlabel=f"Steps ahead (1 step = {1e3 / self.sfreq:.3g} ms)",
                           title="N-step-ahead error (autoregressive forecast, held-out)",
                           n_windows=n_win, context_samples=T - N)
         summary = {**self.base_summary(), "n_windows": n_win,
+                   "linear_baselines": self.linear_summary(),
                    "one_step": self._one_step_summary(one_rmse),
                    "nstep": {"future_steps": N, "context_samples": T - N,
                              "rmse_at_1": {p: {k: float(v[0]) for k, v in r.items()}
@@ -124,26 +127,31 @@ class EvalBENDR(EvalRunner):
         """Summed squared 1-step and N-step errors of the model and repeat-last."""
         opts, m = self.options, self.model_name
         N, T = opts.future_steps, self.window
-        one: dict = {m: {}, REPEAT_LAST: {}}
-        nst: dict = {m: {}, REPEAT_LAST: {}}
+        one: dict = {p: {} for p in (m, *self.baselines)}
+        nst: dict = {p: {} for p in (m, *self.baselines)}
         n_win = 0
         for x, extra, steps in tqdm(batches, desc=f"{self.name} curves",
                                     disable=not opts.progress, leave=False):
             inp, tgt = x[..., :-1], x[..., 1:]
             self.add(one[m], self.sq_errors(self._predict(inp, extra), tgt, steps))
             self.add(one[REPEAT_LAST], self.sq_errors(inp, tgt, steps))
+            for k, p in self.linear_next(inp, steps).items():
+                self.add(one[k], self.sq_errors(p, tgt, steps))
             ctx, fut = x[..., :T - N], x[..., T - N:]
             self.add(nst[m], self.sq_errors(self._forecast(ctx, extra, N)[..., -N:], fut, steps))
             self.add(nst[REPEAT_LAST], self.sq_errors(repeat_last(ctx, N), fut, steps))
+            for k, p in self.linear_forecast(ctx, steps, N).items():
+                self.add(nst[k], self.sq_errors(p, fut, steps))
             n_win += x.shape[0]
         return one, nst, n_win
 
     def _one_step_summary(self, one_rmse: dict) -> dict:
         m = self.model_name
+        mean = {p: float(r["normalized"].mean()) for p, r in one_rmse.items()}
         return {"rmse_mean": {p: {key: float(v.mean() * display_unit(key)[0])
                                   for key, v in r.items()} for p, r in one_rmse.items()},
-                "beats_repeat_last": bool(one_rmse[m]["normalized"].mean()
-                                          < one_rmse[REPEAT_LAST]["normalized"].mean())}
+                "beats_repeat_last": mean[m] < mean[REPEAT_LAST],
+                "beats_linear": {k: mean[m] < mean[k] for k in self.baselines[1:]}}
 
     def free_running(self) -> dict:
         """``gen_seconds`` forecast after held-out contexts (driven by the residual noise),
@@ -159,10 +167,13 @@ class EvalBENDR(EvalRunner):
         real = self.real_signal()
         spec = self.compare_spectra(gen, real)
         noise_std = None if self.noise is None else float(self.noise.diagonal().sqrt().mean())
+        linear = self.linear_free_run(torch.cat([x for x, _, _ in gen_b]),
+                                      [s for _, _, st in gen_b for s in st], n_new, real)
         return {"seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
                 "free_run_noise": opts.free_run_noise, "innovation_std_normalized": noise_std,
                 "steps_per_second": n_new * len(gen_b) / max(gen_time, 1e-9),
-                **self.spectra_outputs(spec, gen, real, f"{opts.gen_seconds:g} s free-running")}
+                **self.spectra_outputs(spec, gen, real, f"{opts.gen_seconds:g} s free-running"),
+                "linear": linear}
 
     def _report(self, summary: dict, one_rmse: dict, n_rmse: dict) -> report.MarkdownReport:
         opts, m, N, T = self.options, self.model_name, self.options.future_steps, self.window
@@ -171,8 +182,10 @@ class EvalBENDR(EvalRunner):
                  f"({opts.split}) windows of {T} samples at {self.sfreq:g} Hz, "
                  f"{len(self.ch_names)} channels.")
         rep.section("1-step-ahead error (teacher forced), mean over history")
-        rep.table(["predictor", "RMSE (normalized)"],
-                  [[p, summary["one_step"]["rmse_mean"][p]["normalized"]] for p in one_rmse])
+        rmse = {p: summary["one_step"]["rmse_mean"][p]["normalized"] for p in one_rmse}
+        rep.table(["predictor", "RMSE (normalized)"], [[p, v] for p, v in rmse.items()])
+        rep.text(self.linear_verdict("held-out 1-step RMSE (normalized units)", rmse[m],
+                                     {k: rmse[k] for k in self.baselines[1:]}, False))
         rep.section(f"N-step-ahead error ({N} steps from {T - N}-sample contexts)")
         rep.table(["predictor", "RMSE @1 (normalized)", f"RMSE @{N} (normalized)"],
                   [[p, n_rmse[p]["normalized"][0], n_rmse[p]["normalized"][-1]] for p in n_rmse])
@@ -185,6 +198,7 @@ class EvalBENDR(EvalRunner):
                  "Mean forecast alone (free_run_noise: none): it decays towards the mean, so "
                  "its spectrum falls below the data's.")
         self.spectra_section(rep, gen)
+        self.linear_free_run_table(rep, gen["linear"])
         rep.text("The generated signal is in `generated_raw.fif`.")
         self.figures_section(rep, [("one_step_rmse", "1-step error vs history"),
                                    ("nstep_rmse", "N-step error"), ("psd", "PSD"),

@@ -7,8 +7,9 @@ On held-out windows of a continuous chunk store:
    point forecast is the mean of the draws (it estimates the conditional mean, which is what
    RMSE rewards; a single draw of a good model of a noisy signal has ~sqrt(2) times the
    error of the conditional mean far ahead, and is reported beside it). RMSE at each horizon
-   step in signal and normalized units, against repeat-last-value and zero (the normalized
-   mean) baselines; and the CRPS of the draws (the ensemble's probabilistic skill, fair
+   step in signal and normalized units, against repeat-last-value, zero (the normalized
+   mean) and the fitted AR and VAR (recursive forecasts, ``ephys_gpt/eval/linear/``); and
+   the CRPS of the draws (the ensemble's probabilistic skill, fair
    estimator; the deterministic baselines' CRPS is their mean absolute error).
 2. **History sweep**: the same H samples forecast (mean of the draws) from only the ``h``
    samples before them, for each ``h`` in ``history_lengths``: how much context the model
@@ -40,7 +41,7 @@ from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, check_history_lengt
 from ephys_gpt.models.capabilities import Forecaster, Sampler
 from ephys_gpt.models.registry import get_model_spec
 
-BASELINES = (REPEAT_LAST, ZERO)
+NAIVE = (REPEAT_LAST, ZERO)
 
 
 class EvalDiffusionOptions(RunnerOptions):
@@ -123,9 +124,11 @@ class EvalDiffusion(EvalRunner):
     def evaluate(self) -> tuple[dict, report.MarkdownReport]:
         opts = self.options
         batches = self.heldout(opts.max_batches * opts.batch_size)
+        self.baselines = (*NAIVE, *(m.name for m in self.linear_models()))
         acc, n_win = self.forecast_sums(batches)
         res = self._curves(acc, n_win)
         summary = {**self.base_summary(), "n_windows": n_win,
+                   "linear_baselines": self.linear_summary(),
                    "sampling": self._sample_kw() or "model defaults",
                    "horizon": self._horizon_summary(res),
                    "history_sweep": {"history_lengths": self.hist,
@@ -146,8 +149,8 @@ class EvalDiffusion(EvalRunner):
         draws and the baselines over ``batches``."""
         opts, m, T, R = self.options, self.model_name, self.window, self.R
         H = opts.future_steps
-        one, preds = f"{m} (single draw)", (m, *BASELINES)
-        acc = {"hor": {p: {} for p in (m, one, *BASELINES)}, "rec": {p: {} for p in preds},
+        one, preds = f"{m} (single draw)", (m, *self.baselines)
+        acc = {"hor": {p: {} for p in (m, one, *self.baselines)}, "rec": {p: {} for p in preds},
                "crps": {p: np.zeros(H) for p in preds},
                "sweep": {p: np.zeros(len(self.hist)) for p in preds}}
         n_win = 0
@@ -158,18 +161,24 @@ class EvalDiffusion(EvalRunner):
             self.add(acc["hor"][m], self.sq_errors(draws.mean(0), fut, steps))
             self.add(acc["hor"][one], self.sq_errors(draws[0], fut, steps))
             acc["crps"][m] += crps_sums(draws, fut)
-            for p, v in {REPEAT_LAST: repeat_last(ctx, H), ZERO: torch.zeros_like(fut)}.items():
+            linear = self.linear_forecast(ctx, steps, H)
+            for p, v in {REPEAT_LAST: repeat_last(ctx, H), ZERO: torch.zeros_like(fut),
+                         **linear}.items():
                 err = self.sq_errors(v, fut, steps)
                 self.add(acc["hor"][p], err)
-                acc["sweep"][p] += err["normalized"].sum()  # baselines ignore the context length
-                acc["crps"][p] += crps_sums(v[None], fut)
+                acc["crps"][p] += crps_sums(v[None].to(fut.device), fut)
+                if p in NAIVE:  # the naive baselines ignore the context length
+                    acc["sweep"][p] += err["normalized"].sum()
             for j, h in enumerate(self.hist):
                 err = self.sq_errors(self._draws(ctx[..., -h:], H).mean(0), fut, steps)
                 acc["sweep"][m][j] += err["normalized"].sum()
+                for p, v in self.linear_forecast(ctx[..., -h:], steps, H).items():
+                    acc["sweep"][p][j] += self.sq_errors(v, fut, steps)["normalized"].sum()
             rctx, rfut = x[..., :T - R], x[..., T - R:]
             self.add(acc["rec"][m], self.sq_errors(self._draws(rctx, R).mean(0), rfut, steps))
-            self.add(acc["rec"][REPEAT_LAST], self.sq_errors(repeat_last(rctx, R), rfut, steps))
-            self.add(acc["rec"][ZERO], self.sq_errors(torch.zeros_like(rfut), rfut, steps))
+            for p, v in {REPEAT_LAST: repeat_last(rctx, R), ZERO: torch.zeros_like(rfut),
+                         **self.linear_forecast(rctx, steps, R)}.items():
+                self.add(acc["rec"][p], self.sq_errors(v, rfut, steps))
             n_win += x.shape[0]
         return acc, n_win
 
@@ -182,13 +191,13 @@ class EvalDiffusion(EvalRunner):
                "crps": {p: v / (n_win * C) for p, v in acc["crps"].items()}}
         step_ms = f"Steps ahead (1 step = {1e3 / self.sfreq:.3g} ms)"
         k = np.arange(1, H + 1)
-        self.error_curves("horizon_rmse", k, res["hor"], xlabel=step_ms, baselines=BASELINES,
+        self.error_curves("horizon_rmse", k, res["hor"], xlabel=step_ms, baselines=self.baselines,
                           title=f"Forecast error vs horizon (in-painting, mean of {K} draws, "
                                 "held-out)", n_windows=n_win,
                           context_samples=self.window - H, n_samples=K)
         self.curve("horizon_crps", k, res["crps"], xlabel=step_ms, ylabel="CRPS (normalized)",
                    n_windows=n_win, n_samples=K)
-        fig, _ = plots.plot_curves(k, res["crps"], baselines=BASELINES, xlabel=step_ms,
+        fig, _ = plots.plot_curves(k, res["crps"], baselines=self.baselines, xlabel=step_ms,
                                    ylabel="CRPS (normalized)",
                                    title=f"Probabilistic forecast skill ({K} draws; lower is "
                                          "better)")
@@ -196,13 +205,13 @@ class EvalDiffusion(EvalRunner):
         hist = np.asarray(self.hist)
         self.curve("history_sweep", hist, res["sweep"], xlabel="Context length (samples)",
                    ylabel="RMSE (normalized)", horizon=H, n_windows=n_win)
-        fig, _ = plots.plot_curves(hist, res["sweep"], baselines=BASELINES, logx=len(hist) > 2,
+        fig, _ = plots.plot_curves(hist, res["sweep"], baselines=self.baselines, logx=len(hist) > 2,
                                    xlabel="Context length (samples)",
                                    ylabel=f"RMSE over {H} steps (normalized)",
                                    title="Forecast error vs history length")
         self.figure(fig, "history_sweep")
         self.error_curves("recursive_rmse", np.arange(1, self.R + 1), res["rec"],
-                          xlabel=step_ms, baselines=BASELINES,
+                          xlabel=step_ms, baselines=self.baselines,
                           title="Recursive forecast error (window by window, held-out)",
                           n_windows=n_win, context_samples=self.window - self.R,
                           forecast_chunk=getattr(self.model.config, "forecast_chunk", None))
@@ -217,7 +226,10 @@ class EvalDiffusion(EvalRunner):
                 "rmse_at_1_normalized": {p: float(v["normalized"][0]) for p, v in hor.items()},
                 "crps_mean_normalized": {p: float(v.mean()) for p, v in res["crps"].items()},
                 "beats_baselines": bool(hor[m]["normalized"].mean()
-                                        < min(hor[p]["normalized"].mean() for p in BASELINES))}
+                                        < min(hor[p]["normalized"].mean() for p in NAIVE)),
+                "beats_linear": {p: bool(hor[m]["normalized"].mean()
+                                         < hor[p]["normalized"].mean())
+                                 for p in self.baselines[len(NAIVE):]}}
 
     def free_running(self) -> tuple[dict, np.ndarray]:
         """``gen_seconds`` forecast recursively after held-out contexts, compared with held-out
@@ -232,11 +244,13 @@ class EvalDiffusion(EvalRunner):
         gen_time = time.perf_counter() - t0
         real = self.real_signal()
         spec = self.compare_spectra(gen, real)
+        linear = self.linear_free_run(torch.cat([x for x, _, _ in gen_b]),
+                                      [s for _, _, st in gen_b for s in st], n_new, real)
         return {"seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
                 "seconds_per_generated_second": gen_time / max(opts.gen_seconds * len(gen),
                                                                1e-9),
-                **self.spectra_outputs(spec, gen, real, f"{opts.gen_seconds:g} s recursive")
-                }, real
+                **self.spectra_outputs(spec, gen, real, f"{opts.gen_seconds:g} s recursive"),
+                "linear": linear}, real
 
     def unconditional(self, real: np.ndarray, steps: list[dict]) -> dict:
         """``n_unconditional`` unconditional windows compared with held-out data."""
@@ -271,13 +285,21 @@ class EvalDiffusion(EvalRunner):
                    f"recursive RMSE ({R} steps)"],
                   [[p, hz["rmse_at_1_normalized"][p], hz["rmse_mean_normalized"][p],
                     hz["crps_mean_normalized"].get(p, "—"), rc.get(p, "—")]
-                   for p in (m, one, *BASELINES)])
+                   for p in (m, one, *self.baselines)])
+        lin = list(hz["beats_linear"])
+        rep.text(self.linear_verdict("held-out 1-step RMSE (normalized units)",
+                                     hz["rmse_at_1_normalized"][m],
+                                     {p: hz["rmse_at_1_normalized"][p] for p in lin}, False))
+        rep.text(self.linear_verdict(f"held-out RMSE over {H} steps (normalized units)",
+                                     hz["rmse_mean_normalized"][m],
+                                     {p: hz["rmse_mean_normalized"][p] for p in lin}, False))
         rep.section("History sweep")
-        rep.table(["context (samples)", m, *BASELINES],
-                  [[h, *(sweep[p][j] for p in (m, *BASELINES))]
+        rep.table(["context (samples)", m, *self.baselines],
+                  [[h, *(sweep[p][j] for p in (m, *self.baselines))]
                    for j, h in enumerate(self.hist)])
         rep.section("Generated vs held-out spectra")
         self.spectra_section(rep, summary["generation"])
+        self.linear_free_run_table(rep, summary["generation"]["linear"])
         self.figures_section(rep, [("horizon_rmse", "Error vs horizon"),
                                    ("horizon_crps", "CRPS vs horizon"),
                                    ("history_sweep", "Error vs history"),

@@ -10,7 +10,10 @@ What it measures, on held-out windows of the chunk store (the ``test`` split by 
    with the model's ``generate`` (greedy by default, or sampled); accuracy and RMSE in signal
    units (tokens decoded through the recorded stage-2 steps) at every horizon ``k``.
 4. **Baselines** on exactly the same targets: ``repeat-last`` (the last context token is
-   repeated) and ``unigram`` (tokens drawn from each channel's training-set distribution).
+   repeated), ``unigram`` (tokens drawn from each channel's training-set distribution), and
+   the fitted linear models, a per-channel AR(p) and a multichannel VAR(p) (see
+   ``ephys_gpt/eval/linear/``): they predict in the decoded domain and their predictions are
+   re-quantized through the recorded mu-law step, so their accuracy compares directly.
 5. **Free-running generation** of ``gen_seconds`` (temperature / top-k / top-p sampling)
    compared with held-out data: Welch PSD per channel type with the alpha peak, channel
    covariance and correlation matrices with similarity scores; the generated signal is
@@ -51,7 +54,7 @@ from ephys_gpt.eval.runner import (
 from ephys_gpt.eval.windows import full_window, spread_indices, window_steps
 from ephys_gpt.models.capabilities import TokenGenerator
 
-BASELINES = (REPEAT_LAST, UNIGRAM)
+NAIVE = (REPEAT_LAST, UNIGRAM)
 
 
 class EvalQuantOptions(RunnerOptions):
@@ -153,11 +156,14 @@ class EvalQuant(EvalRunner):
             self.train, self.vocab_size, max_windows=opts.unigram_max_windows, seed=opts.seed,
             progress=opts.progress), dtype=torch.float32)
         batches = self.heldout(opts.max_batches * opts.batch_size)
+        self.baselines = (*NAIVE, *(m.name for m in self.linear_models()))
         tf = self.teacher_forced(batches, unigram)
         ns = self.nstep(batches, unigram)
         gen = self.free_running()
         real = self.real_signal()
         spec = self.compare_spectra(gen["signal"], real)
+        gen["linear"] = self.linear_free_run(gen["context"], gen["steps"],
+                                             gen["tokens"].shape[-1], real)
         self._write_curves(tf, ns)
         self.files.append(report.write_npy(self.out_dir / "generated_tokens.npy",
                                            gen["tokens"].numpy().astype(np.int16)))
@@ -179,27 +185,33 @@ class EvalQuant(EvalRunner):
             raise ValueError(f"eval.history_lengths {too_long} exceed the usable context "
                              f"({n_in} tokens: window {batches[0][0].shape[-1]} samples, model "
                              f"context {self.max_context})")
+        linear = [m.name for m in self.linear_models()]
         sums = {k: torch.zeros(n_in, device=self.device)
-                for k in ("acc", "nll", "rep", "uni", "uni_nll")}
+                for k in ("acc", "nll", "rep", "uni", "uni_nll", *linear)}
         sweep = {"acc": torch.zeros(len(hist), device=self.device),
                  "rep": torch.zeros((), device=self.device),
-                 "uni": torch.zeros((), device=self.device)}
+                 "uni": torch.zeros((), device=self.device),
+                 **{k: torch.zeros(len(hist)) for k in linear}}
         n_rows = 0
-        for x, _, _ in tqdm(batches, desc="teacher-forced", disable=not opts.progress,
-                            leave=False):
+        for x, _, steps in tqdm(batches, desc="teacher-forced", disable=not opts.progress,
+                                leave=False):
             x = x[..., -(n_in + 1):]
             inp, tgt = x[..., :-1], x[..., 1:]  # (B, C, n_in)
             draw = sample_unigram(unigram, tgt.shape, self.cpu_generator).to(self.device)
             self._position_sums(sums, inp, tgt, draw, unigram)
-            self._sweep_sums(sweep, hist, inp, tgt[..., -1], draw[..., -1])
+            for k, p in self.linear_next(inp, steps).items():
+                sums[k] += (p.to(self.device) == tgt).float().sum((0, 1))
+            self._sweep_sums(sweep, hist, inp, tgt[..., -1], draw[..., -1], steps)
             n_rows += inp.shape[0] * inp.shape[1]
         out = {k: (v / n_rows).cpu().numpy() for k, v in sums.items()}  # one host transfer
         return {"positions": np.arange(1, n_in + 1), "pos_acc": out["acc"],
                 "pos_nll": out["nll"], "pos_rep": out["rep"], "pos_uni": out["uni"],
-                "pos_uni_nll": out["uni_nll"], "hist": np.asarray(hist),
+                "pos_uni_nll": out["uni_nll"], "pos_linear": {k: out[k] for k in linear},
+                "hist": np.asarray(hist),
                 "hist_acc": (sweep["acc"] / n_rows).cpu().numpy(),
                 "hist_rep": float(sweep["rep"] / n_rows),
                 "hist_uni": float(sweep["uni"] / n_rows),
+                "hist_linear": {k: (sweep[k] / n_rows).numpy() for k in linear},
                 "n_windows": int(sum(b.shape[0] for b, _, _ in batches))}
 
     def _position_sums(self, sums: dict, inp, tgt, draw, unigram) -> None:
@@ -214,11 +226,13 @@ class EvalQuant(EvalRunner):
         log_u = unigram.log().to(self.device)
         sums["uni_nll"] -= log_u[torch.arange(C, device=self.device)[:, None], tgt].sum(0).sum(0)
 
-    def _sweep_sums(self, sweep: dict, hist, inp, last, draw_last) -> None:
+    def _sweep_sums(self, sweep: dict, hist, inp, last, draw_last, steps) -> None:
         """The last token of each window predicted from its ``h`` preceding tokens."""
         for j, h in enumerate(hist):
             lg = self._forward(inp[..., -h:])[..., -1, :]
             sweep["acc"][j] += (lg.argmax(-1) == last).float().sum()
+            for k, p in self.linear_next(inp[..., -h:], steps).items():
+                sweep[k][j] += (p[..., -1] == last.cpu()).float().sum()
         sweep["rep"] += (inp[..., -1] == last).float().sum()
         sweep["uni"] += (draw_last == last).float().sum()
 
@@ -231,7 +245,7 @@ class EvalQuant(EvalRunner):
                              f"({T} samples); lower it or raise datasplitter.example_seconds")
         sampling = ({"temperature": 0.0} if opts.nstep_sampling == "greedy"
                     else opts.gen_kwargs())
-        names = [self.model_name, *BASELINES]
+        names = [self.model_name, *self.baselines]
         correct = {k: np.zeros(N) for k in names}
         sq: dict[str, dict] = {k: {} for k in names}
         n_win = 0
@@ -241,7 +255,9 @@ class EvalQuant(EvalRunner):
             preds = {self.model_name: self._generate(ctx, N, sampling),
                      REPEAT_LAST: repeat_last(ctx, N),
                      UNIGRAM: sample_unigram(unigram, fut.shape,
-                                             self.cpu_generator).to(self.device)}
+                                             self.cpu_generator).to(self.device),
+                     **{k: v.to(self.device)
+                        for k, v in self.linear_forecast(ctx, steps, N).items()}}
             for k, p in preds.items():
                 correct[k] += (p == fut).float().sum((0, 1)).cpu().numpy()
                 self.add(sq[k], self.sq_errors(p, fut, steps))
@@ -267,15 +283,18 @@ class EvalQuant(EvalRunner):
         new = self._generate(context.to(self.device), n_new, opts.gen_kwargs()).cpu()
         seconds = time.perf_counter() - t0
         # each sequence continues its context's session: decode with that session's steps
-        signal = self.to_signal(new, [window_steps(self.test, i) for i in idx]).numpy()
+        steps = [window_steps(self.test, i) for i in idx]
+        signal = self.to_signal(new, steps).numpy()
         return {"tokens": new, "signal": signal, "context_samples": ctx_len,
+                "context": context, "steps": steps,
                 "wall_seconds": seconds, "steps_per_second": n_new / max(seconds, 1e-9)}
 
     # -- outputs ----------------------------------------------------------------------------------
     def _summarize(self, tf: dict, ns: dict, gen: dict, spectra: dict) -> dict:
         opts, m = self.options, self.model_name
         acc = {m: float(tf["pos_acc"].mean()), REPEAT_LAST: float(tf["pos_rep"].mean()),
-               UNIGRAM: float(tf["pos_uni"].mean())}
+               UNIGRAM: float(tf["pos_uni"].mean()),
+               **{k: float(v.mean()) for k, v in tf["pos_linear"].items()}}
         N = opts.future_steps
         return {
             **self.base_summary(),
@@ -286,10 +305,13 @@ class EvalQuant(EvalRunner):
                 "nll_nats": {m: float(tf["pos_nll"].mean()),
                              UNIGRAM: float(tf["pos_uni_nll"].mean())},
                 "beats_baselines": acc[m] > max(acc[REPEAT_LAST], acc[UNIGRAM]),
+                "beats_linear": {k: acc[m] > acc[k] for k in tf["pos_linear"]},
                 "definition": "teacher-forced next-token accuracy averaged over all positions, "
                               "channels and held-out windows"},
+            "linear_baselines": self.linear_summary(),
             "history_sweep": {"history_lengths": tf["hist"], "accuracy": tf["hist_acc"],
-                              REPEAT_LAST: tf["hist_rep"], UNIGRAM: tf["hist_uni"]},
+                              REPEAT_LAST: tf["hist_rep"], UNIGRAM: tf["hist_uni"],
+                              **tf["hist_linear"]},
             "nstep": {
                 "sampling": ns["sampling"], "sampling_kwargs": ns["sampling_kwargs"],
                 "future_steps": N, "context_samples": ns["context_samples"],
@@ -302,28 +324,30 @@ class EvalQuant(EvalRunner):
                 "seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
                 "sampling": opts.gen_sampling, "sampling_kwargs": opts.gen_kwargs(),
                 "context_samples": gen["context_samples"],
-                "steps_per_second": gen["steps_per_second"], **spectra}}
+                "steps_per_second": gen["steps_per_second"], **spectra,
+                "linear": gen["linear"]}}
 
     def _write_curves(self, tf: dict, ns: dict) -> None:
         m = self.model_name
         # 1. accuracy by position (teacher forcing)
-        curves = {m: tf["pos_acc"], REPEAT_LAST: tf["pos_rep"], UNIGRAM: tf["pos_uni"]}
+        curves = {m: tf["pos_acc"], REPEAT_LAST: tf["pos_rep"], UNIGRAM: tf["pos_uni"],
+                  **tf["pos_linear"]}
         self.curve("accuracy_by_position", tf["positions"], curves,
                    xlabel="History length (tokens)", ylabel="Next-token accuracy",
                    n_windows=tf["n_windows"],
                    nll_nats={m: tf["pos_nll"], UNIGRAM: tf["pos_uni_nll"]})
         fig, _ = plots.plot_curves(tf["positions"] / self.sfreq * 1e3, curves,
-                                   baselines=BASELINES, xlabel="History available (ms)",
+                                   baselines=self.baselines, xlabel="History available (ms)",
                                    ylabel="Next-token accuracy",
                                    title="Teacher-forced next-step accuracy (held-out)")
         self.figure(fig, "accuracy_by_position")
         # 2. history sweep (truncated contexts)
         n_h = len(tf["hist"])
         curves = {m: tf["hist_acc"], REPEAT_LAST: np.full(n_h, tf["hist_rep"]),
-                  UNIGRAM: np.full(n_h, tf["hist_uni"])}
+                  UNIGRAM: np.full(n_h, tf["hist_uni"]), **tf["hist_linear"]}
         self.curve("history_sweep", tf["hist"], curves, xlabel="Context length (tokens)",
                    ylabel="Next-token accuracy", sfreq=self.sfreq)
-        fig, _ = plots.plot_curves(tf["hist"], curves, baselines=BASELINES, logx=n_h > 2,
+        fig, _ = plots.plot_curves(tf["hist"], curves, baselines=self.baselines, logx=n_h > 2,
                                    xlabel="Context length (tokens)",
                                    ylabel="Next-token accuracy",
                                    title="Accuracy vs history length (truncated contexts)")
@@ -334,13 +358,13 @@ class EvalQuant(EvalRunner):
                    ylabel="Token accuracy", sampling=ns["sampling"],
                    sampling_kwargs=ns["sampling_kwargs"],
                    context_samples=ns["context_samples"])
-        fig, _ = plots.plot_curves(ns["k"], ns["acc"], baselines=BASELINES,
+        fig, _ = plots.plot_curves(ns["k"], ns["acc"], baselines=self.baselines,
                                    xlabel=f"Steps ahead (1 step = {1e3 / self.sfreq:.3g} ms)",
                                    ylabel="Token accuracy",
                                    title=f"N-step-ahead accuracy ({mode})")
         self.figure(fig, "nstep_accuracy")
         self.error_curves("nstep_rmse", ns["k"], ns["rmse"], xlabel="Steps ahead",
-                          baselines=BASELINES, sampling=ns["sampling"],
+                          baselines=self.baselines, sampling=ns["sampling"],
                           title="N-step-ahead error in signal units (held-out)")
 
     def _report(self, s: dict) -> report.MarkdownReport:
@@ -351,13 +375,16 @@ class EvalQuant(EvalRunner):
                  f"{s['n_channels']} channels, vocabulary {s['vocab_size']}. "
                  f"Device {s['device']}, precision {s['precision']}.")
         acc = s["next_step"]["accuracy"]
-        verdict = ("beats both baselines" if s["next_step"]["beats_baselines"]
-                   else "does NOT beat both baselines")
+        verdict = ("beats both naive baselines" if s["next_step"]["beats_baselines"]
+                   else "does NOT beat both naive baselines")
         rep.section("Next-step accuracy (teacher forced)")
         rep.table(["predictor", "accuracy", "NLL (nats)"],
                   [[k, v, s["next_step"]["nll_nats"].get(k)] for k, v in acc.items()])
         rep.text(f"{m} {verdict}. `repeat-last` repeats the previous token; `unigram` draws "
-                 "from each channel's training-set token distribution.")
+                 "from each channel's training-set token distribution; the AR and VAR "
+                 "predictions are re-quantized through the recorded mu-law step.")
+        linear = {k: acc[k] for k in s["next_step"]["beats_linear"]}
+        rep.text(self.linear_verdict("held-out next-token accuracy", acc[m], linear, True))
         rep.section(f"N-step-ahead ({ns['sampling']} rollouts from "
                     f"{ns['context_samples']}-sample contexts)")
         N = ns["future_steps"]
@@ -369,6 +396,7 @@ class EvalQuant(EvalRunner):
         rep.section(f"Free-running generation ({ge['seconds']:g} s, {ge['sampling']} "
                     f"{ge['sampling_kwargs']})")
         self.spectra_section(rep, ge)
+        self.linear_free_run_table(rep, ge["linear"])
         rep.text(f"Generation speed: {ge['steps_per_second']:.1f} steps/s. The generated "
                  "signal is in `generated_raw.fif` (`mne.io.read_raw_fif`).")
         self.figures_section(rep, [("accuracy_by_position", "Next-step accuracy vs history"),

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ephys_gpt.eval import plots, report, spectral
 from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
+from ephys_gpt.eval.linear import LinearBaselineOptions, LinearPredictor, fit_linear_baselines
 from ephys_gpt.eval.windows import full_window, spread_indices, to_signal, window_steps
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class RunnerOptions(BaseModel):
     seed: int = 0
     out_dir: str | None = Field(None, description="default <save_dir>/evals/<eval_class>")
     progress: bool = Field(True, description="show tqdm progress bars")
+    linear: LinearBaselineOptions | None = Field(
+        default_factory=LinearBaselineOptions,
+        description="the per-channel AR and multichannel VAR baselines fitted on the training "
+                    "split (orders chosen on the validation split when the test split is "
+                    "evaluated); null: none")
 
     @model_validator(mode="after")
     def _band(self):
@@ -146,6 +152,7 @@ class EvalRunner:
             raise ValueError(f"{self.name} needs save_dir in the run config or eval.out_dir")
         self.device = resolve_device(self.options.accelerator, self.options.device)
         self.files: list[Path] = []
+        self._linear: list[LinearPredictor] | None = None
 
     # -- the run ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,7 +226,8 @@ class EvalRunner:
         self.type_idx = {t: [i for i, c in enumerate(self.ch_types) if c == t]
                          for t in self.types}
         self.steps = list(ds.steps)
-        self.window = full_window(ds, 0)[0].shape[-1]
+        first = full_window(ds, 0)[0]
+        self.window, self.tokens = first.shape[-1], not first.is_floating_point()
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if opts.precision.startswith("bf16") else nullcontext())
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
@@ -274,6 +282,58 @@ class EvalRunner:
         """``psd_windows`` held-out windows in signal units (N, C, T), for the spectra."""
         batches = self.heldout(self.options.psd_windows, seed_offset=2)
         return torch.cat([self.to_signal(x, s) for x, _, s in batches]).numpy()
+
+    # -- linear baselines -------------------------------------------------------------------------
+    def linear_models(self) -> list[LinearPredictor]:
+        """The AR/VAR baselines (``options.linear``), fitted once on the training split; their
+        orders are chosen on the validation split when the test split is evaluated (BIC on the
+        training data otherwise, so the evaluated windows never choose a model)."""
+        if self._linear is None:
+            opts = self.options.linear
+            val = self._splits.val if self.options.split == "test" else None
+            self._linear = [] if opts is None else fit_linear_baselines(
+                self.train, val, opts, progress=self.options.progress)
+            for m in self._linear:
+                logger.info("%s: linear baseline %s fitted on the training split", self.name,
+                            m.name)
+        return self._linear
+
+    def linear_next(self, x: torch.Tensor, steps) -> dict[str, torch.Tensor]:
+        """Each linear baseline's teacher-forced prediction of ``x[..., t+1]`` at every ``t``
+        of ``x`` (B, C, T): tokens for token data (re-quantized through ``steps``), else
+        values in the model's units."""
+        x = x.cpu()
+        return {m.name: (m.predict_next_tokens(x, steps) if self.tokens else m.predict_next(x))
+                for m in self.linear_models()}
+
+    def linear_forecast(self, context: torch.Tensor, steps, n: int) -> dict[str, torch.Tensor]:
+        """Each linear baseline's ``n``-step recursive forecast (B, C, n) after ``context``."""
+        context = context.cpu()
+        return {m.name: (m.forecast_tokens(context, steps, n) if self.tokens
+                         else m.forecast(context, n)) for m in self.linear_models()}
+
+    def linear_free_run(self, context: torch.Tensor, steps, n: int,
+                        real: np.ndarray) -> dict[str, dict]:
+        """Each linear baseline run free for ``n`` samples after ``context`` with Gaussian
+        innovations of its residual covariance, compared with held-out data like the model's
+        generation: ``{name: {log_spectral_distance_db per type, covariance and correlation
+        similarity}}``."""
+        gen = torch.Generator().manual_seed(self.options.seed + 3)
+        context, out = context.cpu(), {}
+        for m in self.linear_models():
+            sim = (m.simulate_tokens(steps, n, context=context, generator=gen) if self.tokens
+                   else m.simulate(n, context=context, generator=gen))
+            spec = self.compare_spectra(self.to_signal(sim, steps).numpy(), real)
+            out[m.name] = {
+                "log_spectral_distance_db": {t: d["log_spectral_distance_db"]
+                                             for t, d in spec["types"].items()},
+                "covariance_similarity": spec["covariance_similarity"],
+                "correlation_similarity": spec["correlation_similarity"]}
+        return out
+
+    def linear_summary(self) -> dict:
+        """What each fitted linear baseline is (order, inputs, fit), for ``summary.json``."""
+        return {m.name: m.summary() for m in self.linear_models()}
 
     # -- errors per channel type -----------------------------------------------------------------
     def sq_errors(self, pred: torch.Tensor, true: torch.Tensor, steps) -> dict[str, np.ndarray]:
@@ -454,6 +514,36 @@ class EvalRunner:
                 "window_samples": self.window,
                 "units": {t: display_unit(t)[1] for t in self.types},
                 "alpha_band_hz": list(o.alpha_band)}
+
+    def linear_verdict(self, metric: str, model: float, values: dict[str, float],
+                       higher_is_better: bool) -> str:
+        """One plain sentence: how the model's ``metric`` compares with each linear baseline."""
+        if not values:
+            return "No linear baselines were fitted (eval.linear: null)."
+        parts = []
+        for name, v in values.items():
+            better = model > v if higher_is_better else model < v
+            ratio = model / v if v else float("nan")
+            parts.append(f"{'beats' if better else 'does not beat'} {name} "
+                         f"({report.fmt_value(model, 3)} vs {report.fmt_value(v, 3)}, "
+                         f"ratio {report.fmt_value(ratio, 3)})")
+        return (f"On {metric}, {self.model_name} " + "; it ".join(parts) + ". The AR and VAR "
+                "models are fitted by ridge least squares on the same training split "
+                "(ephys_gpt/eval/linear/); on linear-Gaussian data a long VAR is close to the "
+                "best possible predictor.")
+
+    def linear_free_run_table(self, rep: report.MarkdownReport, linear: dict) -> None:
+        """The linear baselines' free-running spectra and covariance against held-out data."""
+        if not linear:
+            return
+        types = list(next(iter(linear.values()))["log_spectral_distance_db"])
+        rep.text("The linear baselines run free from the same contexts (Gaussian innovations "
+                 "with their residual covariance), for reference:")
+        rep.table(["baseline", *[f"log-spectral distance {t} (dB)" for t in types],
+                   "covariance similarity"],
+                  [[k, *[v["log_spectral_distance_db"][t] for t in types],
+                    v["covariance_similarity"]["offdiag_correlation"]]
+                   for k, v in linear.items()])
 
     @staticmethod
     def spectra_section(rep: report.MarkdownReport, generation: dict) -> None:

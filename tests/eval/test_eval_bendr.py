@@ -71,11 +71,25 @@ def test_eval_bendr_writes_curves_figures_summary_and_fif(bendr_setup, tmp_path)
     assert (out / "report.md").read_text().startswith("# EvalBENDR")
     saved = json.loads((out / "summary.json").read_text())
     assert saved["model_name"] == "BENDRForecast" and saved["n_windows"] == summary["n_windows"]
-    # curves: model and repeat-last rows over the right horizon, finite
+    # curves: model, repeat-last, AR and VAR rows over the right horizon, finite
+    linear = list(summary["linear_baselines"])
+    assert [n.split("(")[0] for n in linear] == ["AR", "VAR"]
     curve = np.load(out / "nstep_rmse_normalized.npy", allow_pickle=False)
-    assert curve.shape == (3, 8) and np.isfinite(curve).all()
+    assert curve.shape == (5, 8) and np.isfinite(curve).all()
     meta = json.loads((out / "nstep_rmse_mag.json").read_text())
-    assert set(meta["curves"]) == {"BENDRForecast", "repeat-last"} and meta["unit"] == "fT"
+    assert list(meta["curves"]) == ["BENDRForecast", "repeat-last", *linear]
+    assert meta["unit"] == "fT"
+    # the AR and VAR figures are in the summary: 1-step, N-step and free-running spectra
+    for name in linear:
+        assert summary["one_step"]["rmse_mean"][name]["normalized"] > 0
+        assert name in summary["one_step"]["beats_linear"]
+        assert summary["nstep"]["rmse_at_8"][name]["normalized"] > 0
+        assert "mag" in summary["generation"]["linear"][name]["log_spectral_distance_db"]
+    # with a full history the AR fitted on the 10 Hz training data beats repeat-last (the
+    # channels' phases differ per session here, so the VAR's cross-channel terms do not carry)
+    one = json.loads((out / "one_step_rmse_normalized.json").read_text())["curves"]
+    assert one[linear[0]][-1] < 0.7 * one["repeat-last"][-1]
+    assert "On held-out 1-step RMSE" in (out / "report.md").read_text()
     # repeat-last error in signal units equals SCALE x the normalized one (invert_steps used)
     mag = np.load(out / "nstep_rmse_mag.npy", allow_pickle=False)
     assert np.allclose(mag[2], curve[2] * SCALE * 1e15, rtol=1e-4)

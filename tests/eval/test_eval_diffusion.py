@@ -61,20 +61,27 @@ def test_eval_diffusion_writes_all_outputs(tmp_path):
         assert (out / f"{fig}.png").is_file() and (out / f"{fig}.pdf").is_file()
     assert (out / "generated_raw.fif").is_file() and (out / "report.md").is_file()
     assert np.load(out / "unconditional_samples.npy").shape == (2, 3, 32)
+    linear = list(summary["linear_baselines"])
+    assert [n.split("(")[0] for n in linear] == ["AR", "VAR"]
     sweep = json.loads((out / "history_sweep.json").read_text())
-    assert sweep["x"] == [4.0, 16.0] and set(sweep["curves"]) == {"NTD", "repeat-last",
-                                                                   "zero (mean)"}
+    assert sweep["x"] == [4.0, 16.0] and list(sweep["curves"]) == ["NTD", "repeat-last",
+                                                                    "zero (mean)", *linear]
     rec = np.load(out / "recursive_rmse_normalized.npy")
-    assert rec.shape == (4, 20) and np.isfinite(rec).all()
+    assert rec.shape == (6, 20) and np.isfinite(rec).all()
     assert summary["sampling"] == {"steps": 3}
     assert json.loads((out / "summary.json").read_text())["horizon"]["future_steps"] == 8
     # the zero baseline's error is the held-out signal's RMS: finite and positive
     hz = summary["horizon"]
     assert hz["rmse_mean_normalized"]["zero (mean)"] > 0.1
     assert hz["n_samples"] == 3 and set(hz["rmse_mean_normalized"]) == {
-        "NTD", "NTD (single draw)", "repeat-last", "zero (mean)"}
+        "NTD", "NTD (single draw)", "repeat-last", "zero (mean)", *linear}
+    assert set(hz["beats_linear"]) == set(linear)
+    for name in linear:
+        assert set(summary["generation"]["linear"][name]["log_spectral_distance_db"]) == {
+            "mag", "grad"}
+        assert summary["recursive"]["rmse_mean_normalized"][name] > 0
     # a deterministic forecast's CRPS is its mean absolute error, so never above its RMSE
-    for p in ("repeat-last", "zero (mean)"):
+    for p in ("repeat-last", "zero (mean)", *linear):
         assert 0 < hz["crps_mean_normalized"][p] <= hz["rmse_mean_normalized"][p]
     assert "CRPS" in (out / "report.md").read_text()
 

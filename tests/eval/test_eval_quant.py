@@ -124,15 +124,26 @@ def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
 
     # the baselines' curves are stored beside the model's
     nstep = json.loads((out / "nstep_accuracy.json").read_text())
-    assert list(nstep["curves"]) == ["GPT2MEG", REPEAT_LAST, UNIGRAM]
+    linear = list(summary["linear_baselines"])
+    assert [n.split("(")[0] for n in linear] == ["AR", "VAR"]
+    assert list(nstep["curves"]) == ["GPT2MEG", REPEAT_LAST, UNIGRAM, *linear]
     assert nstep["x"] == list(range(1, 9)) and nstep["sampling"] == "greedy"
     arr = np.load(out / "nstep_accuracy.npy", allow_pickle=False)
-    assert arr.shape == (4, 8) and np.all((arr[1:] >= 0) & (arr[1:] <= 1))
+    assert arr.shape == (6, 8) and np.all((arr[1:] >= 0) & (arr[1:] <= 1))
     rmse = json.loads((out / "nstep_rmse_mag.json").read_text())
     assert rmse["unit"] == "fT" and all(v > 0 for v in rmse["curves"][UNIGRAM])
 
-    # a trained model must beat drawing tokens from the training distribution
+    # the AR and VAR baselines are scored on the same targets, in every part of the summary
     acc = summary["next_step"]["accuracy"]
+    for name in linear:
+        assert 0 < acc[name] <= 1 and name in summary["next_step"]["beats_linear"]
+        assert len(summary["history_sweep"][name]) == len(summary["history_sweep"]["accuracy"])
+        assert name in summary["nstep"]["accuracy_at_1"]
+        gen = summary["generation"]["linear"][name]
+        assert set(gen["log_spectral_distance_db"]) == {"mag", "grad"}
+    assert linear[1] in acc and acc[linear[1]] > acc[UNIGRAM]  # the VAR learns the rhythm
+    assert "On held-out next-token accuracy, GPT2MEG" in (out / "report.md").read_text()
+    # a trained model must beat drawing tokens from the training distribution
     assert acc["GPT2MEG"] > acc[UNIGRAM]
     assert summary["nstep"]["accuracy_at_1"]["GPT2MEG"] > summary["nstep"]["accuracy_at_1"][UNIGRAM]
     psd = summary["generation"]["psd"]
