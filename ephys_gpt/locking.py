@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
 import threading
@@ -330,3 +331,16 @@ def written_by_live_process(record: dict | None) -> bool:
         return False
     pid = record.get("pid")
     return pid != os.getpid() and process_alive(pid)
+
+
+def remove_unfinished(folder: Path, record: dict | None, what: str) -> bool:
+    """Remove ``folder``, unfinished work the toolkit marked (``record``, its marker), unless
+    the process that wrote it is still running here; log either way. True if removed."""
+    if written_by_live_process(record):
+        logger.info("leaving %s alone: %s is still writing it", folder, describe_holder(record))
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    logger.info("removed %s: %s%s", folder, what,
+                f" ({describe_holder(record)})" if record else "")
+    return True
+

@@ -42,10 +42,9 @@ from ephys_gpt.fileio import DiskFullError, disk_full_error, is_disk_full, write
 from ephys_gpt.locking import (
     MARKER_NAME,
     clear_in_progress,
-    describe_holder,
     in_progress,
     mark_in_progress,
-    written_by_live_process,
+    remove_unfinished,
 )
 from ephys_gpt.validation import describe
 
@@ -605,13 +604,8 @@ def clean_partial(root: str | os.PathLike) -> list[Path]:
                 logger.info("removed the empty temporary folder %s (left by an interrupted run)",
                             d)
             continue
-        if written_by_live_process(record):
-            logger.info("leaving %s alone: %s is still writing it", d, describe_holder(record))
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-        logger.info("removed %s: unfinished work of an interrupted run (%s)", d,
-                    describe_holder(record))
+        if remove_unfinished(d, record, "unfinished work of an interrupted run"):
+            removed.append(d)
     return removed
 
 

@@ -40,10 +40,9 @@ from ephys_gpt._optional import require
 from ephys_gpt.fileio import as_json, read_json_field, write_json_atomic
 from ephys_gpt.locking import (
     FolderLock,
-    describe_holder,
     in_progress,
     mark_in_progress,
-    written_by_live_process,
+    remove_unfinished,
 )
 from ephys_gpt.preprocessing.config import RecipeConfig, check_recipe_filters
 from ephys_gpt.preprocessing.discovery import Recording
@@ -188,13 +187,8 @@ def clean_partial(stage1_dir: str | os.PathLike) -> list[Path]:
         record = in_progress(d)
         if record is None and any(d.iterdir()):
             continue  # not provably ours
-        if written_by_live_process(record):
-            logger.info("leaving %s alone: %s is still writing it", d, describe_holder(record))
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-        logger.info("removed %s: temporary folder of an interrupted stage-1 run%s", d,
-                    f" ({describe_holder(record)})" if record else "")
+        if remove_unfinished(d, record, "temporary folder of an interrupted stage-1 run"):
+            removed.append(d)
     return removed
 
 
