@@ -333,14 +333,15 @@ def written_by_live_process(record: dict | None) -> bool:
     return pid != os.getpid() and process_alive(pid)
 
 
-def remove_unfinished(folder: Path, record: dict | None, what: str) -> bool:
+def remove_unfinished(folder: Path, record: dict | None, what: str,
+                      log: logging.Logger = logger) -> bool:
     """Remove ``folder``, unfinished work the toolkit marked (``record``, its marker), unless
-    the process that wrote it is still running here; log either way. True if removed."""
+    the process that wrote it is still running here; say which on ``log`` (the caller's
+    logger). True if removed."""
     if written_by_live_process(record):
-        logger.info("leaving %s alone: %s is still writing it", folder, describe_holder(record))
+        log.info("leaving %s alone: %s is still writing it", folder, describe_holder(record))
         return False
     shutil.rmtree(folder, ignore_errors=True)
-    logger.info("removed %s: %s%s", folder, what,
-                f" ({describe_holder(record)})" if record else "")
+    log.info("removed %s: %s%s", folder, what, f" ({describe_holder(record)})" if record else "")
     return True
 

@@ -604,7 +604,7 @@ def clean_partial(root: str | os.PathLike) -> list[Path]:
                 logger.info("removed the empty temporary folder %s (left by an interrupted run)",
                             d)
             continue
-        if remove_unfinished(d, record, "unfinished work of an interrupted run"):
+        if remove_unfinished(d, record, "unfinished work of an interrupted run", logger):
             removed.append(d)
     return removed
 

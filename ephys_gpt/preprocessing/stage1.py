@@ -187,7 +187,7 @@ def clean_partial(stage1_dir: str | os.PathLike) -> list[Path]:
         record = in_progress(d)
         if record is None and any(d.iterdir()):
             continue  # not provably ours
-        if remove_unfinished(d, record, "temporary folder of an interrupted stage-1 run"):
+        if remove_unfinished(d, record, "temporary folder of an interrupted stage-1 run", logger):
             removed.append(d)
     return removed
 
