@@ -47,7 +47,8 @@ class Emu3VisionVQConfig:
 
     ch: int = 32                          # base width of the 2-D encoder/decoder
     ch_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; spatial factor 2**(len-1)
-    num_res_blocks: int = 1               # ResNet blocks per level (and per temporal stage)
+    num_res_blocks: int = 1               # ResNet blocks per level, encoder and decoder alike,
+                                          # and per temporal stage
     attn_levels: tuple[int, ...] = ()     # levels with per-frame self-attention (0 = full size)
     mid_attention: bool = True            # attention in the middle block
     z_channels: int = 32                  # width of the temporal part
@@ -99,8 +100,10 @@ class SpatialNorm(nn.Module):
         f = self.norm(f)
         if self.scale is None:
             return f
-        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-        return f * self.scale(zq) + self.shift(zq)
+        # 1x1 convolutions commute with nearest resizing: modulate at zq's (small) size
+        scale = F.interpolate(self.scale(zq), size=f.shape[-2:], mode="nearest")
+        shift = F.interpolate(self.shift(zq), size=f.shape[-2:], mode="nearest")
+        return f * scale + shift
 
 
 class ResBlock2d(nn.Module):
@@ -189,7 +192,7 @@ class FrameDecoder(nn.Module):
             level = nn.Module()
             level.blocks = nn.ModuleList(ResBlock2d(cin if i == 0 else cout, cout, g, d,
                                                     cfg.dropout)
-                                         for i in range(cfg.num_res_blocks + 1))
+                                         for i in range(cfg.num_res_blocks))
             level.attn = FrameSelfAttention(cout, g) if lvl in cfg.attn_levels else None
             level.up = nn.Conv2d(cout, cout, 3, padding=1) if lvl > 0 else None
             self.levels.append(level)
