@@ -19,6 +19,7 @@ import ephys_gpt
 _COMMAND_MODULES = [
     "ephys_gpt.preprocessing.commands",  # simulate, preprocess, convert-legacy
     "ephys_gpt.training.commands",       # train, test, eval, list-models
+    "ephys_gpt.tokenizers.commands",     # tokenizer
     "ephys_gpt.demo",                    # demo
 ]
 
