@@ -57,7 +57,7 @@ class Emu3VisionVQConfig:
     codebook_size: int = 512              # K, codes per quantizer stage
     num_quantizers: int = 1               # Q; > 1: residual VQ
     commitment_weight: float = 0.25
-    ema_decay: float = 0.99
+    ema_decay: float = 0.9                # EMA decay of the codebook (0.99 lets codes collapse)
     kmeans_init: bool = True
     dead_code_threshold: float = 0.5
     groups: int = 8                       # GroupNorm groups

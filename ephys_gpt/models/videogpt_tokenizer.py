@@ -45,7 +45,7 @@ class VideoGPTTokenizerConfig:
     codebook_size: int = 512             # K, codes per quantizer stage
     num_quantizers: int = 1              # Q; > 1: residual VQ
     commitment_weight: float = 0.25      # weight of the commitment loss
-    ema_decay: float = 0.99              # EMA decay of the codebook
+    ema_decay: float = 0.9               # EMA decay of the codebook (0.99 lets codes collapse)
     kmeans_init: bool = True             # codebook from k-means on the first training batch
     dead_code_threshold: float = 0.5     # re-seed codes used less than this per batch (EMA)
     attention: bool = True               # axial attention in the residual blocks
