@@ -144,3 +144,15 @@ def test_config_errors_are_clear():
         Emu3VisionVQConfig(temporal_downsample=3)
     with pytest.raises(ValueError, match=r"attn_levels \[5\]"):
         Emu3VisionVQConfig(attn_levels=(5,))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_bf16_autocast_forward_is_finite_and_codes_in_range(spec):
+    model = _trained(spec).train()
+    x = model.example_inputs(batch_size=2, seq_len=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        codes = model.eval().encode(x)
+    assert torch.isfinite(out.prediction.float()).all()
+    assert all(torch.isfinite(v) for v in out.aux_losses.values())
+    assert int(codes.min()) >= 0 and int(codes.max()) < model.codebook_size
