@@ -221,8 +221,10 @@ class FrameDecoder(nn.Module):
                  "codebook_size": 16, "groups": 4, "image_size": (8, 8)},
     default_loss="VQVAELoss", config_class=Emu3VisionVQConfig)
 class Emu3VisionVQ(VQVideoTokenizer):
-    """Emu3/MoVQ-style tokenizer (per-frame 2-D encoder, causal temporal down/up-sampling,
-    spatially-normalized decoder): images (B, H, W, T) ↔ codes (B, T', H', W')."""
+    """Emu3/MoVQ-style VQ tokenizer: images (B, H, W, T) ↔ block-causal codes (B, T', H', W').
+
+    Per-frame 2-D encoder, causal temporal down/up-sampling, spatially-normalized decoder
+    (see the module docstring)."""
 
     def __init__(self, **config):
         super().__init__()

@@ -97,7 +97,7 @@ def _steps(downsample: tuple[int, int, int]) -> list[tuple[int, int, int]]:
                  "embed_dim": 8, "codebook_size": 16, "groups": 4, "image_size": (8, 8)},
     default_loss="VQVAELoss", config_class=VideoGPTTokenizerConfig)
 class VideoGPTTokenizer(VQVideoTokenizer):
-    """VQ-VAE with causal 3-D convs + axial attention: images (B, H, W, T) ↔ codes (B, T', H', W')."""
+    """VQ-VAE, 3-D convs + axial attention: images (B, H, W, T) ↔ block-causal codes (B, T', H', W')."""
 
     def __init__(self, **config):
         super().__init__()
