@@ -391,9 +391,11 @@ class EvalVQ(EvalRunner):
                  f"{s['n_channels']} channels, reconstructed from their codes and read at the "
                  "sensors.")
         rep.section("Reconstruction")
-        rows = [["variance explained (all channels)", s["variance_explained"], 0.0],
+        rows = [["variance explained (all channels, normalized units)",
+                 s["variance_explained"], 0.0],
                 ["correlation (mean over channels)", s["correlation_mean"], None]]
         for t, d in s["channel_types"].items():
+            rows.append([f"variance explained {t} ({d['unit']})", d["variance_explained"], 0.0])
             rows.append([f"RMSE {t} ({d['unit']})", d["rmse"], d["rmse_mean_baseline"]])
             rows.append([f"PSD log-spectral distance {t} (dB)", d["log_spectral_distance_db"],
                          None])
