@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "ephys_gpt.preprocessing.commands",  # simulate, preprocess, convert-legacy
     "ephys_gpt.training.commands",       # train, test, list-models
     "ephys_gpt.eval.commands",           # eval
+    "ephys_gpt.tokenizers.commands",     # tokenizer
     "ephys_gpt.demo",                    # demo
 ]
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 RUN = [p for p in CONFIGS if isinstance(read_yaml(p), dict) and "model_name" in read_yaml(p)]
 PREPROCESS = [p for p in CONFIGS if p not in RUN and "preproc_config" in (read_yaml(p) or {})]
+TOKENIZER = [p for p in CONFIGS if p not in RUN and "tokenizer" in (read_yaml(p) or {})]
 IDS = lambda paths: [str(p.relative_to(ROOT / "configs")) for p in paths]  # noqa: E731
 
 
@@ -74,7 +75,8 @@ def _overrides(path: Path, raw: dict, stores: dict, tmp_path: Path) -> list[str]
 
 
 def test_every_yaml_is_checked():
-    known = set(RUN) | set(PREPROCESS) | {p for p in CONFIGS if p.resolve() in MODEL_YAMLS}
+    known = set(RUN) | set(PREPROCESS) | set(TOKENIZER) | {
+        p for p in CONFIGS if p.resolve() in MODEL_YAMLS}
     unchecked = [str(p) for p in CONFIGS if p not in known]
     assert not unchecked, f"YAML files no test validates: {unchecked}"
     assert len(RUN) >= 6  # gpt2meg, stgpt2meg, wavenetfullchannel: train + eval each
@@ -114,6 +116,18 @@ def test_preprocess_config_validates(path, tmp_path):
     (tmp_path / "raw").mkdir()
     load_preprocess_config(path, [f"data_path={tmp_path / 'raw'}",
                                   f"save_folder={tmp_path / 'out'}"])
+
+
+@pytest.mark.parametrize("path", TOKENIZER, ids=IDS(TOKENIZER))
+def test_tokenizer_config_validates(path, stores, tmp_path):
+    from ephys_gpt.tokenizers.commands import load_tokenizer_config
+
+    raw = read_yaml(path)
+    cfg = load_tokenizer_config(path, [f"datasplitter.dataset_root={stores['continuous']}",
+                                       f"save_dir={tmp_path / 'tok'}"])
+    assert cfg["tokenizer"] == raw["tokenizer"]
+    for value in (raw.get("save_dir"), (raw.get("datasplitter") or {}).get("dataset_root")):
+        assert not (isinstance(value, str) and Path(value).is_absolute()), f"{path}: absolute path"
 
 
 TRAIN = [p for p in RUN if read_yaml(p).get("eval") is None

@@ -16,7 +16,9 @@ class                          ``input_kind``     item
                                                   (C, T), pos_2d float32 (C, 2), ch_type int64
                                                   (C,) codes from :data:`CH_TYPE_CODES`; target
                                                   x (``target_shift=0``) or x shifted by one
-``ChunkDatasetImage``          ``image``          float32 ``(img, img)``, each (H, W, T)
+``ChunkDatasetImage``          ``image``          ``(img, SensorTarget(signal, pixels))``: img
+                                                  float32 (H, W, T), signal float32 (C, T),
+                                                  pixels int64 (C,)
 ``ChunkDatasetImageQuantized`` ``image_tokens``   int64 ``(img[..., :-1], img[..., 1:])``, (H, W, T)
 =============================  =================  ===============================================
 
@@ -42,8 +44,13 @@ from ephys_gpt.codec import mulaw_quantize, mulaw_step
 from ephys_gpt.dataset.augmentations import Augmentations, as_augmentations
 from ephys_gpt.dataset.image_layout import (
     DEFAULT_IMAGE_SIZE,
+    DenseMap,
     ImageLayout,
+    SensorTarget,
+    channels_to_dense_image,
+    channels_to_image,
     compute_image_layout,
+    dense_map,
     image_to_channels,
 )
 from ephys_gpt.dataset.indexing import build_indices, seconds_to_samples
@@ -423,52 +430,99 @@ class ChunkDatasetReconstruction(ChunkWindowDataset):
 
 
 class _ImageMixin:
-    """Sensor images (see ``image_layout.py``); sets ``self.image_layout``."""
+    """Sensor images (see ``image_layout.py``); sets ``self.image_layout`` (and, for dense
+    images, ``self.dense_map``)."""
 
-    def _init_image(self, image_size, planes: str) -> None:
+    def _init_image(self, image_size, planes: str, interpolation: str | None,
+                    sigma: float | None, fill_value: float) -> None:
         self.image_layout: ImageLayout = compute_image_layout(
             self.pos_2d, self.ch_types, image_size=image_size, planes=planes)
         self.image_shape = (self.image_layout.height, self.image_layout.width)
         self._flat = self.image_layout.flat_index
+        self._pixels = torch.as_tensor(self._flat, dtype=torch.int64)
+        check_number(fill_value, "fill_value")
+        self.fill_value = float(fill_value)
+        self.interpolation = interpolation
+        self.dense_map: DenseMap | None = None
+        if interpolation is not None:
+            self.dense_map = dense_map(self.image_layout, interpolation, sigma)
+        elif sigma is not None:
+            raise ValueError("sigma only applies to dense images; set interpolation: gaussian "
+                             "(or linear), or drop sigma")
+
+    @property
+    def pixel_mask(self) -> np.ndarray:
+        """``(H, W)`` bool: pixels that carry data (sensor pixels; with ``interpolation``,
+        every interpolated pixel too). The others hold ``fill_value``."""
+        if self.dense_map is not None:
+            return self.dense_map.covered
+        return self.image_layout.mask
 
     def _to_image(self, x: np.ndarray, fill) -> np.ndarray:
+        if self.dense_map is not None:
+            return channels_to_dense_image(x, self.image_layout, self.dense_map, fill)
         h, w = self.image_shape
         img = np.full((h * w, x.shape[-1]), fill, dtype=x.dtype)
         img[self._flat] = x
         return img.reshape(h, w, x.shape[-1])
 
     def image_to_channels(self, img):
-        """``(..., H, W, T)`` image(s) → ``(..., C, T)`` channels (numpy or torch)."""
+        """``(..., H, W, T)`` image(s) → ``(..., C, T)`` channels (numpy or torch; exact for
+        sparse and dense images: sensor pixels hold the sensor values)."""
         return image_to_channels(img, self.image_layout)
+
+    def channels_to_image(self, x):
+        """``(..., C, T)`` channels → images as this dataset makes them (sparse or dense,
+        ``fill_value`` on empty pixels); numpy or torch."""
+        if self.dense_map is not None:
+            return channels_to_dense_image(x, self.image_layout, self.dense_map,
+                                           self.fill_value)
+        return channels_to_image(x, self.image_layout, fill=self.fill_value)
 
 
 @register_dataset
 class ChunkDatasetImage(_ImageMixin, ChunkWindowDataset):
-    """Sparse sensor images: float32 ``(img, img)``, each (H, W, T); empty pixels are 0.
+    """Sensor images with a channel-space target: ``(img, SensorTarget(signal, pixels))``.
 
-    Extra arguments: ``image_size`` (int or (H, W), default 32) and ``planes`` (``"single"``
-    or ``"by_type"``, see ``image_layout.py``).
+    ``img`` float32 (H, W, T); the target holds the window's channels ``signal`` float32
+    (C, T) and each channel's flat pixel index ``pixels`` int64 (C,), so losses and metrics
+    of the signal are computed at the sensors, in channel space (never on empty or
+    interpolated pixels; see :func:`~ephys_gpt.dataset.image_layout.gather_channels`).
+
+    Extra arguments:
+
+    - ``image_size`` (int or (H, W), default 32) and ``planes`` (``"single"`` or
+      ``"by_type"``), see ``image_layout.py``;
+    - ``interpolation``: None (default) for sparse images (one pixel per sensor), or
+      ``"gaussian"`` / ``"linear"`` for dense images (:func:`~ephys_gpt.dataset.image_layout.
+      dense_map`); ``sigma``: the Gaussian width in pixels (default: from the sensor spacing);
+    - ``fill_value`` (default 0.0): the value of pixels without data.
     """
 
     input_kind = "image"
 
     def __init__(self, metas, indices, window_samples, *,
                  image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                 planes: str = "single", **kwargs):
+                 planes: str = "single", interpolation: str | None = None,
+                 sigma: float | None = None, fill_value: float = 0.0, **kwargs):
         super().__init__(metas, indices, window_samples, **kwargs)
-        self._init_image(image_size, planes)
+        self._init_image(image_size, planes, interpolation, sigma, fill_value)
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(self._to_image(self.read_continuous(i), 0.0))  # (H, W, T)
-        return img, img
+        x = self.read_continuous(i)  # (C, T)
+        img = torch.from_numpy(self._to_image(x, self.fill_value))  # (H, W, T)
+        return img, SensorTarget(torch.from_numpy(x), self._pixels)
 
 
 @register_dataset
 class ChunkDatasetImageQuantized(_ImageMixin, ChunkWindowDataset):
     """Sensor images of tokens with a one-step shift: int64 ``(img[..., :-1], img[..., 1:])``.
 
-    Empty pixels hold the token of a zero signal (``2**(n_bits-1)`` for mu-law), so they read
-    as silence when decoded. Same extra arguments as :class:`ChunkDatasetImage`.
+    Pixels without data hold the token of the signal value ``fill_value`` (default 0.0: the
+    token of a zero signal, ``2**(n_bits-1)`` for mu-law), so they read as silence when
+    decoded. Same extra arguments as :class:`ChunkDatasetImage`; dense images
+    (``interpolation``) are interpolated in signal units, then quantized, so they need a
+    continuous store with ``quantize``.
     """
 
     input_kind = "image_tokens"
@@ -477,11 +531,37 @@ class ChunkDatasetImageQuantized(_ImageMixin, ChunkWindowDataset):
 
     def __init__(self, metas, indices, window_samples, *,
                  image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                 planes: str = "single", **kwargs):
+                 planes: str = "single", interpolation: str | None = None,
+                 sigma: float | None = None, fill_value: float = 0.0, **kwargs):
         super().__init__(metas, indices, window_samples, **kwargs)
-        self._init_image(image_size, planes)
-        self.empty_token = int(mulaw_quantize(np.zeros(1, np.float32), self.n_bits, 1.0)[0])
+        self._init_image(image_size, planes, interpolation, sigma, fill_value)
+        if interpolation is not None and self.quantize is None:
+            raise ValueError(f"{type(self).__name__}: dense images (interpolation="
+                             f"{interpolation!r}) are interpolated in signal units, but "
+                             f"{self.metas[0].path} holds tokens; use a continuous store with "
+                             "quantize={n_bits: ..., scale: ...}")
+        scale = self.quantize["scale"] if self.quantize else 1.0
+        scale = float(np.median(scale)) if not np.isscalar(scale) else float(scale)
+        self.empty_token = int(mulaw_quantize(np.full(1, self.fill_value, np.float32),
+                                              self.n_bits, scale)[0])
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(self._to_image(self.read_tokens(i), self.empty_token))
+        if self.dense_map is not None:
+            img = self._to_image(self.read_continuous(i), self.fill_value)
+            img = mulaw_quantize(img, self.quantize["n_bits"], self._pixel_scale()
+                                 ).astype(np.int64)
+            img[~self.dense_map.covered] = self.empty_token
+            img = torch.from_numpy(img)
+        else:
+            img = torch.from_numpy(self._to_image(self.read_tokens(i), self.empty_token))
         return img[..., :-1], img[..., 1:]
+
+    def _pixel_scale(self):
+        """The mu-law scale of every pixel of a dense image: the configured scale, or for
+        per-channel scales, the interpolation of the channels' scales ((H, W, 1))."""
+        scale = self.quantize["scale"]
+        if np.isscalar(scale):
+            return float(scale)
+        s = np.asarray(scale, dtype=np.float32)
+        h, w = self.image_shape
+        return np.asarray(self.dense_map.matrix @ s).reshape(h, w, 1).clip(min=1e-12)

@@ -26,6 +26,19 @@ chosen with ``planes``:
   (gradiometer pairs), one plane per member (``grad``, ``grad#2``...). Planes share the same
   position scaling and are tiled side by side along the width, so the image is
   ``H x (P * W)``. Every plane is a clean topography of one sensor kind.
+
+Sparse and dense images
+-----------------------
+A *sparse* image (:func:`channels_to_image`) holds each sensor on its pixel and a fill value
+elsewhere (:attr:`ImageLayout.mask` marks the sensor pixels). A *dense* image
+(:func:`dense_map` + :func:`channels_to_dense_image`) also fills the pixels between sensors by
+a fixed linear interpolation (Gaussian-weighted or piecewise linear), which suits
+convolutional tokenizers; the sensor pixels still hold the sensor values exactly, so the
+inverse back to channels is exact in both cases.
+
+Losses and metrics of a *signal* never look at empty or interpolated pixels: image datasets
+give their target in channel space (:class:`SensorTarget`: the window ``(C, T)`` and each
+channel's pixel), and :func:`gather_channels` reads a predicted image at the sensor pixels.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -251,3 +265,189 @@ def image_to_channels(img, layout: ImageLayout):
     if isinstance(img, torch.Tensor):
         return flat[..., torch.as_tensor(layout.flat_index, device=img.device), :]
     return flat[..., layout.flat_index, :]
+
+
+# -- channel-space targets -------------------------------------------------------------------
+
+class SensorTarget(NamedTuple):
+    """The target of an image item, in channel space (what a "signal" loss compares with).
+
+    Attributes
+    ----------
+    signal : torch.Tensor
+        float32 ``(C, T)`` (batched ``(B, C, T)``): the window's channels, in the store's
+        (normalized) units.
+    pixels : torch.Tensor
+        int64 ``(C,)`` (batched ``(B, C)``): the flat index ``row * W + col`` of each
+        channel's pixel in the ``H x W`` image (:attr:`ImageLayout.flat_index`).
+
+    A loss reads the prediction at the sensor pixels with :func:`gather_channels` and compares
+    it with ``signal``; empty (or interpolated) pixels never enter a signal error. The
+    DataLoader's default collate batches it like a tuple of tensors.
+    """
+
+    signal: torch.Tensor
+    pixels: torch.Tensor
+
+
+def gather_channels(img: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Read images at sensor pixels: ``img (B, H, W, T)`` and ``pixels (C,)`` or ``(B, C)``
+    (flat pixel indices, e.g. :attr:`SensorTarget.pixels`) → ``(B, C, T)``."""
+    if img.ndim != 4:
+        raise ValueError(f"expected images (B, H, W, T), got shape {tuple(img.shape)}")
+    b, h, w, t = img.shape
+    pixels = pixels.to(img.device).long()
+    if pixels.ndim == 1:
+        pixels = pixels.expand(b, -1)
+    if pixels.ndim != 2 or pixels.shape[0] != b:
+        raise ValueError(f"pixels must be (C,) or (B={b}, C), got shape {tuple(pixels.shape)}")
+    if int(pixels.max()) >= h * w or int(pixels.min()) < 0:
+        raise ValueError(f"pixel index {int(pixels.max())} is outside the {h}x{w} image: the "
+                         "images and the target come from different image layouts")
+    flat = img.reshape(b, h * w, t)
+    return flat.gather(1, pixels[..., None].expand(-1, -1, t))
+
+
+# -- dense images --------------------------------------------------------------------------
+
+INTERPOLATIONS = ("gaussian", "linear")
+_GAUSS_CUTOFF = 4.0  # weights beyond this many sigmas are 0
+
+
+@dataclass(frozen=True, eq=False)
+class DenseMap:
+    """A linear map from channels to a dense image (:func:`dense_map`).
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        ``(H * W, C)`` float32; ``image.reshape(H * W, T) = matrix @ x`` (plus ``fill`` on
+        the pixels that are not ``covered``). The row of a sensor's pixel is that sensor's
+        one-hot row, so sensor pixels carry the sensor values exactly and
+        :func:`image_to_channels` inverts the map exactly.
+    covered : np.ndarray
+        ``(H, W)`` bool: pixels that get a value (sensor pixels and interpolated ones).
+    method : str
+        ``"gaussian"`` or ``"linear"``.
+    sigma : float
+        Gaussian width in pixels (also used by ``"linear"`` outside the sensors' hull).
+    """
+
+    matrix: Any
+    covered: np.ndarray
+    method: str
+    sigma: float
+
+
+def dense_map(layout: ImageLayout, method: str = "gaussian",
+              sigma: float | None = None) -> DenseMap:
+    """Interpolation from a layout's sensor pixels to every pixel of its planes.
+
+    Each plane (``planes="by_type"`` tiles several) is interpolated from its own sensors only.
+
+    - ``"gaussian"``: a pixel takes the Gaussian-weighted mean of the sensors within
+      ``4 * sigma`` pixels, ``w = exp(-d² / (2 sigma²))`` with ``d`` the distance to the
+      sensor's pixel; ``sigma`` defaults to 0.75 x the median distance from a sensor pixel to
+      its nearest neighbour. Pixels with no sensor within reach are not ``covered``.
+    - ``"linear"``: inside the convex hull of the plane's sensor pixels, barycentric (piecewise
+      linear) interpolation on their Delaunay triangulation, continuous and equal to the
+      sensor values at the sensors; outside the hull, the Gaussian rule.
+
+    Sensor pixels always keep their sensor's value (the inverse is exact: read the sensor
+    pixels back with :func:`image_to_channels`). Cached per layout and settings.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)} (or null for "
+                         f"sparse images), got {method!r}")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+                              or not 0 < sigma < 1e3):
+        raise ValueError(f"sigma must be a positive number of pixels, got {sigma!r}")
+    return _cached_dense_map(layout, method, None if sigma is None else float(sigma))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dense_map(layout: ImageLayout, method: str, sigma: float | None) -> DenseMap:
+    import scipy.sparse as sp
+
+    h, pw = layout.height, layout.plane_width
+    plane_of = layout.cols // pw
+    rows_all, cols_all, vals_all = [], [], []
+    sigmas = []
+    for p in range(len(layout.planes)):
+        members = np.flatnonzero(plane_of == p)
+        pts = np.stack([layout.rows[members], layout.cols[members] - p * pw], 1).astype(float)
+        s = sigma if sigma is not None else _default_sigma(pts)
+        sigmas.append(s)
+        w = _plane_weights(pts, h, pw, method, s)  # (h * pw, n_p)
+        for k in range(len(members)):  # sensor pixels: exactly their sensor
+            w[int(pts[k, 0]) * pw + int(pts[k, 1])] = 0.0
+            w[int(pts[k, 0]) * pw + int(pts[k, 1]), k] = 1.0
+        pix, sens = np.nonzero(w)
+        r, c = np.divmod(pix, pw)
+        rows_all.append(r * layout.width + c + p * pw)
+        cols_all.append(members[sens])
+        vals_all.append(w[pix, sens])
+    n_pix = h * layout.width
+    matrix = sp.csr_matrix((np.concatenate(vals_all).astype(np.float32),
+                            (np.concatenate(rows_all), np.concatenate(cols_all))),
+                           shape=(n_pix, layout.n_channels), dtype=np.float32)
+    covered = (np.asarray(matrix.getnnz(axis=1)) > 0).reshape(h, layout.width)
+    return DenseMap(matrix=matrix, covered=covered, method=method, sigma=float(np.mean(sigmas)))
+
+
+def _default_sigma(pts: np.ndarray) -> float:
+    if len(pts) < 2:
+        return 1.0
+    d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return max(0.5, 0.75 * float(np.median(d.min(axis=1))))
+
+
+def _plane_weights(pts: np.ndarray, h: int, w: int, method: str, sigma: float) -> np.ndarray:
+    """``(h * w, n)`` row-normalized interpolation weights of one plane's pixels."""
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    d2 = ((grid[:, None, :] - pts[None]) ** 2).sum(-1)
+    g = np.exp(-d2 / (2 * sigma ** 2))
+    g[d2 > (_GAUSS_CUTOFF * sigma) ** 2] = 0.0
+    total = g.sum(1, keepdims=True)
+    weights = np.divide(g, total, out=np.zeros_like(g), where=total > 0)
+    if method == "linear" and len(pts) >= 3:
+        from scipy.spatial import Delaunay, QhullError
+
+        try:
+            tri = Delaunay(pts)
+        except QhullError:  # collinear sensors: no triangles, the Gaussian rule everywhere
+            logger.debug("linear interpolation: sensors are collinear; using the Gaussian rule")
+            return weights
+        simplex = tri.find_simplex(grid.astype(float))
+        inside = np.flatnonzero(simplex >= 0)
+        t = tri.transform[simplex[inside]]  # (m, 3, 2)
+        b = np.einsum("mij,mj->mi", t[:, :2], grid[inside] - t[:, 2])
+        bary = np.concatenate([b, 1 - b.sum(1, keepdims=True)], 1)  # (m, 3)
+        weights[inside] = 0.0
+        verts = tri.simplices[simplex[inside]]  # (m, 3)
+        sub = weights[inside]  # a copy (fancy indexing): fill it, then write it back
+        np.put_along_axis(sub, verts, np.clip(bary, 0.0, 1.0), 1)
+        weights[inside] = sub / sub.sum(1, keepdims=True)
+    return weights
+
+
+def channels_to_dense_image(x, layout: ImageLayout, dmap: DenseMap, fill: float = 0.0):
+    """``(..., C, T)`` channels → dense ``(..., H, W, T)`` images through ``dmap``
+    (numpy or torch; pixels not ``covered`` hold ``fill``)."""
+    c, t = x.shape[-2], x.shape[-1]
+    if c != layout.n_channels:
+        raise ValueError(f"signal has {c} channels but the image layout maps "
+                         f"{layout.n_channels}")
+    h, w = layout.height, layout.width
+    lead = tuple(x.shape[:-2])
+    cov = dmap.covered.reshape(-1)
+    if isinstance(x, torch.Tensor):
+        m = torch.as_tensor(dmap.matrix.toarray(), dtype=x.dtype, device=x.device)
+        img = torch.einsum("pc,...ct->...pt", m, x)
+        img[..., torch.as_tensor(~cov, device=x.device), :] = fill
+        return img.reshape(*lead, h, w, t)
+    flat = x.reshape(-1, c, t)
+    img = np.stack([np.asarray(dmap.matrix @ s, dtype=x.dtype) for s in flat])  # (N, HW, T)
+    img[:, ~cov] = fill
+    return img.reshape(*lead, h, w, t)

@@ -226,12 +226,17 @@ class EvalRunner:
         self.type_idx = {t: [i for i, c in enumerate(self.ch_types) if c == t]
                          for t in self.types}
         self.steps = list(ds.steps)
-        first = full_window(ds, 0)[0]
+        first = self.first_window(ds)
         self.window, self.tokens = first.shape[-1], not first.is_floating_point()
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if opts.precision.startswith("bf16") else nullcontext())
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.cpu_generator = torch.Generator().manual_seed(opts.seed)
+
+    def first_window(self, dataset) -> torch.Tensor:
+        """The first held-out window in channel space, (C, T): its length and kind (tokens or
+        continuous) set ``self.window`` and ``self.tokens``."""
+        return full_window(dataset, 0)[0]
 
     def _build_splits(self):
         from ephys_gpt.training.run_folder import run_splits

@@ -142,11 +142,59 @@ def test_image_items_round_trip(make_store):
     ds = ChunkDatasetImage.from_root(make_store(), example_seconds=0.1, image_size=8)
     img, target = ds[4]
     assert img.shape == (8, 8, 10) and img.dtype == torch.float32
-    assert torch.equal(img, target)
     raw = _raw(ds, 4)
     np.testing.assert_array_equal(ds.image_to_channels(img).numpy(), raw)
     mask = ds.image_layout.mask
     assert mask.sum() == 4 and (img.numpy()[~mask] == 0).all()
+    # the target is the window in channel space, with each channel's pixel
+    assert target.signal.shape == (4, 10) and target.signal.dtype == torch.float32
+    np.testing.assert_array_equal(target.signal.numpy(), raw)
+    assert target.pixels.dtype == torch.int64
+    np.testing.assert_array_equal(target.pixels.numpy(), ds.image_layout.flat_index)
+
+
+def test_image_fill_value_and_dense_images(make_store):
+    from ephys_gpt.dataset.image_layout import SensorTarget, gather_channels
+
+    root = make_store(n_channels=12)
+    sparse = ChunkDatasetImage.from_root(root, example_seconds=0.1, image_size=8,
+                                         fill_value=-3.0)
+    img, _ = sparse[2]
+    assert (img.numpy()[~sparse.image_layout.mask] == -3.0).all()
+    np.testing.assert_array_equal(sparse.pixel_mask, sparse.image_layout.mask)
+    dense = ChunkDatasetImage.from_root(root, example_seconds=0.1, image_size=8,
+                                        interpolation="gaussian", fill_value=-3.0)
+    dimg, target = dense[2]
+    raw = _raw(dense, 2)
+    np.testing.assert_array_equal(dense.image_to_channels(dimg).numpy(), raw)  # exact
+    assert dense.pixel_mask.sum() > 2 * 12  # the gaps between sensors are filled
+    assert (dimg.numpy()[~dense.pixel_mask] == -3.0).all()
+    assert not (dimg.numpy()[dense.pixel_mask & ~dense.image_layout.mask] == -3.0).any()
+    torch.testing.assert_close(dense.channels_to_image(target.signal), dimg)
+    # batches collate to a SensorTarget whose pixels read the images back exactly
+    imgs, tgt = next(iter(DataLoader(dense, batch_size=3)))
+    assert isinstance(tgt, SensorTarget) and tgt.signal.shape == (3, 12, 10)
+    torch.testing.assert_close(gather_channels(imgs, tgt.pixels), tgt.signal)
+    with pytest.raises(ValueError, match="sigma only applies to dense images"):
+        ChunkDatasetImage.from_root(root, example_seconds=0.1, image_size=8, sigma=1.0)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        ChunkDatasetImage.from_root(root, example_seconds=0.1, image_size=8,
+                                    interpolation="cubic")
+
+
+def test_image_quantized_dense_and_fill(make_store):
+    root = make_store(n_channels=12)
+    ds = ChunkDatasetImageQuantized.from_root(root, example_seconds=0.1, image_size=8,
+                                              interpolation="linear", fill_value=0.5,
+                                              quantize={"n_bits": 8, "scale": 2.0})
+    x, y = ds[1]
+    tokens = mulaw_quantize(_raw(ds, 1), 8, 2.0).astype(np.int64)
+    np.testing.assert_array_equal(ds.image_to_channels(x).numpy(), tokens[:, :-1])
+    assert ds.empty_token == int(mulaw_quantize(np.float32([0.5]), 8, 2.0)[0]) != 128
+    assert (x.numpy()[~ds.pixel_mask] == ds.empty_token).all()
+    with pytest.raises(ValueError, match="dense images .* holds tokens"):
+        ChunkDatasetImageQuantized.from_root(make_store("t", tokens=True), example_seconds=0.1,
+                                             image_size=6, interpolation="gaussian")
 
 
 def test_image_quantized_items(make_store):

@@ -112,3 +112,84 @@ def test_image_dataset_on_megin_store(make_store, megin_layout):
     assert img.shape == (32, 96, 10)
     raw = np.load(ds.metas[0].chunk_path(0))[:, :10]
     np.testing.assert_array_equal(ds.image_to_channels(img).numpy(), raw)
+
+
+# -- dense images and channel-space targets ---------------------------------------------------
+
+def _random_layout(n=30, size=12, seed=0):
+    pos = np.random.default_rng(seed).uniform(size=(n, 2))
+    return compute_image_layout(pos, image_size=size)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_dense_image_keeps_sensor_values_and_inverts_exactly(method):
+    from ephys_gpt.dataset.image_layout import channels_to_dense_image, dense_map
+
+    layout = _random_layout()
+    dmap = dense_map(layout, method)
+    x = np.random.default_rng(1).standard_normal((30, 7)).astype(np.float32)
+    img = channels_to_dense_image(x, layout, dmap, fill=-5.0)
+    assert img.shape == (12, 12, 7) and img.dtype == np.float32
+    np.testing.assert_array_equal(image_to_channels(img, layout), x)  # exact inverse
+    assert (img[~dmap.covered] == -5.0).all()
+    assert dmap.covered.sum() > 2 * layout.mask.sum()  # dense: far more than the sensors
+    # an interpolation of a constant field is that constant (weights sum to one)
+    const = channels_to_dense_image(np.full((30, 1), 2.5, np.float32), layout, dmap)
+    np.testing.assert_allclose(const[dmap.covered], 2.5, rtol=1e-6)
+    # torch and numpy agree; batch dims are kept
+    xt = torch.from_numpy(np.stack([x, 2 * x]))
+    got = channels_to_dense_image(xt, layout, dmap, fill=-5.0)
+    assert got.shape == (2, 12, 12, 7)
+    np.testing.assert_allclose(got[0].numpy(), img, atol=1e-5)
+    torch.testing.assert_close(image_to_channels(got, layout), xt)
+
+
+def test_linear_interpolation_reproduces_a_linear_field_inside_the_hull():
+    from scipy.spatial import Delaunay
+
+    from ephys_gpt.dataset.image_layout import channels_to_dense_image, dense_map
+
+    layout = _random_layout(n=40, size=16, seed=3)
+    field = lambda r, c: 0.3 * r - 0.7 * c + 1.0  # noqa: E731
+    x = field(layout.rows, layout.cols).astype(np.float32)[:, None]
+    img = channels_to_dense_image(x, layout, dense_map(layout, "linear"))[..., 0]
+    tri = Delaunay(np.stack([layout.rows, layout.cols], 1).astype(float))
+    rr, cc = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    inside = tri.find_simplex(np.stack([rr, cc], -1).reshape(-1, 2).astype(float)) >= 0
+    np.testing.assert_allclose(img.reshape(-1)[inside], field(rr, cc).reshape(-1)[inside],
+                               atol=1e-4)
+
+
+def test_dense_map_stays_inside_each_plane(megin_layout):
+    from ephys_gpt.dataset.image_layout import dense_map
+
+    names, types, pos = megin_layout
+    layout = compute_image_layout(pos, types, image_size=16, planes="by_type")
+    dmap = dense_map(layout, "gaussian")
+    m = dmap.matrix.tocoo()
+    plane_of_pixel = (m.row % layout.width) // layout.plane_width
+    plane_of_sensor = layout.cols[m.col] // layout.plane_width
+    assert (plane_of_pixel == plane_of_sensor).all()
+
+
+def test_dense_map_errors():
+    from ephys_gpt.dataset.image_layout import dense_map
+
+    layout = _random_layout()
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        dense_map(layout, "cubic")
+    with pytest.raises(ValueError, match="sigma must be a positive number"):
+        dense_map(layout, "gaussian", sigma=-1)
+
+
+def test_gather_channels_reads_sensor_pixels():
+    from ephys_gpt.dataset.image_layout import gather_channels
+
+    layout = _random_layout()
+    x = torch.randn(3, 30, 4)
+    img = channels_to_image(x, layout, fill=9.0)
+    pixels = torch.as_tensor(layout.flat_index)
+    torch.testing.assert_close(gather_channels(img, pixels), x)
+    torch.testing.assert_close(gather_channels(img, pixels.expand(3, -1)), x)
+    with pytest.raises(ValueError, match="outside the 12x12 image"):
+        gather_channels(img, pixels + 1000)
