@@ -21,8 +21,7 @@ from ephys_gpt.tokenizers.fast import (
 
 pytest.importorskip("tokenizers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataset"))
-from conftest import write_store  # noqa: E402
+from tests.dataset.store_helpers import write_store  # noqa: E402
 
 C, T = 6, 32
 
