@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ephys_gpt.layers.continuous_transformer import TransformerStack
+from ephys_gpt.layers.attention import TransformerStack
 from ephys_gpt.models.registry import register_model
 from ephys_gpt.preprocessing.transforms import mulaw_decode, mulaw_mu
 
