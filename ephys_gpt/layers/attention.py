@@ -23,9 +23,9 @@ is what ``torch.compile`` without recompilation and CUDA graphs need.
 How attention is computed (:func:`attention`)
 ---------------------------------------------
 On CUDA and other accelerators: ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-memory-efficient kernels). On the CPU the backward pass of SDPA's flash kernel is slow,
-in bf16 much slower than in fp32 (``bench/train_throughput.py``), so training-time attention
-there runs as *tiled attention*: for a block of sequences and a tile of query rows, the scores
+memory-efficient kernels). On the CPU the backward pass of SDPA's flash kernel is slow
+in bf16 (several times its forward, and slower than in fp32), so bf16/fp16 attention there
+runs as *tiled attention* (fp32 stays on SDPA, which is faster than tiles in fp32): for a block of sequences and a tile of query rows, the scores
 are one batched matmul (bf16 on AMX under autocast), the softmax is computed in fp32 registers
 and stored in the input dtype, and the output is a second batched matmul; causal tiles skip
 the key blocks they may not see. The tile's probabilities are kept for the backward pass
@@ -81,7 +81,9 @@ def _use_tiled(q: torch.Tensor, dropout_p: float) -> bool:
         return False
     if _backend == "tiled":
         return True
-    return q.device.type == "cpu" and q.shape[-2] > 1
+    low = q.dtype in (torch.bfloat16, torch.float16) or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32)
+    return q.device.type == "cpu" and q.shape[-2] > 1 and low
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -119,13 +121,24 @@ def _tiles(n_seq: int, Lq: int, Lk: int) -> Iterator[tuple[int, int, int, int]]:
             yield b0, min(n_seq, b0 + nb), r0, min(Lq, r0 + rows)
 
 
-def _scores(qs: torch.Tensor, k: torch.Tensor, n: int, kend: int, causal: bool) -> torch.Tensor:
-    """Probabilities of ``n`` query rows ``qs`` (scaled) over keys ``:kend`` (one tile); causal
-    tiles end on the diagonal (the last row sees all ``kend`` keys)."""
-    s = torch.bmm(qs, k[:, :kend].transpose(1, 2))  # (nb, rows, kend)
-    if causal:  # only the last rows x rows block has keys in the future of some row
-        future = torch.ones(n, n, dtype=torch.bool, device=s.device).triu_(1)
-        s[:, :, kend - n:].masked_fill_(future, float("-inf"))
+def _bias(cache: dict[int, torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n, n)``: 0 on and below the diagonal, -inf above (keys in a query's future);
+    made once per size and call."""
+    if n not in cache:
+        cache[n] = torch.full((n, n), float("-inf"), dtype=like.dtype,
+                              device=like.device).triu_(1)
+    return cache[n]
+
+
+def _scores(qs: torch.Tensor, k: torch.Tensor, kend: int, bias: torch.Tensor | None
+            ) -> torch.Tensor:
+    """Probabilities of the (scaled) query rows ``qs (nb, n, Dh)`` over keys ``:kend`` (one
+    tile). Causal tiles end on the diagonal: ``bias`` (:func:`_bias` of ``n``) masks
+    the last ``n x n`` block, the only one holding keys in some row's future."""
+    s = torch.bmm(qs, k[:, :kend].transpose(1, 2))  # (nb, n, kend)
+    if bias is not None:
+        n = bias.shape[0]
+        s[:, :, kend - n:] += bias
     return torch.softmax(s, dim=-1)  # fp32 math inside, stored in the scores' dtype
 
 
@@ -150,23 +163,26 @@ class _TiledAttention(torch.autograd.Function):
         off = Lk - Lq
         scale = Dh ** -0.5
         do = do.contiguous()
-        acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        q_scaled = q * scale
+        biases: dict[int, torch.Tensor] = {}
         for i, (b0, b1, r0, r1) in enumerate(_tiles(S, Lq, Lk)):
             kend = r1 + off if causal else Lk
-            qs = q[b0:b1, r0:r1] * scale
+            qs = q_scaled[b0:b1, r0:r1]
             kk, vv = k[b0:b1, :kend], v[b0:b1, :kend]
-            p = probs[i] if probs is not None else _scores(qs, k[b0:b1], r1 - r0, kend, causal)
+            if probs is not None:
+                p = probs[i]
+            else:
+                p = _scores(qs, k[b0:b1], kend, _bias(biases, r1 - r0, q) if causal else None)
             g = do[b0:b1, r0:r1]
-            dv[b0:b1, :kend] += torch.bmm(p.transpose(1, 2), g)
+            dv[b0:b1, :kend].baddbmm_(p.transpose(1, 2), g)
             dp = torch.bmm(g, vv.transpose(1, 2))
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             torch.bmm(ds, kk, out=dq[b0:b1, r0:r1])
-            dk[b0:b1, :kend] += torch.bmm(ds.transpose(1, 2), qs)
+            dk[b0:b1, :kend].baddbmm_(ds.transpose(1, 2), qs)
         dq.mul_(scale)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq, dk, dv, None, None
 
 
 def _tiled_forward(q, k, v, causal: bool, keep: bool):
@@ -177,10 +193,12 @@ def _tiled_forward(q, k, v, causal: bool, keep: bool):
         raise ValueError(f"causal attention needs at least as many keys ({Lk}) as queries ({Lq})")
     o = torch.empty_like(q)
     probs = [] if keep else None
-    scale = Dh ** -0.5
+    q_scaled = q * Dh ** -0.5
+    biases: dict[int, torch.Tensor] = {}
     for b0, b1, r0, r1 in _tiles(S, Lq, Lk):
         kend = r1 + off if causal else Lk
-        p = _scores(q[b0:b1, r0:r1] * scale, k[b0:b1], r1 - r0, kend, causal)
+        p = _scores(q_scaled[b0:b1, r0:r1], k[b0:b1], kend,
+                    _bias(biases, r1 - r0, q) if causal else None)
         torch.bmm(p, v[b0:b1, :kend], out=o[b0:b1, r0:r1])
         if keep:
             probs.append(p)
@@ -225,7 +243,7 @@ class KVCache:
     static : bool
         Fixed-shape single steps (for ``torch.compile``/CUDA graphs): :meth:`update` with
         ``position`` (a 0-d int64 tensor) writes there and returns the whole buffers with a
-        key mask ``(max_len,)``; the caller then sets :attr:`length`.
+        key mask ``(1, max_len)``; the caller then sets :attr:`length`.
     """
 
     def __init__(self, max_len: int, static: bool = False):
@@ -269,7 +287,7 @@ class KVCache:
                 raise ValueError("a static KVCache step takes one new step at a time")
             self.k.index_copy_(2, position.view(1), k)
             self.v.index_copy_(2, position.view(1), v)
-            return self.k, self.v, self._slots <= position
+            return self.k, self.v, (self._slots <= position)[None]  # (1, max_len)
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KVCache overflow: {self.length} cached + {T} new steps > "
