@@ -71,6 +71,17 @@ def attention_backend(name: str) -> Iterator[None]:
         _backend = old
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device_type`` right now, or None (autocast
+    off, or a device type without autocast such as ``meta``)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
+
+
 def _use_tiled(q: torch.Tensor, dropout_p: float) -> bool:
     if _backend == "sdpa":
         return False
@@ -81,8 +92,8 @@ def _use_tiled(q: torch.Tensor, dropout_p: float) -> bool:
         return False
     if _backend == "tiled":
         return True
-    low = q.dtype in (torch.bfloat16, torch.float16) or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32)
+    low = q.dtype in (torch.bfloat16, torch.float16) or autocast_dtype("cpu") in (
+        torch.bfloat16, torch.float16)
     return q.device.type == "cpu" and q.shape[-2] > 1 and low
 
 
@@ -210,8 +221,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Attention as tiles of batched matmuls (see the module docstring); same arguments and
     result as :func:`attention` without dropout. Under autocast the inputs are cast to the
     autocast dtype (the matmuls run in it)."""
-    if torch.is_autocast_enabled(q.device.type):
-        dt = torch.get_autocast_dtype(q.device.type)
+    dt = autocast_dtype(q.device.type)
+    if dt is not None:
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention inputs must share a dtype, got {q.dtype}, {k.dtype}, "

@@ -19,7 +19,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ephys_gpt.layers.attention import ACTIVATIONS, KVCache, TransformerBlock, init_gpt_weights
+from ephys_gpt.layers.attention import (
+    ACTIVATIONS,
+    KVCache,
+    TransformerBlock,
+    autocast_dtype,
+    init_gpt_weights,
+)
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.registry import register_model
@@ -131,13 +137,19 @@ class ChannelTokenTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor, start, labels: torch.Tensor | None) -> torch.Tensor:
         """Tokens ``(B, C, T)`` at positions ``start..start+T-1`` → ``(B, C, T, D)``
-        (``start``: an int, or a 0-d tensor for a single step)."""
+        (``start``: an int, or a 0-d tensor for a single step). The embeddings are summed in
+        fp32."""
         T = x.shape[-1]
         pos = (self.pos_emb.weight[start:start + T] if isinstance(start, int)
                else self.pos_emb(start.view(1)))
         h = self.tok_emb(x) + pos + self.ch_emb.weight[:, None, :]
         if labels is not None:
             h = h + labels
+        low = autocast_dtype(h.device.type)
+        if low is not None:
+            # Under autocast the residual stream is held in the autocast dtype (bf16), as in
+            # Megatron-LM: blocks then pass bf16 activations without a cast per matmul.
+            h = h.to(low)
         return self.drop(h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
