@@ -1,6 +1,6 @@
 """Is bf16 training numerically safe here? fp32 vs bf16-mixed loss curves of a demo-sized run.
 
-Trains the demo's GPT2MEG (``ephys_gpt.demo.FULL``'s model: width 64, 2 layers, 4 heads,
+Trains the demo's GPT2MEG (or ``--model STGPT2MEG``; ``ephys_gpt.demo.FULL``'s model: width 64, 2 layers, 4 heads,
 100 positions; the example configs' ``activation: gelu``) on the demo's token format (102
 channels, 6-bit mu-law tokens, 1 s windows at 100 Hz, batch 2, AdamW lr 6e-3 with warmup and
 cosine decay, gradient clipping 1.0) for ``--steps`` steps, in fp32 and under bf16 autocast
@@ -13,8 +13,9 @@ end, the held-out loss at the end, and the noise floor they are compared with: t
 (max - min) of the fp32 runs across seeds. bf16 is "within noise" when its seed-averaged
 curve stays within that spread of fp32's.
 
-Run: ``python bench/bf16_loss_curve.py`` (~5 minutes on 2 CPU cores; ``--steps``,
-``--seeds``, ``--threads``, ``--device``). The last line printed is one JSON object.
+Run: ``python bench/bf16_loss_curve.py`` (~15 minutes on 2 CPU cores; ``--steps``,
+``--seeds``, ``--threads``, ``--device``, ``--model``). The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def train(precision: str, seed: int, data: torch.Tensor, held_out: torch.Tensor, steps: int,
-          batch: int, device: str) -> dict:
+          batch: int, device: str, name: str = "GPT2MEG") -> dict:
     torch.manual_seed(seed)
-    model = build_model("GPT2MEG", MODEL).to(device).train()
+    model = build_model(name, MODEL).to(device).train()
     loss_fn = build_loss("CrossEntropy")
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(20, steps, 0.1, cosine=True))
@@ -96,12 +97,13 @@ def train(precision: str, seed: int, data: torch.Tensor, held_out: torch.Tensor,
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--block", type=int, default=25, help="steps per averaged block")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="GPT2MEG", choices=["GPT2MEG", "STGPT2MEG"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +113,8 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
     for seed in range(args.seeds):
         for prec in runs:
-            r = train(prec, seed, data, held_out, args.steps, args.batch, args.device)
+            r = train(prec, seed, data, held_out, args.steps, args.batch, args.device,
+                      args.model)
             runs[prec].append(r)
             print(f"{prec} seed {seed}: final block loss "
                   f"{sum(r['losses'][-args.block:]) / args.block:.4f}, held-out "
@@ -127,7 +130,8 @@ def main(argv=None) -> dict:
     gap = [abs(a - b) for a, b in zip(mean["bf16"], mean["fp32"])]
     held = {prec: [r["held_out"] for r in rs] for prec, rs in runs.items()}
     out = {
-        "benchmark": "bf16_loss_curve", "model": MODEL, "steps": args.steps,
+        "benchmark": "bf16_loss_curve", "model_name": args.model, "model": MODEL,
+        "steps": args.steps,
         "seeds": args.seeds, "block": args.block, "device": args.device,
         "torch": torch.__version__,
         "mean_curve": {k: [round(v, 4) for v in c] for k, c in mean.items()},

@@ -140,9 +140,10 @@ def cases(args) -> list[dict]:
         if demo is not None:
             out.append(demo)
         if spec.name in ("GPT2MEG", "STGPT2MEG") and not args.no_spec:
-            out.append({"model": spec.name, "size": "spec",
-                        "config": {**SPEC, "num_channels": args.spec_channels,
-                                   "activation": args.spec_activation}, "batch": 1,
+            config = {**SPEC, "num_channels": args.spec_channels}
+            if "activation" in (spec.config_fields() or ()):
+                config["activation"] = args.spec_activation
+            out.append({"model": spec.name, "size": "spec", "config": config, "batch": 1,
                         "seq_len": SPEC["n_positions"]})
     return out
 
