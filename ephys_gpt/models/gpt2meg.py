@@ -207,10 +207,12 @@ class ChannelTokenTransformer(nn.Module):
         ``step(tokens (B, C)) -> logits (B, C, V)``, which appends one step to the caches
         (a ValueError once they hold ``n_positions`` steps).
 
-        ``compile``: run each step as one ``torch.compile`` d graph of fixed shapes (the
+        ``compile``: run each step as one ``torch.compile``-d graph of fixed shapes (the
         caches attend over their whole buffer with a length mask), compiled on the first
-        step; on CUDA it is captured as a CUDA graph (``mode="reduce-overhead"``). Pays off
-        for long generations; the first step takes the compile time.
+        step; on CUDA it is captured as a CUDA graph (``mode="reduce-overhead"``), which
+        removes the per-kernel launch cost that dominates small decode steps there. On the
+        CPU it does not pay (the step is bound by reading the KV cache; measured with
+        ``bench/generate.py --compile``), and the first step takes the compile time.
         """
         cfg = self.config
         labels = self._labels(batch_size, subject, condition)
