@@ -112,15 +112,15 @@ def _qkv(N, H, Lq, Lk, Dh, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Lq,Lk", [(37, 37), (5, 12), (1, 9), (70, 70)])
-@pytest.mark.parametrize("save_keys", [1024, 0])  # keep the tile probabilities, or recompute
+@pytest.mark.parametrize("save_bytes", [1 << 30, 0])  # keep the tile probabilities, or recompute
 def test_tiled_attention_equals_sdpa_values_and_gradients(monkeypatch, causal, Lq, Lk,
-                                                          save_keys):
+                                                          save_bytes):
     """Tiles of batched matmuls (with the causal key blocks skipped, several tiles per
     sequence block and several sequence blocks) give SDPA's values and gradients; causal
     queries after cached keys see the whole past (bottom-right aligned)."""
     monkeypatch.setattr(A, "TILED_ROWS", 16)
     monkeypatch.setattr(A, "TILED_ELEMENTS", 2000)
-    monkeypatch.setattr(A, "TILED_SAVE_MAX_KEYS", save_keys)
+    monkeypatch.setattr(A, "TILED_SAVE_MAX_BYTES", save_bytes)
     q, k, v = _qkv(3, 2, Lq, Lk, 8)
     do = torch.randn(3, 2, Lq, 8, dtype=torch.float64)
     with attention_backend("sdpa"):
