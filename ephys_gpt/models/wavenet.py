@@ -109,11 +109,13 @@ class WavenetStream:
 
     Built from a model and its layers' inputs over a primed window (``inputs[i]``
     ``(B, Rc, T)``), it holds each dilated conv's last ``dilation·(k-1)`` inputs in one ring
-    buffer ``(layers, slots, B, Rc)`` and computes a step with about five kernels per layer
-    instead of fifteen: the past taps of every layer are known before the step, so their
+    buffer ``(layers · slots, B, Rc)`` and computes a step with four kernels per layer instead
+    of about fifteen: the past taps of every layer are known before the step, so their
     contribution is one batched matmul for all layers; each layer then needs one matmul for
-    its newest input, the gate, and one matmul for the residual; the skip outputs of all
-    layers are one matmul at the end. The residual biases are folded into the next layers'
+    its newest input, the gate (``tanh(f)·sigmoid(g) = tanh(f)·(1 + tanh(g/2))/2``: one
+    ``tanh`` and one ``addcmul``) and one matmul for the residual; the skip outputs of all
+    layers are one matmul at the end, and every intermediate lives in a buffer allocated
+    once. The residual biases are folded into the next layers'
     conv biases (the ring holds inputs minus the cumulated residual bias), and global
     conditioning into the biases too. Weights are cast once to the compute dtype (the
     autocast dtype when autocast is on). ``step(tokens (B, C), local (B, Dl) | None)`` →
