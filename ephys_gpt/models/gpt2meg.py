@@ -241,7 +241,8 @@ class ChannelTokenTransformer(nn.Module):
                 if state["fn"] is None:
                     mode = "reduce-overhead" if tok.device.type == "cuda" else None
                     state["fn"] = torch.compile(one_step, mode=mode, dynamic=False)
-                position = torch.tensor(state["pos"], device=tok.device)
+                    state["position"] = torch.zeros((), dtype=torch.long, device=tok.device)
+                position = state["position"].fill_(state["pos"])  # no host-device sync
                 logits = state["fn"](tok, position)
                 for cache in caches:
                     cache.length = state["pos"] + 1
