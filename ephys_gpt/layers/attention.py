@@ -56,7 +56,7 @@ BACKENDS = ("auto", "sdpa", "tiled")
 _backend = "auto"
 
 TILED_ROWS = 128              # query rows per tile
-TILED_ELEMENTS = 1 << 20      # scores per tile (sequences x rows x keys): ~2 MB in bf16
+TILED_ELEMENTS = 1 << 22      # scores per tile (sequences x rows x keys): 8 MB in bf16
 TILED_SAVE_MAX_BYTES = 128 << 20  # keep the probabilities for backward up to this size per
                                   # call (one layer); beyond, backward recomputes them
 
@@ -127,10 +127,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 # -- tiled attention (CPU training path) --------------------------------------------------------
 
 
-def _tiles(n_seq: int, Lq: int, Lk: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(b0, b1, r0, r1)`` blocks of sequences x query rows of about TILED_ELEMENTS scores
-    (the rows split into equal tiles of at most TILED_ROWS)."""
-    n_tiles = -(-Lq // TILED_ROWS)
+def _tiles(n_seq: int, Lq: int, Lk: int, causal: bool) -> Iterator[tuple[int, int, int, int]]:
+    """``(b0, b1, r0, r1)`` blocks of sequences x query rows of about TILED_ELEMENTS scores.
+    Causal rows split into equal tiles of at most TILED_ROWS (each sees only the keys up to
+    its last row); bidirectional tiles hold whole rows."""
+    n_tiles = -(-Lq // TILED_ROWS) if causal else 1
     rows = -(-Lq // n_tiles)
     nb = max(1, TILED_ELEMENTS // (rows * Lk))
     for b0 in range(0, n_seq, nb):
@@ -183,7 +184,7 @@ class _TiledAttention(torch.autograd.Function):
         dq = torch.empty_like(q_scaled)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         biases: dict[int, torch.Tensor] = {}
-        for i, (b0, b1, r0, r1) in enumerate(_tiles(S, Lq, Lk)):
+        for i, (b0, b1, r0, r1) in enumerate(_tiles(S, Lq, Lk, causal)):
             kend = r1 + off if causal else Lk
             qs = q_scaled[b0:b1, r0:r1]
             kk, vv = k[b0:b1, :kend], v[b0:b1, :kend]
@@ -213,7 +214,7 @@ def _tiled_forward(q_scaled, k, v, causal: bool, keep: bool):
     o = torch.empty_like(q_scaled)
     probs = [] if keep else None
     biases: dict[int, torch.Tensor] = {}
-    for b0, b1, r0, r1 in _tiles(S, Lq, Lk):
+    for b0, b1, r0, r1 in _tiles(S, Lq, Lk, causal):
         kend = r1 + off if causal else Lk
         p = _scores(q_scaled[b0:b1, r0:r1], k[b0:b1], kend,
                     _bias(biases, r1 - r0, q_scaled) if causal else None)
@@ -242,7 +243,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             saved = sum((b1 - b0) * (r1 - r0) * ((r1 + Lk - Lq) if causal else Lk)
-                        for b0, b1, r0, r1 in _tiles(qf.shape[0], Lq, Lk)) * qf.element_size()
+                        for b0, b1, r0, r1 in _tiles(qf.shape[0], Lq, Lk, causal)) * qf.element_size()
             o = _TiledAttention.apply(qf, kf, vf, causal, saved <= TILED_SAVE_MAX_BYTES)
         else:
             o = _tiled_forward(qf * Dh ** -0.5, kf, vf, causal, keep=False)[0]
