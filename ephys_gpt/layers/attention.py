@@ -96,9 +96,10 @@ def _use_tiled(q: torch.Tensor, dropout_p: float) -> bool:
         return False
     if _backend == "tiled":
         return True
-    low = q.dtype in (torch.bfloat16, torch.float16) or autocast_dtype("cpu") in (
+    if q.device.type != "cpu" or q.shape[-2] == 1:
+        return False
+    return q.dtype in (torch.bfloat16, torch.float16) or autocast_dtype("cpu") in (
         torch.bfloat16, torch.float16)
-    return q.device.type == "cpu" and q.shape[-2] > 1 and low
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
