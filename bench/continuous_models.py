@@ -1,6 +1,7 @@
 """Throughput of the continuous models at their example configs (configs/<name>/model.yaml).
 
-Measures, on this machine's CPU (or the first CUDA device when present):
+Measures, on this machine's CPU or a CUDA device (``--device cpu|cuda``; default: CUDA when
+present; on CUDA the peak allocated memory of each training run is reported too):
 
 - training samples/s (forward + backward + AdamW step) for BENDRForecast, NTD and CNNLSTM,
   in fp32 and under bf16 autocast, at the batch size of each train.yaml;
@@ -71,7 +72,11 @@ def _sync(device):
 
 
 def train_throughput(name: str, device, bf16: bool, warmup: int = 2, iters: int = 6) -> float:
+    """Training samples/s (wall time); on CUDA the peak memory of the run is recorded in
+    ``PEAK_MIB[(name, bf16)]``."""
     folder, extra, B, T = MODELS[name]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = build_model(name, _config(folder, extra)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -88,7 +93,12 @@ def train_throughput(name: str, device, bf16: bool, warmup: int = 2, iters: int 
         loss.backward()
         opt.step()
     _sync(device)
+    if device.type == "cuda":
+        PEAK_MIB[(name, bf16)] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return B * iters / (time.perf_counter() - t0)
+
+
+PEAK_MIB: dict = {}
 
 
 @torch.no_grad()
@@ -126,8 +136,8 @@ def bendr_forecast(device, horizon: int = 40, context: int = 400) -> dict:
             "horizon": horizon, "channels": 102}
 
 
-def main() -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def main(device: str | None = None) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result: dict = {"device": str(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu": platform.processor() or
                     platform.machine(), "load_avg": os.getloadavg()[0] if hasattr(
@@ -137,6 +147,11 @@ def main() -> dict:
             "fp32": train_throughput(name, device, bf16=False),
             "bf16_autocast": train_throughput(name, device, bf16=True),
             "batch_size": B, "window_samples": T}
+        if device.type == "cuda":
+            result["train_samples_per_s"][name]["peak_memory_mib"] = {
+                "fp32": PEAK_MIB[(name, False)], "bf16_autocast": PEAK_MIB[(name, True)]}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
     result["ntd_sampling"] = ntd_sampling(device)
     result["bendr_forecast"] = bendr_forecast(device)
     return result
@@ -145,7 +160,11 @@ def main() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(main()))
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch here")
+    print(json.dumps(main(args.device)))

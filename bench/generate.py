@@ -1,25 +1,30 @@
 """Generation speed with and without the KV cache / streaming conv state.
 
-Measures, for GPT2MEG and WavenetFullChannel at the example configs in
+Measures, for GPT2MEG, STGPT2MEG and WavenetFullChannel at the example configs in
 ``configs/<model>/model.yaml`` (16 channels, 256 mu-law levels, batch 1, random weights,
-sampling at temperature 1):
+fp32, sampling at temperature 1):
 
 - cached generation: ``--steps`` (1000) new time steps after a ``--context`` (128) step
   context, timed end to end (priming included);
 - uncached generation: ``--uncached-steps`` (100) steps, re-running the context window every
   step; the per-step time is extrapolated to ``--steps`` (``uncached_extrapolated: true``);
 - ``cache_speedup`` = cached steps/s ÷ uncached steps/s per model, and
-  ``min_cache_speedup`` the smaller of the two;
+  ``min_cache_speedup`` the smallest; on the CPU also ``cache_speedup_cpu_time``, the same
+  ratio in process CPU time, which other jobs on a shared machine distort much less;
 - the time of one cached decode step of GPT2MEG at the SPEC size (272 channels, 8 layers,
-  width 128, 400 positions) after a 300-step context, in fp32 and under bf16 autocast, and
-  ``spec_cache_speedup``: an uncached step at that size re-runs the 300-step window, which
-  costs what priming does, so the ratio is prime time ÷ cached step time;
+  width 128, 400 positions, the example configs' activation) after a 300-step context, in
+  fp32 and under bf16 autocast (bf16 KV cache), and ``spec_cache_speedup``: an uncached step
+  at that size re-runs the 300-step window, which costs what priming does, so the ratio is
+  prime time ÷ cached step time. ``--compile`` adds the same with the step compiled as one
+  fixed-shape graph (``incremental_decoder(compile=True)``; CUDA graphs on CUDA);
 - for reference, a WavenetFullChannel with the original WaveNet's receptive field (3 blocks
   of 10 layers, 3070 samples), where streaming pays off most (not part of
-  ``min_cache_speedup``, which is over the two demo configs).
+  ``min_cache_speedup``).
 
-Run: ``python bench/generate.py`` (no arguments; ~1 minute on a 2-core CPU). The last line of
-output is one JSON object.
+``--device cuda`` runs everything on the GPU (bf16 there too) and adds the peak allocated
+memory of the SPEC decode. Run: ``python bench/generate.py`` (~2 minutes on a 2-core CPU;
+``--threads 1`` for stable numbers on a shared machine). The last line of output is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -47,75 +52,115 @@ def _example_config(folder: str) -> dict:
 
 
 GPT_DEMO = _example_config("gpt2meg")
+STGPT_DEMO = _example_config("stgpt2meg")
 WAVENET_DEMO = _example_config("wavenetfullchannel")
 WAVENET_LONG_RF = dict(WAVENET_DEMO, layers_per_block=10, n_blocks=3)
 GPT_SPEC = dict(num_channels=272, vocab_size=VOCAB, n_positions=400, d_model=128, n_layers=8,
-                n_heads=4)
+                n_heads=4, **{k: GPT_DEMO[k] for k in ("activation",) if k in GPT_DEMO})
 
 
-def _time_generate(model, context, steps: int, use_cache: bool) -> float:
-    """Seconds to generate ``steps`` steps (best of one warm run)."""
-    gen = torch.Generator().manual_seed(0)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Clock:
+    """Wall and process CPU time of a block (CUDA synchronised)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+def _time_generate(model, context, steps: int, use_cache: bool) -> _Clock:
+    gen = torch.Generator(device=context.device).manual_seed(0)
     model.generate(context, 2, use_cache=use_cache, generator=gen)  # warm-up
-    t0 = time.perf_counter()
-    model.generate(context, steps, use_cache=use_cache, generator=gen)
-    return time.perf_counter() - t0
+    with _Clock(context.device) as clock:
+        model.generate(context, steps, use_cache=use_cache, generator=gen)
+    return clock
 
 
-def bench_model(name: str, config: dict, context_len: int, steps: int,
-                uncached_steps: int) -> dict:
-    """Cached vs uncached generation of ``name`` at ``config`` (16 channels, batch 1)."""
+def bench_model(name: str, config: dict, context_len: int, steps: int, uncached_steps: int,
+                device: torch.device) -> dict:
+    """Cached vs uncached generation of ``name`` at ``config`` (16 channels, batch 1, fp32,
+    sampling at temperature 1)."""
     torch.manual_seed(0)
     model = build_model(name, {"num_channels": DEMO_CHANNELS, "vocab_size": VOCAB, **config})
-    model.eval()
-    context = torch.randint(0, VOCAB, (1, DEMO_CHANNELS, context_len))
-    cached_s = _time_generate(model, context, steps, use_cache=True)
-    uncached_s = _time_generate(model, context, uncached_steps, use_cache=False)
-    cached_sps = steps / cached_s
-    uncached_sps = uncached_steps / uncached_s
-    return {
+    model.to(device).eval()
+    context = torch.randint(0, VOCAB, (1, DEMO_CHANNELS, context_len), device=device)
+    cached = _time_generate(model, context, steps, use_cache=True)
+    uncached = _time_generate(model, context, uncached_steps, use_cache=False)
+    out = {
         "config": config,
         "channels": DEMO_CHANNELS,
         "context_steps": context_len,
         "params": sum(p.numel() for p in model.parameters()),
-        "cached": {"steps": steps, "seconds": round(cached_s, 3),
-                   "steps_per_s": round(cached_sps, 1),
-                   "tokens_per_s": round(cached_sps * DEMO_CHANNELS, 1)},
+        "cached": {"steps": steps, "seconds": round(cached.wall, 3),
+                   "ms_per_step": round(cached.wall / steps * 1e3, 3),
+                   "steps_per_s": round(steps / cached.wall, 1),
+                   "tokens_per_s": round(steps / cached.wall * DEMO_CHANNELS, 1)},
         "uncached": {"steps_measured": uncached_steps, "extrapolated_to_steps": steps,
                      "uncached_extrapolated": uncached_steps < steps,
-                     "seconds_measured": round(uncached_s, 3),
-                     "seconds_extrapolated": round(uncached_s * steps / uncached_steps, 3),
-                     "steps_per_s": round(uncached_sps, 1),
-                     "tokens_per_s": round(uncached_sps * DEMO_CHANNELS, 1)},
-        "cache_speedup": round(cached_sps / uncached_sps, 2),
+                     "seconds_measured": round(uncached.wall, 3),
+                     "seconds_extrapolated": round(uncached.wall * steps / uncached_steps, 3),
+                     "ms_per_step": round(uncached.wall / uncached_steps * 1e3, 3),
+                     "steps_per_s": round(uncached_steps / uncached.wall, 1),
+                     "tokens_per_s": round(uncached_steps / uncached.wall * DEMO_CHANNELS, 1)},
+        "cache_speedup": round((steps / cached.wall) / (uncached_steps / uncached.wall), 2),
     }
+    if device.type == "cpu":  # process CPU time: robust to other jobs on a shared machine
+        out["cached"]["cpu_ms_per_step"] = round(cached.cpu / steps * 1e3, 3)
+        out["uncached"]["cpu_ms_per_step"] = round(uncached.cpu / uncached_steps * 1e3, 3)
+        out["cache_speedup_cpu_time"] = round(
+            (uncached.cpu / uncached_steps) / (cached.cpu / steps), 2)
+    return out
 
 
 @torch.no_grad()
-def bench_spec_decode_step(context_len: int, steps: int, bf16: bool) -> dict:
+def bench_spec_decode_step(context_len: int, steps: int, bf16: bool, compile: bool,
+                           device: torch.device) -> dict:
     """Milliseconds per cached decode step of the SPEC-sized GPT2MEG (one step = all 272
     channels advance one sample, logits included, sampling excluded), timed on the decoder
     ``generate`` uses, after priming it on a ``context_len``-step context."""
     torch.manual_seed(0)
-    model = build_model("GPT2MEG", GPT_SPEC).eval()
-    context = torch.randint(0, VOCAB, (1, 272, context_len))
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    model = build_model("GPT2MEG", GPT_SPEC).to(device).eval()
+    context = torch.randint(0, VOCAB, (1, 272, context_len), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with amp:
-        prime, step = model.incremental_decoder(1)
-        t0 = time.perf_counter()
-        logits = prime(context, True)
-        prime_s = time.perf_counter() - t0
-        tok = logits.argmax(-1)
-        logits = step(tok)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        prime, step = (model.incremental_decoder(1, compile=True) if compile
+                       else model.incremental_decoder(1))
+        with _Clock(device) as p:
+            logits = prime(context, True)
+        with _Clock(device) as first:
+            logits = step(logits.argmax(-1))  # warm-up (and the compilation)
+        for _ in range(2):
             logits = step(logits.argmax(-1))
-        per_step = (time.perf_counter() - t0) / steps
-    return {"context_steps": context_len, "decode_steps": steps,
-            "dtype": "bf16-autocast" if bf16 else "fp32",
-            "prime_seconds": round(prime_s, 3), "ms_per_decode_step": round(per_step * 1e3, 2),
-            "tokens_per_s": round(272 / per_step, 1),
-            "spec_cache_speedup": round(prime_s / per_step, 1)}
+        with _Clock(device) as clock:
+            for _ in range(steps):
+                logits = step(logits.argmax(-1))
+    per_step = clock.wall / steps
+    out = {"context_steps": context_len, "decode_steps": steps,
+           "dtype": "bf16-autocast" if bf16 else "fp32", "compiled": compile,
+           "kv_cache_dtype": "bf16" if bf16 else "fp32",
+           "prime_seconds": round(p.wall, 3), "first_step_seconds": round(first.wall, 3),
+           "ms_per_decode_step": round(per_step * 1e3, 2),
+           "tokens_per_s": round(272 / per_step, 1),
+           "spec_cache_speedup": round(p.wall / per_step, 1)}
+    if device.type == "cpu":
+        out["cpu_ms_per_decode_step"] = round(clock.cpu / steps * 1e3, 2)
+    else:
+        out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -129,34 +174,44 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=128, help="context steps (demo models)")
     ap.add_argument("--spec-context", type=int, default=300)
     ap.add_argument("--spec-steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the SPEC decode step compiled (torch.compile; CUDA graphs "
+                         "on CUDA); the first step then includes the compilation")
     ap.add_argument("--no-long-rf", action="store_true",
                     help="skip the long-receptive-field WaveNet reference")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available to torch here")
+    device = torch.device(args.device)
     t0 = time.perf_counter()
-    gpt = bench_model("GPT2MEG", GPT_DEMO, args.context, args.steps, args.uncached_steps)
-    wav = bench_model("WavenetFullChannel", WAVENET_DEMO, args.context, args.steps,
-                      args.uncached_steps)
+    demo = {name: bench_model(name, cfg, args.context, args.steps, args.uncached_steps, device)
+            for name, cfg in (("GPT2MEG", GPT_DEMO), ("STGPT2MEG", STGPT_DEMO),
+                              ("WavenetFullChannel", WAVENET_DEMO))}
     long_rf = None if args.no_long_rf else bench_model(
         "WavenetFullChannel", WAVENET_LONG_RF, 3070, args.steps // 4,
-        max(1, args.uncached_steps // 4))
-    spec = [bench_spec_decode_step(args.spec_context, args.spec_steps, bf16)
+        max(1, args.uncached_steps // 4), device)
+    spec = [bench_spec_decode_step(args.spec_context, args.spec_steps, bf16, comp, device)
+            for comp in ((False, True) if args.compile else (False,))
             for bf16 in (False, True)]
     result = {
         "benchmark": "generate",
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "GPT2MEG_demo": gpt,
-        "WavenetFullChannel_demo": wav,
-        "min_cache_speedup": min(gpt["cache_speedup"], wav["cache_speedup"]),
+        **{f"{name}_demo": r for name, r in demo.items()},
+        "min_cache_speedup": min(r["cache_speedup"] for r in demo.values()),
         "WavenetFullChannel_long_rf_reference": long_rf,
         "GPT2MEG_spec_decode": spec,
-        "gpt2meg_spec_ms_per_decode_step": spec[0]["ms_per_decode_step"],
+        "gpt2meg_spec_ms_per_decode_step": {
+            f"{r['dtype']}{' compiled' if r['compiled'] else ''}": r["ms_per_decode_step"]
+            for r in spec},
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

@@ -14,7 +14,17 @@ Cases:
   models that do not predict tokens, e.g. the VQ tokenizers, whose FLOPs are not counted:
   their quantizer reads values, which the meta device cannot).
 
-Each case runs in fp32 and under bf16 autocast (``torch.autocast``; the loss in fp32).
+Each case runs in fp32 and under bf16 autocast (``torch.autocast``, Lightning's
+``bf16-mixed``; the loss in fp32). The precisions' steps are interleaved (fp32, bf16, fp32,
+...) so both see the same machine load, and ``bf16_speedup`` is their ratio in this run. On
+the CPU each result also has ``cpu_step_s``: the process CPU time of a step, which other jobs
+on a shared machine distort much less than wall time (with ``--threads 1`` it is the compute
+time itself). On CUDA (``--device cuda``) each result has ``peak_memory_mib``: the peak
+allocated memory of one step (activations, plus the weights and optimizer states of the
+fp32 and bf16 models).
+
+The SPEC-sized cases use ``--spec-activation`` (default ``gelu``, as the example configs;
+``gelu_tanh`` is GPT-2's approximation and the models' default, about 3x slower on CPUs).
 
 FLOPs per token (one token = one channel at one time step), counted two ways:
 
@@ -32,9 +42,10 @@ FLOPs per token (one token = one channel at one time step), counted two ways:
 The machine's matmul peak is measured here (square fp32 and bf16 matmuls); ``mfu`` is
 achieved FLOP/s (counted FLOPs) over the peak of the same precision.
 
-Run ``python bench/train_throughput.py`` (about 2-3 minutes on an idle 2-core CPU); options:
-``--steps``, ``--device``, ``--only NAME``, ``--no-spec``. The last line printed is one JSON
-object with every figure.
+Run ``python bench/train_throughput.py`` (about 5 minutes on an idle 2-core CPU); options:
+``--steps``, ``--device cpu|cuda``, ``--threads``, ``--only NAME``, ``--no-spec``,
+``--spec-channels``, ``--spec-activation``, ``--fused-adamw``. The last line printed is one
+JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -129,8 +141,10 @@ def cases(args) -> list[dict]:
         if demo is not None:
             out.append(demo)
         if spec.name in ("GPT2MEG", "STGPT2MEG") and not args.no_spec:
-            out.append({"model": spec.name, "size": "spec",
-                        "config": {**SPEC, "num_channels": args.spec_channels}, "batch": 1,
+            config = {**SPEC, "num_channels": args.spec_channels}
+            if "activation" in (spec.config_fields() or ()):
+                config["activation"] = args.spec_activation
+            out.append({"model": spec.name, "size": "spec", "config": config, "batch": 1,
                         "seq_len": SPEC["n_positions"]})
     return out
 
@@ -199,7 +213,8 @@ def _loss(loss_fn, out, targets):
     return _differentiable(out).float().pow(2).mean()
 
 
-def run_case(case: dict, precision: str, steps: int, device: str, peaks: dict) -> dict:
+def _build(case: dict, precision: str, device: str, fused: bool) -> dict:
+    """Model, optimizer, batch and the one-step closure of ``case`` in ``precision``."""
     name, spec = case["model"], get_model_spec(case["model"])
     torch.manual_seed(0)
     model = build_model(name, case["config"]).to(device).train()
@@ -209,12 +224,12 @@ def run_case(case: dict, precision: str, steps: int, device: str, peaks: dict) -
     if spec.input_kind == "tokens":
         inputs = inputs[..., :-1]
     inputs = tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else inputs.to(device)
-    primary = inputs[0] if isinstance(inputs, tuple) else inputs
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
     dtype = torch.bfloat16 if precision == "bf16" else None
     ctx = (torch.autocast(device.split(":")[0], dtype=dtype) if dtype else nullcontext())
-    n_tokens = primary.numel() if spec.input_kind in ("tokens", "image_tokens") else None
-    n_samples = primary.shape[0]
+    with torch.no_grad(), ctx:
+        targets = _targets(spec, _call(model, inputs), inputs)
+    state = {"model": model, "inputs": inputs, "loss": None}
 
     def step():
         with ctx:
@@ -223,68 +238,115 @@ def run_case(case: dict, precision: str, steps: int, device: str, peaks: dict) -
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        state["loss"] = loss
 
-    with torch.no_grad(), ctx:
-        targets = _targets(spec, _call(model, inputs), inputs)
-    step()  # warm-up (allocations, autocast caches)
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
+    state["step"] = step
+    return state
+
+
+def run_case(case: dict, precisions: list[str], steps: int, device: str, peaks: dict,
+             fused: bool) -> list[dict]:
+    """Time ``steps`` training steps per precision, interleaved (fp32, bf16, fp32, ...) so
+    that both see the same machine load; the median step is reported."""
+    name, spec = case["model"], get_model_spec(case["model"])
+    states = {p: _build(case, p, device, fused) for p in precisions}
+    times: dict[str, list[tuple[float, float]]] = {p: [] for p in precisions}
+    peak_mem = {}
+    for p, st in states.items():
+        st["step"]()  # warm-up (allocations, autocast caches, kernel selection)
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    sec = sorted(times)[len(times) // 2]  # median
-    res = {"model": name, "size": case["size"], "precision": precision, "batch": n_samples,
-           "seq_len": case["seq_len"], "step_s": round(sec, 4),
-           "params": sum(p.numel() for p in model.parameters()),
-           "loss": round(float(loss.detach().float()), 4),
-           "samples_per_s": round(n_samples / sec, 2)}
-    if "num_channels" in case["config"]:
-        res["channels"] = case["config"]["num_channels"]
-    if n_tokens is not None:
-        res["tokens_per_step"] = n_tokens
-        res["tokens_per_s"] = round(n_tokens / sec, 1)
-        analytic = analytic_flops_per_token(name, model, case["config"], case["seq_len"])
-        res["flops_per_token_analytic"] = analytic
-        if case["size"] == "spec" and name == "STGPT2MEG":
-            full = {**case["config"], "num_channels": SPEC["num_channels"]}
-            res["flops_per_token_analytic_272ch"] = analytic_flops_per_token(
-                name, model, full, case["seq_len"])
-    # FLOPs counted once per case in fp32 on a single sample (per-token cost is batch-free).
-    one = tuple(t[:1] for t in inputs) if isinstance(inputs, tuple) else inputs[:1]
-    try:
-        counted = counted_flops(name, case["config"], one, loss_fn, spec)
-    except RuntimeError as err:  # a forward that reads values (VQ codebook statistics,
-        # k-means initialisation) cannot run on the meta device: keep the timing
-        res["flops_not_counted"] = f"{type(err).__name__}: {err}"[:160]
-        return res
-    per_item = counted / (one[0] if isinstance(one, tuple) else one).numel() \
-        if n_tokens is not None else counted
-    if n_tokens is not None:
-        res["flops_per_token_counted"] = per_item
-        achieved = per_item * n_tokens / sec
-    else:
-        res["flops_per_sample_counted"] = per_item
-        achieved = per_item * n_samples / sec
-    res["achieved_tflops"] = round(achieved / 1e12, 4)
-    res["mfu"] = round(achieved / peaks[precision], 4)
-    return res
+        if device.startswith("cuda"):  # activations of one step (+ both models' weights)
+            torch.cuda.reset_peak_memory_stats()
+            st["step"]()
+            _sync(device)
+            peak_mem[p] = torch.cuda.max_memory_allocated()
+    for _ in range(steps):
+        for p, st in states.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            st["step"]()
+            _sync(device)
+            times[p].append((time.perf_counter() - w0, time.process_time() - c0))
+    out = []
+    for p, st in states.items():
+        model, inputs = st["model"], st["inputs"]
+        primary = inputs[0] if isinstance(inputs, tuple) else inputs
+        n_tokens = primary.numel() if spec.input_kind in ("tokens", "image_tokens") else None
+        n_samples = primary.shape[0]
+        sec = sorted(w for w, _ in times[p])[len(times[p]) // 2]  # median
+        cpu = sorted(c for _, c in times[p])[len(times[p]) // 2]
+        res = {"model": name, "size": case["size"], "precision": p, "batch": n_samples,
+               "seq_len": case["seq_len"], "step_s": round(sec, 4),
+               "params": sum(q.numel() for q in model.parameters()),
+               "loss": round(float(st["loss"].detach().float()), 4),
+               "samples_per_s": round(n_samples / sec, 2)}
+        if device == "cpu":  # process CPU time: robust to other jobs on a shared machine
+            res["cpu_step_s"] = round(cpu, 4)
+        if p in peak_mem:
+            res["peak_memory_mib"] = round(peak_mem[p] / 2**20, 1)
+        if "num_channels" in case["config"]:
+            res["channels"] = case["config"]["num_channels"]
+        if n_tokens is not None:
+            res["tokens_per_step"] = n_tokens
+            res["tokens_per_s"] = round(n_tokens / sec, 1)
+            if device == "cpu":
+                res["tokens_per_cpu_s"] = round(n_tokens / cpu, 1)
+            analytic = analytic_flops_per_token(name, model, case["config"], case["seq_len"])
+            res["flops_per_token_analytic"] = analytic
+            if case["size"] == "spec" and name == "STGPT2MEG":
+                full = {**case["config"], "num_channels": SPEC["num_channels"]}
+                res["flops_per_token_analytic_272ch"] = analytic_flops_per_token(
+                    name, model, full, case["seq_len"])
+        # FLOPs counted once in fp32 on a single sample (per-token cost is batch-free).
+        one = tuple(t[:1] for t in inputs) if isinstance(inputs, tuple) else inputs[:1]
+        try:
+            counted = counted_flops(name, case["config"], one, None, spec)
+        except RuntimeError as err:  # a forward that reads values (VQ codebook statistics,
+            # k-means initialisation) cannot run on the meta device: keep the timing
+            res["flops_not_counted"] = f"{type(err).__name__}: {err}"[:160]
+            out.append(res)
+            continue
+        per_item = counted / (one[0] if isinstance(one, tuple) else one).numel() \
+            if n_tokens is not None else counted
+        if n_tokens is not None:
+            res["flops_per_token_counted"] = per_item
+            achieved = per_item * n_tokens / sec
+        else:
+            res["flops_per_sample_counted"] = per_item
+            achieved = per_item * n_samples / sec
+        res["achieved_tflops"] = round(achieved / 1e12, 4)
+        res["mfu"] = round(achieved / peaks[p], 4)
+        out.append(res)
+    if {"fp32", "bf16"} <= set(precisions):
+        r32, r16 = (next(r for r in out if r["precision"] == p) for p in ("fp32", "bf16"))
+        for r in out:
+            r["bf16_speedup"] = round(r32["step_s"] / r16["step_s"], 2)
+            if "cpu_step_s" in r:
+                r["bf16_speedup_cpu_time"] = round(r32["cpu_step_s"] / r16["cpu_step_s"], 2)
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1,
-                   help="timed steps per case, after 1 warm-up (median reported)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per case and precision, interleaved across precisions, "
+                        "after 1 warm-up (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", default=None, help="model names to run")
     p.add_argument("--no-spec", action="store_true", help="skip the SPEC-sized cases")
     p.add_argument("--spec-channels", type=int, default=16,
                    help="channels of the SPEC-sized cases (the SPEC model has 272)")
     p.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
+    p.add_argument("--spec-activation", default="gelu", choices=["gelu", "gelu_tanh"],
+                   help="MLP activation of the SPEC-sized cases (the example configs use gelu)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="AdamW(fused=True) instead of the default (foreach) implementation")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available to torch here")
 
     t_start = time.perf_counter()
     peaks = {"fp32": matmul_peak(torch.float32, args.device),
@@ -293,21 +355,26 @@ def main(argv=None) -> dict:
                 peaks["fp32"] / 1e9, peaks["bf16"] / 1e9)
     results = []
     for case in cases(args):
-        for prec in args.precisions:
-            t0 = time.perf_counter()
-            try:
-                r = run_case(case, prec, args.steps, args.device, peaks)
-            except Exception as err:  # report, keep benchmarking the others
-                r = {"model": case["model"], "size": case["size"], "precision": prec,
-                     "error": f"{type(err).__name__}: {err}"[:300]}
+        t0 = time.perf_counter()
+        try:
+            rs = run_case(case, args.precisions, args.steps, args.device, peaks,
+                          args.fused_adamw)
+        except Exception as err:  # report, keep benchmarking the others
+            rs = [{"model": case["model"], "size": case["size"], "precision": prec,
+                   "error": f"{type(err).__name__}: {err}"[:300]} for prec in args.precisions]
+        for r in rs:
             r["wall_s"] = round(time.perf_counter() - t0, 1)
             logger.info("%s", json.dumps(r))
-            results.append(r)
+        results.extend(rs)
     out = {
         "benchmark": "train_throughput",
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "fused_adamw": args.fused_adamw,
+        "spec_activation": args.spec_activation,
+        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "steps": args.steps,

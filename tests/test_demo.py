@@ -41,13 +41,16 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["mode"] == "quick" and summary["skipped_stages"] == []
     acc = summary["next_step_accuracy"]
-    assert set(acc) == {"GPT2MEG", "repeat-last", "unigram"}
+    linear = set(summary["beats_linear"])
+    assert {n.split("(")[0] for n in linear} == {"AR", "VAR"}
+    assert set(acc) == {"GPT2MEG", "repeat-last", "unigram", *linear}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     assert set(summary["alpha_peak_hz"]) == {"mag"}
 
     text = (out / "report.md").read_text()
     assert text.startswith("# ephys-gpt demo")
     for needle in ["Next-step accuracy on held-out data", "| repeat-last |", "| unigram |",
+                   "Against linear models fitted by least squares",
                    "alpha peak generated", "](train/evals/EvalQuant/psd.png)"]:
         assert needle in text, needle
     ev = out / "train" / "evals" / "EvalQuant"

@@ -7,7 +7,6 @@ generator)`` means the same thing everywhere. Shapes: logits ``(..., V)`` → to
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -77,7 +76,14 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = torch.softmax(rearrange(scaled, "... v -> (...) v"), dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)
-    return tokens.view(logits.shape[:-1])
+    scaled = logits.float() / temperature
+    if top_k is not None or top_p is not None:
+        scaled = filter_logits(scaled, top_k=top_k, top_p=top_p)
+    # Inverse-CDF draw: one uniform number per row (torch.multinomial draws one exponential
+    # per vocabulary entry and checks its input with device asserts: several times slower
+    # for the (C, V) rows of a decode step). u < 1 times the total mass lands strictly inside
+    # the CDF, on a token of non-zero probability.
+    cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)
+    u = torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device)
+    tokens = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
+    return tokens.squeeze_(-1).clamp_(max=logits.shape[-1] - 1)

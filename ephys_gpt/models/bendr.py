@@ -14,7 +14,8 @@ D = ``enc_width``, M = ``d_model``):
 2. Sensor embedding ``e_c = MLP(pos_2d_c) + type_emb(ch_type_c)`` ``(B, C, D)`` added to every
    frame of channel ``c``; ``n_spatial_queries`` learned queries attend over channels
    (per frame) and are concatenated and projected to the frame token ``(B, F, M)``.
-3. Causal transformer (rotary positions, SDPA ``is_causal``) over ``[start, f_0, ..., f_{F-1}]``:
+3. Causal transformer (rotary positions; :class:`ephys_gpt.layers.attention.TransformerStack`)
+   over ``[start, f_0, ..., f_{F-1}]``:
    the sequence is shifted right by a learned start token, so context position ``m`` has
    seen frames ``< m``, i.e. samples ``<= m s - 1``.
 4. Decoder, at the full sample rate: the prediction of ``x[t + 1]`` made at time ``t`` uses
@@ -46,7 +47,7 @@ from einops import rearrange, repeat
 from torch import nn
 from tqdm.auto import tqdm
 
-from ephys_gpt.layers.continuous_transformer import KVCache, TransformerStack
+from ephys_gpt.layers.attention import KVCache, TransformerStack
 from ephys_gpt.layers.conv_encoder import CausalStridedConvEncoder
 from ephys_gpt.models.capabilities import Forecaster
 from ephys_gpt.models.output import ModelOutput
@@ -274,16 +275,16 @@ class BENDRForecast(nn.Module):
         # Prime: context over the past's complete frames (plus the start token).
         frames = rearrange(self.encoder(rearrange(past, "b c t -> (b c) 1 t")),
                            "(b c) d f -> b c d f", b=B)
-        cache = self.context.new_cache()
         tokens = torch.cat([self.start.expand(B, -1, -1), self._frame_tokens(frames, emb)], 1)
-        ctx = self.context(tokens, cache)[:, -1:]  # context for m = floor(T0 / s)
+        caches = self.new_cache(tokens.shape[1] + horizon // s + 1)
+        ctx = self.context(tokens, caches)[:, -1:]  # context for m = floor(T0 / s)
         for i in steps:
             t = T0 + i - 1  # predict x[t + 1] from x[:t + 1]
             if i > 0 and (t + 1) % s == 0:  # frame f_{(t+1)/s - 1} just completed
                 f = self.encoder.last_frame(
                     rearrange(out[..., :t + 1], "b c t -> (b c) 1 t"), t + 1)
                 tok = self._frame_tokens(rearrange(f, "(b c) d -> b c d 1", b=B), emb)
-                ctx = self.context(tok, cache)
+                ctx = self.context(tok, caches)
             window = out[..., max(0, t + 1 - K):t + 1]
             local = self._local(window)[:, :, -1:]
             out[..., t + 1] = self._innovate(
@@ -317,5 +318,6 @@ class BENDRForecast(nn.Module):
         z = z @ factor.T.to(z.dtype) if factor.ndim == 2 else z * factor.to(z.dtype)
         return pred + z
 
-    def new_cache(self) -> KVCache:
-        return self.context.new_cache()
+    def new_cache(self, max_frames: int) -> list[KVCache]:
+        """One :class:`KVCache` per transformer block, for ``max_frames`` context positions."""
+        return self.context.new_caches(max_frames)

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from ephys_gpt.codec import mulaw_decode, mulaw_mu
-from ephys_gpt.layers.continuous_transformer import TransformerStack
+from ephys_gpt.layers.attention import TransformerStack
 from ephys_gpt.models.capabilities import Classifier
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model

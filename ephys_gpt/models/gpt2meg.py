@@ -19,7 +19,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ephys_gpt.layers.attention import KVCache, TransformerBlock, init_gpt_weights
+from ephys_gpt.layers.attention import (
+    ACTIVATIONS,
+    KVCache,
+    TransformerBlock,
+    autocast_dtype,
+    init_gpt_weights,
+)
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.capabilities import TokenGenerator
@@ -46,6 +52,8 @@ class GPT2MEGConfig:
     slide_stride: int | None = None  # generation past n_positions: window jumps by this many
     # tokens (None: max(1, n_positions // 4)); see ephys_gpt.layers.generation
     layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # MLP: "gelu_tanh" (GPT-2's approximation) or "gelu" (exact;
+    # ~3x cheaper on CPUs, used by the example configs)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -61,6 +69,9 @@ class GPT2MEGConfig:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {self.dropout}")
         if self.n_subjects < 0 or self.n_conditions < 0:
             raise ValueError(f"{name}: n_subjects and n_conditions must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
+                             f"{self.activation!r}")
         if self.slide_stride is not None and not 1 <= self.slide_stride <= self.n_positions:
             raise ValueError(f"{name}: slide_stride must be None or in [1, n_positions="
                              f"{self.n_positions}], got {self.slide_stride}")
@@ -83,6 +94,171 @@ def check_tokens(x: torch.Tensor, num_channels: int, n_positions: int | None, na
                          f"{n_positions}; use shorter windows or a larger n_positions")
 
 
+class ChannelTokenTransformer(nn.Module):
+    """What GPT2MEG and STGPT2MEG share: the token / position / channel / label embeddings
+    ``(B, C, T, D)``, the final LayerNorm and (tied) head, ``example_inputs``, and the
+    KV-cached decoding behind ``generate`` / ``incremental_decoder``.
+
+    A subclass builds its blocks (``make_block() -> nn.Module``) and runs them in
+    :meth:`_blocks` on hidden states ``(B, C, T, D)``, with one :class:`KVCache` per block.
+    ``init_layers``: the depth used to scale the residual projections at initialisation.
+    """
+
+    def __init__(self, cfg: GPT2MEGConfig, make_block, init_layers: int):
+        super().__init__()
+        self.config = cfg
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.pos_emb = nn.Embedding(cfg.n_positions, D)
+        self.ch_emb = nn.Embedding(cfg.num_channels, D)
+        self.subject_emb = OptionalEmbedding(cfg.n_subjects, D, "subject")
+        self.condition_emb = OptionalEmbedding(cfg.n_conditions, D, "condition")
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        init_gpt_weights(self, init_layers)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _blocks(self, h: torch.Tensor, caches: list[KVCache] | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``(B, C, T, D)`` through the blocks (with ``caches``: the T newest
+        steps; ``position``: a static cache's slot of a single step)."""
+        raise NotImplementedError
+
+    def _labels(self, B: int, subject, condition) -> torch.Tensor | None:
+        """Sum of the optional per-example embeddings, ``(B, 1, 1, D)`` or None."""
+        embs = [e for e in (self.subject_emb(subject, B), self.condition_emb(condition, B))
+                if e is not None]
+        return sum(embs)[:, None, None, :] if embs else None
+
+    def _embed(self, x: torch.Tensor, start, labels: torch.Tensor | None) -> torch.Tensor:
+        """Tokens ``(B, C, T)`` at positions ``start..start+T-1`` → ``(B, C, T, D)``
+        (``start``: an int, or a 0-d tensor for a single step). The embeddings are summed in
+        fp32."""
+        T = x.shape[-1]
+        pos = (self.pos_emb.weight[start:start + T] if isinstance(start, int)
+               else self.pos_emb(start.view(1)))
+        h = self.tok_emb(x) + pos + self.ch_emb.weight[:, None, :]
+        if labels is not None:
+            h = h + labels
+        low = autocast_dtype(h.device.type)
+        if low is not None:
+            # Under autocast the residual stream is held in the autocast dtype (bf16), as in
+            # Megatron-LM: blocks then pass bf16 activations without a cast per matmul.
+            h = h.to(low)
+        return self.drop(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden ``(B, C, T, D)`` → logits ``(B, C, T, V)``."""
+        return self.head(self.ln_f(h))
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
+        """Random tokens ``(batch_size, C, seq_len)`` (default ``min(n_positions, 32)`` steps)."""
+        cfg = self.config
+        T = seq_len or min(cfg.n_positions, 32)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.num_channels, T), generator=g)
+        return x.to(self.tok_emb.weight.device)
+
+    @torch.no_grad()
+    def generate(self, context: torch.Tensor, steps: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, subject: torch.Tensor | None = None,
+                 condition: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample ``steps`` new time steps after ``context``.
+
+        Parameters
+        ----------
+        context : int64 (B, C, T0)
+        steps : number of new time steps.
+        temperature, top_k, top_p, generator : see :func:`ephys_gpt.layers.sampling.sample_logits`
+            (``temperature=0``: greedy).
+        use_cache : decode with per-layer KV caches (each step attends over the cache: O(T)
+            per step) instead of re-running the window.
+        subject, condition : int64 (B,), as in ``forward``.
+
+        Returns
+        -------
+        int64 (B, C, T0 + steps): the context followed by the generated tokens. Past
+        ``n_positions`` tokens the context window slides by ``slide_stride`` (identically
+        with and without the cache).
+        """
+        cfg = self.config
+        check_token_context(context, cfg.num_channels, self._name)
+        prime, step = self.incremental_decoder(context.shape[0], subject=subject,
+                                               condition=condition)
+        return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
+                               window=cfg.n_positions, stride=cfg.stride,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator, progress=progress, desc=self._name)
+
+    def incremental_decoder(self, batch_size: int, subject: torch.Tensor | None = None,
+                            condition: torch.Tensor | None = None, *, compile: bool = False):
+        """The KV-cached decoder :meth:`generate` runs on, for callers that drive decoding
+        themselves (benchmarks, custom samplers).
+
+        Returns ``(prime, step)``: ``prime(window (B, C, L), use_cache) -> logits (B, C, V)``
+        for the last step of ``window`` (``L <= n_positions``; with ``use_cache`` the per-layer
+        caches are reset and filled with ``window`` at positions ``0..L-1``), and
+        ``step(tokens (B, C)) -> logits (B, C, V)``, which appends one step to the caches
+        (a ValueError once they hold ``n_positions`` steps).
+
+        ``compile``: run each step as one ``torch.compile``-d graph of fixed shapes (the
+        caches attend over their whole buffer with a length mask), compiled on the first
+        step; on CUDA it is captured as a CUDA graph (``mode="reduce-overhead"``), which
+        removes the per-kernel launch cost that dominates small decode steps there. On the
+        CPU it does not pay (the step is bound by reading the KV cache; measured with
+        ``bench/generate.py --compile``), and the first step takes the compile time.
+        """
+        cfg = self.config
+        labels = self._labels(batch_size, subject, condition)
+        caches = [KVCache(cfg.n_positions, static=compile) for _ in self.blocks]
+        state = {"pos": 0, "fn": None}
+
+        def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
+            h = self._embed(window, 0, labels)
+            if cached:
+                for cache in caches:
+                    cache.reset()
+            h = self._blocks(h, caches if cached else None)
+            state["pos"] = window.shape[-1]
+            return self._logits(h[:, :, -1:])[:, :, 0]
+
+        def one_step(tok: torch.Tensor, position) -> torch.Tensor:
+            h = self._embed(tok[..., None], position, labels)
+            h = self._blocks(h, caches, position if compile else None)
+            return self._logits(h)[:, :, 0]
+
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            if state["pos"] >= cfg.n_positions:
+                raise ValueError(f"{self._name} decoder: the cache is full (n_positions="
+                                 f"{cfg.n_positions}); prime a shorter window first")
+            if compile:
+                if state["fn"] is None:
+                    mode = "reduce-overhead" if tok.device.type == "cuda" else None
+                    state["fn"] = torch.compile(one_step, mode=mode, dynamic=False)
+                    state["position"] = torch.zeros((), dtype=torch.long, device=tok.device)
+                position = state["position"].fill_(state["pos"])  # no host-device sync
+                logits = state["fn"](tok, position)
+                for cache in caches:
+                    cache.length = state["pos"] + 1
+            else:
+                logits = one_step(tok, state["pos"])
+            state["pos"] += 1
+            return logits
+
+        return prime, step
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
 @register_model(
     "GPT2MEG",
     input_kind="tokens",
@@ -94,50 +270,22 @@ def check_tokens(x: torch.Tensor, num_channels: int, n_positions: int | None, na
     default_loss="CrossEntropy",
     config_class=GPT2MEGConfig,
 )
-class GPT2MEG(nn.Module):
+class GPT2MEG(ChannelTokenTransformer):
     """Channel-wise GPT-2 over mu-law tokens: ``(B, C, T)`` int64 → logits ``(B, C, T, V)``."""
 
     def __init__(self, **config):
-        super().__init__()
-        self.config = cfg = GPT2MEGConfig(**config)
-        D = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
-        self.pos_emb = nn.Embedding(cfg.n_positions, D)
-        self.ch_emb = nn.Embedding(cfg.num_channels, D)
-        self.subject_emb = OptionalEmbedding(cfg.n_subjects, D, "subject")
-        self.condition_emb = OptionalEmbedding(cfg.n_conditions, D, "condition")
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.bias,
-                             cfg.layer_norm_eps) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
-        init_gpt_weights(self, cfg.n_layers)
-        if cfg.tie_weights:
-            self.head.weight = self.tok_emb.weight
+        cfg = GPT2MEGConfig(**config)
+        super().__init__(cfg, lambda: TransformerBlock(
+            cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.bias, cfg.layer_norm_eps,
+            activation=cfg.activation), cfg.n_layers)
 
-    # -- pieces shared by forward and generate ------------------------------------------------
-
-    def _labels(self, B: int, subject, condition) -> torch.Tensor | None:
-        """Sum of the optional per-example embeddings, ``(B, 1, 1, D)`` or None."""
-        embs = [e for e in (self.subject_emb(subject, B), self.condition_emb(condition, B))
-                if e is not None]
-        return sum(embs)[:, None, None, :] if embs else None
-
-    def _embed(self, x: torch.Tensor, start: int, labels: torch.Tensor | None) -> torch.Tensor:
-        """Tokens ``(B, C, T)`` at positions ``start..start+T-1`` → ``(B·C, T, D)``."""
-        T = x.shape[-1]
-        h = self.tok_emb(x)  # (B, C, T, D)
-        h = h + self.pos_emb.weight[start:start + T] + self.ch_emb.weight[:, None, :]
-        if labels is not None:
-            h = h + labels
-        return rearrange(self.drop(h), "b c t d -> (b c) t d")
-
-    def _logits(self, h: torch.Tensor, B: int) -> torch.Tensor:
-        """Hidden ``(B·C, T, D)`` → logits ``(B, C, T, V)``."""
-        return rearrange(self.head(self.ln_f(h)), "(b c) t v -> b c t v", b=B)
-
-    # -- public API -----------------------------------------------------------------------------
+    def _blocks(self, h: torch.Tensor, caches: list[KVCache] | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        B = h.shape[0]
+        x = rearrange(h, "b c t d -> (b c) t d")  # every channel is its own sequence
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if caches is None else caches[i], position=position)
+        return rearrange(x, "(b c) t d -> b c t d", b=B)
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None) -> ModelOutput:
@@ -156,87 +304,5 @@ class GPT2MEG(nn.Module):
         """
         cfg = self.config
         check_tokens(x, cfg.num_channels, cfg.n_positions, "GPT2MEG")
-        B = x.shape[0]
-        h = self._embed(x, 0, self._labels(B, subject, condition))
-        for block in self.blocks:
-            h = block(h)
-        return ModelOutput(self._logits(h, B))
-
-    def example_inputs(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
-        """Random tokens ``(batch_size, C, seq_len)`` (default ``min(n_positions, 32)`` steps)."""
-        cfg = self.config
-        T = seq_len or min(cfg.n_positions, 32)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.num_channels, T), generator=g)
-        return x.to(self.tok_emb.weight.device)
-
-    @torch.no_grad()
-    def generate(self, context: torch.Tensor, steps: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None, subject: torch.Tensor | None = None,
-                 condition: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Sample ``steps`` new tokens per channel after ``context``.
-
-        Parameters
-        ----------
-        context : int64 (B, C, T0)
-        steps : number of new time steps.
-        temperature, top_k, top_p, generator : see :func:`ephys_gpt.layers.sampling.sample_logits`
-            (``temperature=0``: greedy).
-        use_cache : decode with per-layer KV caches (each step attends over the cache: O(T)
-            per step) instead of re-running the window.
-        subject, condition : int64 (B,), as in :meth:`forward`.
-
-        Returns
-        -------
-        int64 (B, C, T0 + steps): the context followed by the generated tokens. Past
-        ``n_positions`` tokens the context window slides by ``slide_stride`` (identically
-        with and without the cache).
-        """
-        cfg = self.config
-        check_token_context(context, cfg.num_channels, "GPT2MEG")
-        B = context.shape[0]
-        prime, step = self.incremental_decoder(B, subject=subject, condition=condition)
-        return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
-                               window=cfg.n_positions, stride=cfg.stride,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, progress=progress, desc="GPT2MEG")
-
-    def incremental_decoder(self, batch_size: int, subject: torch.Tensor | None = None,
-                            condition: torch.Tensor | None = None):
-        """The KV-cached decoder :meth:`generate` runs on, for callers that drive decoding
-        themselves (benchmarks, custom samplers).
-
-        Returns ``(prime, step)``: ``prime(window (B, C, L), use_cache) -> logits (B, C, V)``
-        for the last step of ``window`` (``L <= n_positions``; with ``use_cache`` the per-layer
-        caches are reset and filled with ``window`` at positions ``0..L-1``), and
-        ``step(tokens (B, C)) -> logits (B, C, V)``, which appends one step to the caches.
-        """
-        cfg = self.config
-        labels = self._labels(batch_size, subject, condition)
-        caches = [KVCache(cfg.n_positions) for _ in self.blocks]
-        pos = [0]
-
-        def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
-            h = self._embed(window, 0, labels)
-            for block, cache in zip(self.blocks, caches):
-                if cached:
-                    cache.reset()
-                h = block(h, cache=cache if cached else None)
-            pos[0] = window.shape[-1]
-            return self._logits(h[:, -1:], batch_size)[:, :, 0]
-
-        def step(tok: torch.Tensor) -> torch.Tensor:
-            if pos[0] >= cfg.n_positions:
-                raise ValueError(f"GPT2MEG decoder: the cache is full (n_positions="
-                                 f"{cfg.n_positions}); prime a shorter window first")
-            h = self._embed(tok[..., None], pos[0], labels)
-            for block, cache in zip(self.blocks, caches):
-                h = block(h, cache=cache)
-            pos[0] += 1
-            return self._logits(h, batch_size)[:, :, 0]
-
-        return prime, step
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+        h = self._embed(x, 0, self._labels(x.shape[0], subject, condition))
+        return ModelOutput(self._logits(self._blocks(h)))

@@ -18,12 +18,15 @@ Dc dilation (gate) and Sc skip channels, G global conditioning width, Dl local c
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ephys_gpt.layers.attention import autocast_dtype
 from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState, PointwiseConv1d
 from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
@@ -103,6 +106,136 @@ class GatedResidualLayer(nn.Module):
         return x + out[:, :self.n_res], out[:, self.n_res:]
 
 
+class WavenetStream:
+    """Fast WaveNet generation (Paine et al., 2016) as one fused step over all layers.
+
+    Built from a model and its layers' inputs over a primed window (``inputs[i]``
+    ``(B, Rc, T)``), it holds each dilated conv's last ``dilation·(k-1)`` inputs in one ring
+    buffer ``(layers · slots, B, Rc)`` and computes a step with four kernels per layer instead
+    of about fifteen: the past taps of every layer are known before the step, so their
+    contribution is one batched matmul for all layers; each layer then needs one matmul for
+    its newest input, the gate (``tanh(f)·sigmoid(g) = tanh(f)·(1 + tanh(g/2))/2``: one
+    ``tanh`` and one ``addcmul``) and one matmul for the residual; the skip outputs of all
+    layers are one matmul at the end, and every intermediate lives in a buffer allocated
+    once. The residual biases are folded into the next layers'
+    conv biases (the ring holds inputs minus the cumulated residual bias), and global
+    conditioning into the biases too. Weights are cast once to the compute dtype (the
+    autocast dtype when autocast is on). ``step(tokens (B, C), local (B, Dl) | None)`` →
+    logits ``(B, C, V)``; it equals the model's forward on the whole sequence.
+    """
+
+    def __init__(self, model: WavenetFullChannel, inputs: list[torch.Tensor],
+                 g: torch.Tensor | None):
+        cfg = model.config
+        h0 = inputs[0]
+        dev, B = h0.device, h0.shape[0]
+        self.dtype = autocast_dtype(dev.type) or model.input_proj.weight.dtype
+        dt = self.dtype
+        layers = model.layers
+        k, Rc, Dc = cfg.kernel_size, cfg.residual_channels, cfg.dilation_channels
+        self.model, self.n_layers, self.B, self.C = model, len(layers), B, cfg.num_channels
+        with torch.no_grad():
+            W = [layer.conv.weight for layer in layers]  # (2Dc, Rc, k) each
+            # cumulated residual bias entering each layer (subtracted from the stored inputs)
+            cum, c = [], torch.zeros(Rc, device=dev)
+            for layer in layers:
+                cum.append(c)
+                if layer.n_res:
+                    c = c + layer.res_skip.bias[:Rc].float()
+            self.cum = torch.stack(cum)  # (L, Rc)
+            # gate: tanh(f)·sigmoid(g) = tanh(f)·(1 + tanh(g/2))/2, so one tanh over the
+            # whole conv output with the g half scaled by 1/2, and the final 1/2 folded into
+            # the weights that read the gate (residual and skip)
+            half = torch.cat([torch.ones(Dc), torch.full((Dc,), 0.5)]).to(dev)
+            bias = torch.stack([
+                (layer.conv.bias.float() + (w.sum(-1).float() @ cl)) * half for layer, w, cl in
+                zip(layers, W, cum)])  # (L, 2Dc)
+            bias = bias[:, None].expand(-1, B, -1)
+            if g is not None:
+                bias = bias + torch.stack([layer.global_proj(g).float() * half
+                                           for layer in layers])
+            self.bias = bias.to(dt).contiguous()  # (L, B, 2Dc)
+            self.w_cur = [(w[:, :, -1].t() * half).to(dt).contiguous() for w in W]  # (Rc, 2Dc)
+            # past taps j = 0 .. k-2 at offsets d·(k-1-j), rows ordered (tap, channel)
+            self.w_past = torch.stack([rearrange(w[:, :, :-1], "o c j -> (j c) o") * half
+                                       for w in W]).to(dt).contiguous()  # (L, (k-1)·Rc, 2Dc)
+            self.w_res = [(layer.res_skip.weight[:Rc, :, 0].t() * 0.5).to(dt).contiguous()
+                          for layer in layers[:-1]]  # (Dc, Rc)
+            self.w_skip = (torch.cat([layer.res_skip.weight[layer.n_res:, :, 0].t()
+                                      for layer in layers]) * 0.5).to(dt).contiguous()
+            self.b_skip = sum(layer.res_skip.bias[layer.n_res:] for layer in layers).to(dt)
+            self.w_local = ((torch.cat([layer.local_proj.weight[:, :, 0] for layer in layers]
+                                       ).t() * half.repeat(len(layers))).to(dt).contiguous()
+                            if cfg.local_channels else None)  # (Dl, L·2Dc)
+            self.w_in = model.input_proj.weight[:, :, 0].t().to(dt).contiguous()
+            self.b_in = model.input_proj.bias.to(dt)
+            head = [m for m in model.out if isinstance(m, nn.Conv1d)]
+            self.w_out = [(m.weight[:, :, 0].t().to(dt).contiguous(), m.bias.to(dt))
+                          for m in head]
+            # Ring: layer i keeps its input of stream position s at row i·M + s mod m_i
+            # (m_i = dilation·(k-1) slots, M the largest); the rows a step reads and writes
+            # repeat with the period lcm(m_i), so they are tabled once here.
+            mods = [d * (k - 1) for d in cfg.dilations]
+            M = max(mods)
+            self.period = math.lcm(*mods)
+            s_ = torch.arange(self.period)[:, None, None]
+            taps = torch.tensor(cfg.dilations)[:, None] * torch.arange(k - 1, 0, -1)  # (L, k-1)
+            base = torch.arange(len(mods))[:, None] * M
+            m_ = torch.tensor(mods)[:, None]
+            self.read_rows = (base + (s_ - taps) % m_).flatten(1).to(dev)  # (period, L·(k-1))
+            self.write_rows = (base[:, 0] + s_[:, :, 0] % m_[:, 0]).to(dev)  # (period, L)
+            # a fresh slot holds the causal zero padding: true input 0, stored as -cum
+            self.ring = (-self.cum)[:, None, None, :].expand(-1, M, B, -1).to(dt).reshape(
+                -1, B, Rc).contiguous()
+            T = h0.shape[-1]
+            self.t = T
+            for i, (x, m) in enumerate(zip(inputs, mods)):
+                n = min(m, T)  # stream positions T-n .. T-1 live at slots (pos mod m)
+                rows = i * M + torch.arange(T - n, T, device=dev) % m
+                self.ring[rows] = (x[:, :, T - n:].float() - self.cum[i][None, :, None]
+                                   ).permute(2, 0, 1).to(dt)
+            self.offsets = model.embed.offsets[:, None]  # (C, 1): channel c's table rows
+        # every intermediate of a step lives in a buffer allocated here; a step only writes
+        L = self.n_layers
+        self.H = torch.empty(L, B, Rc, device=dev, dtype=dt)      # layer inputs (minus cum)
+        self.P = torch.empty(L, B, 2 * Dc, device=dev, dtype=dt)  # past taps + biases
+        self.Z = torch.empty(L, B, 2 * Dc, device=dev, dtype=dt)  # conv outputs, then tanh
+        self.A = torch.empty(B, L * Dc, device=dev, dtype=dt)     # 2 x gates, all layers
+        A = self.A.view(B, L, Dc)
+        self._layer_bufs = [
+            (self.P[i], self.H[i], self.w_cur[i], self.Z[i], self.Z[i, :, :Dc],
+             self.Z[i, :, Dc:], A[:, i], self.w_res[i] if i < L - 1 else None,
+             self.H[i + 1] if i < L - 1 else None) for i in range(L)]
+        self.k = k
+
+    def step(self, tok: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``(B, C)`` of the newest step (and its local conditioning ``(B, Dl)``) →
+        logits ``(B, C, V)`` for the next one. Runs without autograd (generation)."""
+        with torch.no_grad(), torch.autocast(tok.device.type, enabled=False):
+            phase = self.t % self.period
+            emb = F.embedding(tok + self.offsets[:, 0], self.model.embed.table.weight)
+            torch.addmm(self.b_in, emb.reshape(self.B, -1).to(self.dtype), self.w_in,
+                        out=self.H[0])
+            past = self.ring.index_select(0, self.read_rows[phase])  # (L·(k-1), B, Rc)
+            L = self.n_layers
+            past = (past.view(L, self.B, -1) if self.k == 2 else
+                    past.view(L, self.k - 1, self.B, -1).transpose(1, 2).reshape(L, self.B, -1))
+            torch.baddbmm(self.bias, past, self.w_past, out=self.P)  # all layers' past taps
+            if self.w_local is not None:
+                self.P += (local.to(self.dtype) @ self.w_local).view(self.B, L, -1).transpose(0, 1)
+            for p, h, w, z, tf, tg, a, w_res, h_next in self._layer_bufs:
+                torch.addmm(p, h, w, out=z).tanh_()
+                torch.addcmul(tf, tf, tg, out=a)  # 2 · tanh(f) · sigmoid(g)
+                if w_res is not None:
+                    torch.addmm(h, a, w_res, out=h_next)
+            self.ring.index_copy_(0, self.write_rows[phase], self.H)
+            self.t += 1
+            out = torch.addmm(self.b_skip, self.A, self.w_skip)
+            for w, b in self.w_out:
+                out = torch.addmm(b, out.relu_(), w)
+        return out.view(self.B, self.C, -1)
+
+
 @register_model(
     "WavenetFullChannel",
     input_kind="tokens",
@@ -146,12 +279,15 @@ class WavenetFullChannel(nn.Module):
                              f"Dl={Dl}, T>={T}), got {got}")
 
     def _run(self, x: torch.Tensor, g: torch.Tensor | None, local: torch.Tensor | None,
-             states: list[ConvState] | None = None, last_only: bool = False) -> torch.Tensor:
+             states: list[ConvState] | None = None, last_only: bool = False,
+             inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Tokens ``(B, C, T)`` → logits ``(B, C, T, V)`` (``T = 1`` with ``last_only``),
-        optionally streaming."""
+        optionally streaming; ``inputs`` collects each layer's input ``(B, Rc, T)``."""
         h = self.input_proj(rearrange(self.embed(x), "b c t e -> b (c e) t"))  # (B, Rc, T)
         skips = 0
         for i, layer in enumerate(self.layers):
+            if inputs is not None:
+                inputs.append(h)
             h, s = layer(h, g, local, None if states is None else states[i])
             skips = skips + s
         logits = self.out(skips[..., -1:] if last_only else skips)  # (B, C·V, T)
@@ -214,21 +350,23 @@ class WavenetFullChannel(nn.Module):
         self._check_local(local_cond, B, T0 + steps)
         g = self.subject_emb(subject, B)
         R = self.receptive_field
-        st: dict = {"states": None, "t": 0}
+        st: dict = {"stream": None, "t": 0}
 
         def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
             L = window.shape[-1]
             crop = window[..., -R:]
             local = None if local_cond is None else local_cond[..., L - crop.shape[-1]:L]
-            st["states"] = [layer.conv.new_state() for layer in self.layers] if cached else None
+            inputs: list[torch.Tensor] | None = [] if cached else None
+            logits = self._run(crop, g, local, last_only=True, inputs=inputs)[:, :, -1]
+            st["stream"] = WavenetStream(self, inputs, g) if cached else None
             st["t"] = L
-            return self._run(crop, g, local, st["states"], last_only=True)[:, :, -1]
+            return logits
 
         def step(tok: torch.Tensor) -> torch.Tensor:
             t = st["t"]
-            local = None if local_cond is None else local_cond[..., t:t + 1]
+            local = None if local_cond is None else local_cond[..., t]
             st["t"] = t + 1
-            return self._run(tok[..., None], g, local, st["states"])[:, :, -1]
+            return st["stream"].step(tok, local)
 
         return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
                                temperature=temperature, top_k=top_k, top_p=top_p,

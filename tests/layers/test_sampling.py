@@ -76,3 +76,18 @@ def test_generator_makes_sampling_reproducible():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample_logits(torch.randn(2, 5), **kwargs)
+
+
+def test_draws_follow_the_probabilities_and_never_hit_a_zero():
+    """One uniform number per row against the CDF: frequencies match the probabilities, and
+    tokens of probability 0 (in the middle or at the end of the vocabulary, or filtered out
+    by top-k) are never drawn."""
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3, 0.0])
+    logits = probs.log().expand(40000, 5)
+    g = torch.Generator().manual_seed(3)
+    draws = sample_logits(logits, generator=g)
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs, atol=0.01)
+    top2 = sample_logits(logits, top_k=2, generator=g)
+    assert set(top2.unique().tolist()) == {2, 3}

@@ -140,3 +140,17 @@ def test_incremental_decoder_matches_forward_and_refuses_overflow(model):
     assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
     with pytest.raises(ValueError, match="cache is full"):
         step(x[..., 0])
+
+
+@pytest.mark.slow
+def test_compiled_decoder_equals_forward(model):
+    """``incremental_decoder(compile=True)``: fixed-shape steps (static cache, position as a
+    tensor) compiled once; same logits as the forward pass and the same cache-full check."""
+    x = ctx(T=12)
+    prime, step = model.incremental_decoder(2, compile=True)
+    with torch.no_grad():
+        full = model(x)
+        got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
+    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
+    with pytest.raises(ValueError, match="cache is full"):
+        step(x[..., 0])

@@ -57,3 +57,26 @@ def test_bf16_autocast_forward_is_finite(model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens()).prediction
     assert out.shape == (2, 4, 8, 16) and torch.isfinite(out.float()).all()
+
+
+def test_incremental_decoder_matches_forward_and_refuses_a_full_cache(model):
+    """STGPT2MEG decodes on GPT2MEG's shared decoder: prime + cached steps give the forward
+    pass's logits, and a step past n_positions is refused (the STGPT2MEG copy of the decoder
+    had lost this check and would have written past the position table)."""
+    x = tokens(T=10)
+    prime, step = model.incremental_decoder(2)
+    with torch.no_grad():
+        full = model(x).prediction
+        got = [prime(x[..., :4], True)] + [step(x[..., t]) for t in range(4, 10)]
+    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 3:], atol=1e-5)
+    with pytest.raises(ValueError, match="cache is full"):
+        step(x[..., 0])
+
+
+def test_shares_gpt2meg_embeddings_head_and_decoding():
+    from ephys_gpt.models.gpt2meg import GPT2MEG, ChannelTokenTransformer
+
+    for cls in (STGPT2MEG, GPT2MEG):
+        assert issubclass(cls, ChannelTokenTransformer)
+        assert cls.generate is ChannelTokenTransformer.generate
+        assert cls.incremental_decoder is ChannelTokenTransformer.incremental_decoder

@@ -85,3 +85,43 @@ def test_bad_config_and_inputs():
         WavenetFullChannel(**{**TINY, "kernel_size": 0})
     with pytest.raises(ValueError, match="num_channels=3"):
         WavenetFullChannel(**TINY)(torch.zeros(1, 2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kernel_size,context", [(3, 4), (3, 40), (2, 1)])
+def test_fused_stream_equals_forward_for_any_kernel_and_context(kernel_size, context):
+    """The fused streaming step (one batched matmul for every layer's past taps, folded
+    biases, a ring buffer per layer) gives the forward pass's logits at every step, with
+    global and local conditioning, whatever the kernel size and however short the context
+    (the ring then holds the causal zero padding)."""
+    torch.manual_seed(0)
+    m = WavenetFullChannel(**{**TINY, "kernel_size": kernel_size}, n_subjects=2, global_dim=4,
+                           local_channels=2).eval()
+    x = tokens(T=context + 12)
+    local = torch.randn(2, 2, context + 12)
+    subj = torch.tensor([1, 0])
+    with torch.no_grad():
+        full = m(x, subject=subj, local_cond=local).prediction
+    from ephys_gpt.models.wavenet import WavenetStream
+
+    inputs = []
+    with torch.no_grad():
+        g = m.subject_emb(subj, 2)
+        m._run(x[..., :context], g, local[..., :context], last_only=True, inputs=inputs)
+    stream = WavenetStream(m, inputs, g)
+    for t in range(context, context + 12):
+        got = stream.step(x[..., t], local[..., t])
+        assert torch.allclose(got, full[:, :, t], atol=1e-5)
+
+
+def test_bf16_stream_runs_in_bf16(model):
+    from ephys_gpt.models.wavenet import WavenetStream
+
+    x = tokens(T=10)
+    inputs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x).prediction
+        model._run(x[..., :6], None, None, last_only=True, inputs=inputs)
+        stream = WavenetStream(model, inputs, None)
+        got = [stream.step(x[..., t]) for t in range(6, 10)]
+    assert stream.ring.dtype == torch.bfloat16 and got[0].dtype == torch.bfloat16
+    assert (torch.stack(got, 2).float() - ref[:, :, 6:].float()).abs().max() < 0.1
