@@ -15,7 +15,9 @@ fp32, sampling at temperature 1):
   width 128, 400 positions, the example configs' activation) after a 300-step context, in
   fp32 and under bf16 autocast (bf16 KV cache), and ``spec_cache_speedup``: an uncached step
   at that size re-runs the 300-step window, which costs what priming does, so the ratio is
-  prime time ÷ cached step time. ``--compile`` adds the same with the step compiled as one
+  prime time ÷ cached step time, and the memory floor of that step (``kv_read_floor_ms``: a
+  plain read of as many bytes as its KV cache holds; ``step_over_read_floor`` the ratio).
+  ``--compile`` adds the same with the step compiled as one
   fixed-shape graph (``incremental_decoder(compile=True)``; CUDA graphs on CUDA);
 - for reference, a WavenetFullChannel with the original WaveNet's receptive field (3 blocks
   of 10 layers, 3070 samples), where streaming pays off most (not part of
@@ -149,18 +151,43 @@ def bench_spec_decode_step(context_len: int, steps: int, bf16: bool, compile: bo
             for _ in range(steps):
                 logits = step(logits.argmax(-1))
     per_step = clock.wall / steps
+    floor = _kv_read_floor(context_len, torch.bfloat16 if bf16 else torch.float32, device)
     out = {"context_steps": context_len, "decode_steps": steps,
            "dtype": "bf16-autocast" if bf16 else "fp32", "compiled": compile,
            "kv_cache_dtype": "bf16" if bf16 else "fp32",
            "prime_seconds": round(p.wall, 3), "first_step_seconds": round(first.wall, 3),
            "ms_per_decode_step": round(per_step * 1e3, 2),
            "tokens_per_s": round(272 / per_step, 1),
-           "spec_cache_speedup": round(p.wall / per_step, 1)}
+           "spec_cache_speedup": round(p.wall / per_step, 1),
+           **floor, "step_over_read_floor": round(per_step * 1e3 / floor["kv_read_floor_ms"], 2)}
     if device.type == "cpu":
         out["cpu_ms_per_decode_step"] = round(clock.cpu / steps * 1e3, 2)
     else:
         out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+@torch.no_grad()
+def _kv_read_floor(context_len: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The memory floor of one SPEC decode step: the time to read, once, as many bytes as its
+    KV cache holds (keys and values of every layer, ``context_len + 1`` steps), measured here
+    as a plain fp32 sum over those bytes (a bf16 cache is reinterpreted as fp32, so the
+    reduction costs the same per byte whatever the cache dtype)."""
+    d = GPT_SPEC["d_model"]
+    cache = [torch.randn(272, context_len + 1, d, device=device).to(dtype)
+             for _ in range(2 * GPT_SPEC["n_layers"])]
+    nbytes = sum(t.numel() * t.element_size() for t in cache)
+
+    def read():
+        return [t.view(torch.float32).sum() for t in cache]
+
+    read()
+    with _Clock(device) as clock:
+        for _ in range(5):
+            read()
+    ms = clock.wall / 5 * 1e3
+    return {"kv_cache_mb": round(nbytes / 1e6, 1), "kv_read_floor_ms": round(ms, 2),
+            "read_gb_per_s": round(nbytes / (ms / 1e3) / 1e9, 2)}
 
 
 def main(argv=None) -> dict:
