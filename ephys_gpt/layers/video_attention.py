@@ -1,4 +1,5 @@
-"""Attention over video latents ``(B, C, T, H, W)`` for the tokenizers.
+"""Attention over video latents ``(B, C, T, H, W)`` for the tokenizers, on the one attention
+module (:class:`ephys_gpt.layers.attention.MultiHeadSelfAttention`).
 
 - :class:`AxialAttention3d`: VideoGPT's axial block (Yan et al., 2021, "VideoGPT: video
   generation using VQ-VAE and transformers"): multi-head attention along time (causal), along
@@ -8,20 +9,24 @@
   (the attention block of VQGAN/MoVQ-style 2-D encoders), no time mixing at all.
 
 Both are pre-norm residual blocks with per-position (never per-time-pooled) normalization, so
-a latent at step ``t`` depends only on steps ``<= t``. They use
-:func:`torch.nn.functional.scaled_dot_product_attention` and hold no KV cache (tokenizers run
-on whole windows). Until the unified attention stack offers axial attention, these are the
-tokenizers' own.
+a latent at step ``t`` depends only on steps ``<= t``. They hold no KV cache (tokenizers run
+on whole windows). Weights saved under the blocks' former parameter names (``qkv.<axis>``,
+``out.<axis>``; 1x1 convolutions in :class:`FrameSelfAttention`) still load.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ephys_gpt.layers.attention import MultiHeadSelfAttention
 from ephys_gpt.layers.conv3d import group_count
+
+#: the sequences each axis attends along, from and back to channel-last (B, T, H, W, C)
+_AXES = (("b t h w c -> (b h w) t c", "(b h w) t c -> b t h w c"),
+         ("b t h w c -> (b t w) h c", "(b t w) h c -> b t h w c"),
+         ("b t h w c -> (b t h) w c", "(b t h) w c -> b t h w c"))
 
 
 class AxialAttention3d(nn.Module):
@@ -43,29 +48,27 @@ class AxialAttention3d(nn.Module):
             raise ValueError(f"AxialAttention3d: dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads, self.causal_time = n_heads, causal_time
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(3))
-        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
-
-    def _attend(self, x: torch.Tensor, axis: int, causal: bool) -> torch.Tensor:
-        """Attention along ``axis`` (0 t, 1 h, 2 w) of channel-last ``x (B, T, H, W, C)``."""
-        b, t, h, w, c = x.shape
-        pattern = ["b t h w c -> (b h w) t c", "b t h w c -> (b t w) h c",
-                   "b t h w c -> (b t h) w c"][axis]
-        seq = rearrange(x, pattern)  # (N, L, C)
-        q, k, v = rearrange(self.qkv[axis](seq), "n l (three k d) -> three n k l d", three=3,
-                            k=self.n_heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        y = self.out[axis](rearrange(y, "n k l d -> n l (k d)"))
-        back = ["(b h w) t c -> b t h w c", "(b t w) h c -> b t h w c",
-                "(b t h) w c -> b t h w c"][axis]
-        return rearrange(y, back, b=b, t=t, h=h, w=w)
+        self.attn = nn.ModuleList(MultiHeadSelfAttention(dim, n_heads, causal=causal_time and i == 0)
+                                  for i in range(3))  # time, rows, columns
+        self._register_load_state_dict_pre_hook(_former_axial_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, H, W)`` → same shape."""
         h = self.norm(rearrange(x, "b c t h w -> b t h w c"))
-        y = (self._attend(h, 0, self.causal_time) + self._attend(h, 1, False)
-             + self._attend(h, 2, False))
+        b, t, hh, w, _ = h.shape
+        y = sum(rearrange(attn(rearrange(h, there)), back, b=b, t=t, h=hh, w=w)
+                for attn, (there, back) in zip(self.attn, _AXES))
         return x + rearrange(y, "b t h w c -> b c t h w")
+
+
+def _former_axial_keys(state_dict, prefix, *args) -> None:
+    """Rename the former ``qkv.<axis>.*`` / ``out.<axis>.*`` to ``attn.<axis>.qkv/proj.*``."""
+    for axis in range(3):
+        for old, new in (("qkv", "qkv"), ("out", "proj")):
+            for name in ("weight", "bias"):
+                key = f"{prefix}{old}.{axis}.{name}"
+                if key in state_dict:
+                    state_dict[f"{prefix}attn.{axis}.{new}.{name}"] = state_dict.pop(key)
 
 
 class FrameSelfAttention(nn.Module):
@@ -75,12 +78,22 @@ class FrameSelfAttention(nn.Module):
     def __init__(self, dim: int, groups: int = 32):
         super().__init__()
         self.norm = nn.GroupNorm(group_count(dim, groups), dim, eps=1e-6)
-        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
-        self.out = nn.Conv2d(dim, dim, 1)
+        self.attn = MultiHeadSelfAttention(dim, 1, causal=False)
+        self._register_load_state_dict_pre_hook(_former_frame_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "n (three c) h w -> three n 1 (h w) c",
-                            three=3)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(rearrange(y, "n 1 (h w) c -> n c h w", h=h, w=w))
+        y = self.attn(rearrange(self.norm(x), "n c h w -> n (h w) c"))
+        return x + rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
+
+
+def _former_frame_keys(state_dict, prefix, *args) -> None:
+    """Rename the former 1x1-convolution ``qkv.*`` / ``out.*`` to ``attn.qkv/proj.*``
+    (a 1x1 convolution's weight ``(out, in, 1, 1)`` is a linear layer's ``(out, in)``)."""
+    for old, new in (("qkv", "qkv"), ("out", "proj")):
+        for name in ("weight", "bias"):
+            key = f"{prefix}{old}.{name}"
+            if key in state_dict:
+                value = state_dict.pop(key)
+                state_dict[f"{prefix}attn.{new}.{name}"] = (
+                    value.flatten(1) if name == "weight" else value)

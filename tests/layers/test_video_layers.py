@@ -174,3 +174,56 @@ def test_quantizer_metrics_perplexity():
     assert out.metrics["active_codes"] == 4
     out = q(torch.zeros(1, 10, 2))
     torch.testing.assert_close(out.metrics["perplexity"], torch.tensor(1.0))
+
+
+def _former_axial(state, x, n_heads, causal_time=True):
+    """The former AxialAttention3d forward (own projections and SDPA), from its state dict."""
+    import torch.nn.functional as F
+    from einops import rearrange
+    h = F.layer_norm(rearrange(x, "b c t h w -> b t h w c"), (x.shape[1],),
+                     state["norm.weight"], state["norm.bias"])
+    b, t, hh, w, c = h.shape
+    pats = [("b t h w c -> (b h w) t c", "(b h w) t c -> b t h w c"),
+            ("b t h w c -> (b t w) h c", "(b t w) h c -> b t h w c"),
+            ("b t h w c -> (b t h) w c", "(b t h) w c -> b t h w c")]
+    y = 0
+    for axis, (there, back) in enumerate(pats):
+        seq = rearrange(h, there)
+        qkv = F.linear(seq, state[f"qkv.{axis}.weight"], state[f"qkv.{axis}.bias"])
+        q, k, v = rearrange(qkv, "n l (three k d) -> three n k l d", three=3, k=n_heads)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal_time and axis == 0)
+        o = F.linear(rearrange(o, "n k l d -> n l (k d)"), state[f"out.{axis}.weight"],
+                     state[f"out.{axis}.bias"])
+        y = y + rearrange(o, back, b=b, t=t, h=hh, w=w)
+    return x + rearrange(y, "b t h w c -> b c t h w")
+
+
+def test_axial_attention_loads_former_weights_and_computes_the_former_block():
+    torch.manual_seed(0)
+    former = {"norm.weight": torch.randn(8), "norm.bias": torch.randn(8)}
+    for axis in range(3):
+        former |= {f"qkv.{axis}.weight": torch.randn(24, 8) / 3, f"qkv.{axis}.bias": torch.randn(24),
+                   f"out.{axis}.weight": torch.randn(8, 8) / 3, f"out.{axis}.bias": torch.randn(8)}
+    attn = AxialAttention3d(8, 2).eval()
+    attn.load_state_dict(former)  # strict: every former name maps onto a parameter
+    x = torch.randn(2, 8, 5, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _former_axial(former, x, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_frame_attention_loads_former_conv_weights_and_computes_the_former_block():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    former = {"norm.weight": torch.randn(8), "norm.bias": torch.randn(8),
+              "qkv.weight": torch.randn(24, 8, 1, 1) / 3, "qkv.bias": torch.randn(24),
+              "out.weight": torch.randn(8, 8, 1, 1) / 3, "out.bias": torch.randn(8)}
+    attn = FrameSelfAttention(8, groups=4).eval()
+    attn.load_state_dict(former)
+    x = torch.randn(3, 8, 4, 5)
+    hn = F.group_norm(x, 4, former["norm.weight"], former["norm.bias"], eps=1e-6)
+    q, k, v = F.conv2d(hn, former["qkv.weight"], former["qkv.bias"]).flatten(2).transpose(
+        1, 2).unsqueeze(1).chunk(3, dim=-1)
+    o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(3, 8, 4, 5)
+    expected = x + F.conv2d(o, former["out.weight"], former["out.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
