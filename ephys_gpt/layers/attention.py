@@ -2,7 +2,8 @@
 or rotary positions, causal (over time) or bidirectional (over channels, image axes), and the
 pre-norm transformer block built on it. Every transformer model uses it: GPT2MEG (channel-wise
 causal time attention), STGPT2MEG and the axial grid block (:mod:`ephys_gpt.layers.axial`),
-BENDRForecast (causal over encoder frames, rotary) and CNNLSTM (bidirectional, rotary).
+BENDRForecast (causal over encoder frames, rotary), CNNLSTM (bidirectional, rotary) and the
+video tokenizers' axial and frame attention (:mod:`ephys_gpt.layers.video_attention`).
 
 Legend: N sequences (batch, possibly with channels or grid sites folded in), L (or T) tokens,
 D model width, H heads, Dh = D / H head width.
