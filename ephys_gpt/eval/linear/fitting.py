@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.eval.linear.data import Segments, as_segments, segment_array
 from ephys_gpt.eval.linear.predictor import LinearPredictor
+from ephys_gpt.validation import check_number, check_option
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +339,6 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
     LinearPredictor
         With ``selection`` (the candidate orders and their scores) when ``order="auto"``.
     """
-    from ephys_gpt.validation import check_number, check_option
-
     check_option(kind, KINDS, "kind")
     check_option(criterion, CRITERIA, "criterion")
     check_number(ridge, "ridge", low=0.0)
@@ -347,79 +346,94 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
     check_number(max_features, "max_features", low=1, integer=True)
     device = torch.device(device)
     t0 = time.perf_counter()
-    if order == "auto":
-        cands = sorted({_check_order(o, "orders[]") for o in orders}) if orders is not None \
-            else list(range(1, _check_order(max_order, "max_order") + 1))
-        if not cands:
-            raise ValueError("orders must list at least one candidate order")
-    else:
-        cands = [_check_order(order)]
+    cands = _candidate_orders(order, orders, max_order)
     p_max = max(cands)
     data = as_segments(data, "data")
     first = _first_segment(data, "data")
     C = first.shape[0]
     shift = first.mean(axis=1)  # centring for float64 accuracy; undone in the intercept
+    projection, explained = _input_projection(kind, n_components, data, p_max, C, shift,
+                                              max_features, device, progress)
 
-    projection, explained = None, None
-    if kind == "var":
-        if n_components == "auto":
-            n_components = None if p_max * C <= max_features else max(1, max_features // p_max)
-            if n_components is not None:
-                logger.info("VAR(%d) on %d channels would have %d lagged inputs (> "
-                            "max_features=%d): fitting on the %d leading principal components",
-                            p_max, C, p_max * C, max_features, n_components)
-        if n_components is not None:
-            check_number(n_components, "n_components", low=1, high=C, integer=True)
-            projection, explained = _projection(data, int(n_components), C, shift, device,
-                                                progress, "data")
-            logger.info("VAR inputs: %d principal components explain %.1f%% of the "
-                        "standardized variance", n_components, 100 * explained)
-    elif n_components not in (None, "auto"):
-        raise ValueError("n_components applies to kind='var' only (a per-channel AR has no "
-                         "channel mixing to reduce)")
+    def accumulate(segments: Segments, what: str, label: str) -> LagStats:
+        return _accumulate(kind, segments, p_max, C, shift, projection, device, buffer_mb,
+                           progress, f"{kind.upper()}({p_max}) {what}", label)
 
-    name = kind.upper()
-    st = _accumulate(kind, data, p_max, C, shift, projection, device, buffer_mb, progress,
-                     f"{name}({p_max}) fit", "data")
-    K = C if projection is None else projection.shape[0]
-    per_lag = 1 if kind == "ar" else K
-
-    def solved(q: int):
-        return _solve(_sub(st, q * per_lag), ridge)
-
-    selection = None
+    st = accumulate(data, "fit", "data")
+    per_lag = 1 if kind == "ar" else (C if projection is None else projection.shape[0])
+    best, selection = cands[0], None
     if len(cands) > 1:
-        use_val = criterion == "val" and val is not None
-        if criterion == "val" and val is None:
-            logger.info("%s order selection: no validation data given; using BIC", name)
-        vst = None
-        if use_val:
-            vdata = as_segments(val, "val")
-            vst = _accumulate(kind, vdata, p_max, C, shift, projection, device, buffer_mb,
-                              progress, f"{name}({p_max}) validation", "val")
-        scores = []
-        for q in cands:
-            coef, icpt, sscp = solved(q)
-            if use_val:
-                n_out = C
-                scores.append(_sse(_sub(vst, q * per_lag), coef, icpt) / (vst.n * n_out))
-            else:
-                scores.append(_bic(kind, sscp, st.n, q * per_lag))
-        best = cands[int(np.argmin(scores))]
-        selection = {"criterion": "val_mse" if use_val else "bic", "orders": cands,
-                     "scores": scores, "chosen": best,
-                     "n_rows": st.n, "n_val_rows": vst.n if vst is not None else None}
-        logger.info("%s order selection (%s over %s..%s): p = %d", name,
-                    selection["criterion"], cands[0], cands[-1], best)
-    else:
-        best = cands[0]
-    coef, icpt, sscp = solved(best)
+        best, selection = _select_order(kind, cands, st, per_lag, ridge, criterion, val,
+                                        accumulate)
+    coef, icpt, sscp = _solve(_sub(st, best * per_lag), ridge)
     model = _to_predictor(kind, best, coef, icpt, sscp, st, shift, projection, ridge)
     model.selection = selection
     model.explained_variance = explained
     model.fit_seconds = time.perf_counter() - t0
     logger.info("fitted %s on %d rows in %.2f s", model.name, st.n, model.fit_seconds)
     return model
+
+
+def _candidate_orders(order: Any, orders: Sequence[int] | None, max_order: int) -> list[int]:
+    """The orders to fit: ``[order]``, or for ``order="auto"`` the sorted ``orders``
+    (default ``1..max_order``)."""
+    if order != "auto":
+        return [_check_order(order)]
+    cands = (sorted({_check_order(o, "orders[]") for o in orders}) if orders is not None
+             else list(range(1, _check_order(max_order, "max_order") + 1)))
+    if not cands:
+        raise ValueError("orders must list at least one candidate order")
+    return cands
+
+
+def _input_projection(kind: str, n_components: Any, data: Segments, p_max: int, C: int,
+                      shift: np.ndarray, max_features: int, device: torch.device,
+                      progress: bool) -> tuple[np.ndarray | None, float | None]:
+    """A VAR's input projection onto leading principal components (``n_components``, see
+    :func:`fit_linear`) and the share of variance it keeps; ``(None, None)`` for all channels."""
+    if kind != "var":
+        if n_components not in (None, "auto"):
+            raise ValueError("n_components applies to kind='var' only (a per-channel AR has "
+                             "no channel mixing to reduce)")
+        return None, None
+    if n_components == "auto":
+        n_components = None if p_max * C <= max_features else max(1, max_features // p_max)
+        if n_components is not None:
+            logger.info("VAR(%d) on %d channels would have %d lagged inputs (> "
+                        "max_features=%d): fitting on the %d leading principal components",
+                        p_max, C, p_max * C, max_features, n_components)
+    if n_components is None:
+        return None, None
+    check_number(n_components, "n_components", low=1, high=C, integer=True)
+    projection, explained = _projection(data, int(n_components), C, shift, device, progress,
+                                        "data")
+    logger.info("VAR inputs: %d principal components explain %.1f%% of the standardized "
+                "variance", n_components, 100 * explained)
+    return projection, explained
+
+
+def _select_order(kind: str, cands: list[int], st: LagStats, per_lag: int, ridge: float,
+                  criterion: str, val: Any, accumulate) -> tuple[int, dict]:
+    """The best of ``cands`` by validation MSE (when ``val`` is given; mean over rows and the
+    C outputs, ``st.sy.numel()`` = C for AR and VAR alike) or BIC, all fitted on the same rows
+    ``st``; returns it and the selection record."""
+    name = kind.upper()
+    use_val = criterion == "val" and val is not None
+    if criterion == "val" and val is None:
+        logger.info("%s order selection: no validation data given; using BIC", name)
+    vst = accumulate(as_segments(val, "val"), "validation", "val") if use_val else None
+    scores = []
+    for q in cands:
+        coef, icpt, sscp = _solve(_sub(st, q * per_lag), ridge)
+        scores.append(_sse(_sub(vst, q * per_lag), coef, icpt) / (vst.n * st.sy.numel())
+                      if use_val else _bic(kind, sscp, st.n, q * per_lag))
+    best = cands[int(np.argmin(scores))]
+    selection = {"criterion": "val_mse" if use_val else "bic", "orders": cands,
+                 "scores": scores, "chosen": best,
+                 "n_rows": st.n, "n_val_rows": vst.n if vst is not None else None}
+    logger.info("%s order selection (%s over %s..%s): p = %d", name, selection["criterion"],
+                cands[0], cands[-1], best)
+    return best, selection
 
 
 def _to_predictor(kind: str, p: int, coef: torch.Tensor, icpt: torch.Tensor,
