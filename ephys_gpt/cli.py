@@ -63,6 +63,23 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when each record is emitted, not as it
+    was when logging was set up: a notebook or a test harness that swaps ``sys.stderr`` (and
+    closes the old one) must not leave the package logging into a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class assigns it; the property always wins
+        pass
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Log lines of the package to stderr. In a distributed run, ranks other than 0 run the
     same code as rank 0, which already says everything once: they print only errors,
@@ -73,7 +90,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = (logging.ERROR if rank else logging.WARNING if quiet
              else logging.DEBUG if verbose else logging.INFO)
     prefix = f"[rank {rank}] " if rank else ""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(name)s: "
                                            "%(message)s", datefmt="%H:%M:%S"))
     pkg = logging.getLogger("ephys_gpt")
