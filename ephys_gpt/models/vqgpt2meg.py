@@ -186,7 +186,8 @@ def _load_tokenizer(cfg: VQGPT2MEGConfig) -> tuple[VQVideoTokenizer, dict, dict 
     capabilities=(TokenGenerator,),
     tiny_config={"tokenizer_config": {"model_name": "VideoGPTTokenizer", "model_config": {
         "hidden": 16, "n_res_layers": 1, "n_heads": 2, "downsample": (2, 2, 2),
-        "embed_dim": 8, "codebook_size": 16, "groups": 4, "image_size": (8, 8)}},
+        "embed_dim": 8, "codebook_size": 16, "groups": 4, "image_size": (8, 8),
+        "kmeans_init": False}},  # a random codebook: codes vary with the input from the start
         "n_frames": 4, "d_model": 24, "n_layers": 2, "n_heads": 2},
     output_time_dim=1,
     default_loss="CodeCrossEntropy",
