@@ -11,8 +11,10 @@ Cases:
   so its per-token cost at 272 channels is higher (the analytic figure shows by how much);
 - every other registered model with an example config (the ``configs/*/`` folder whose
   ``train.yaml`` names it; samples/s for
-  models that do not predict tokens, e.g. the VQ tokenizers, whose FLOPs are not counted:
-  their quantizer reads values, which the meta device cannot).
+  models that do not predict tokens, e.g. the VQ tokenizers and VQGPT2MEG, whose FLOPs are
+  not counted: their quantizer reads values, which the meta device cannot). VQGPT2MEG's
+  step includes encoding the batch with its frozen tokenizer (the exported one when
+  ``runs/videogpttokenizer/export`` exists, else a fresh one of the same config).
 
 Each case runs in fp32 and under bf16 autocast (``torch.autocast``, Lightning's
 ``bf16-mixed``; the loss in fp32). The precisions' steps are interleaved (fp32, bf16, fp32,
@@ -108,6 +110,24 @@ def _config_folder(name: str) -> Path | None:
     return None
 
 
+def with_tokenizer(cfg: dict, folder: Path) -> dict:
+    """A model over a tokenizer's codes (``tokenizer_path``, relative to its model YAML): the
+    exported tokenizer when it is there, else a fresh one of the same kind and config (its
+    export's config.json) or of ``configs/videogpttokenizer/model.yaml``: the cost of a step
+    does not depend on the weights."""
+    if "tokenizer_path" not in cfg:
+        return cfg
+    path = (folder / cfg["tokenizer_path"]).resolve()
+    if (path / "model.safetensors").is_file():
+        return {**cfg, "tokenizer_path": str(path)}
+    spec = {"model_name": "VideoGPTTokenizer", "model_config": yaml.safe_load(
+        (ROOT / "configs" / "videogpttokenizer" / "model.yaml").read_text())}
+    if (path / "config.json").is_file():
+        exported = json.loads((path / "config.json").read_text())
+        spec = {k: exported[k] for k in ("model_name", "model_config")}
+    return {**{k: v for k, v in cfg.items() if k != "tokenizer_path"}, "tokenizer_config": spec}
+
+
 def _demo_case(name: str) -> dict | None:
     folder = _config_folder(name)
     if folder is None:
@@ -115,7 +135,7 @@ def _demo_case(name: str) -> dict | None:
     model_yaml = folder / "model.yaml"
     if not model_yaml.is_file():
         return None
-    cfg = yaml.safe_load(model_yaml.read_text()) or {}
+    cfg = with_tokenizer(yaml.safe_load(model_yaml.read_text()) or {}, folder)
     spec = get_model_spec(name)
     fields = spec.config_fields() or set()
     batch, seconds, sfreq = 4, 1.0, 100.0

@@ -62,9 +62,33 @@ def stores(tmp_path_factory):
     return out
 
 
-def _overrides(path: Path, raw: dict, stores: dict, tmp_path: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A tiny exported VideoGPTTokenizer (16 x 16 images → 4 x 4 codes, 2 samples per latent
+    frame), standing in for the tokenizer_path of models over a tokenizer's codes."""
+    import torch
+
+    from ephys_gpt.models.pretrained import save_pretrained
+    from ephys_gpt.models.registry import build_model
+
+    torch.manual_seed(0)
+    tok = build_model("VideoGPTTokenizer", {
+        "hidden": 16, "n_res_layers": 1, "n_heads": 2, "downsample": [2, 4, 4], "embed_dim": 8,
+        "codebook_size": 16, "groups": 4, "image_size": [16, 16]})
+    return save_pretrained(tok, tmp_path_factory.mktemp("tokenizer") / "export")
+
+
+def _model_config(path: Path, raw: dict) -> dict:
+    value = raw.get("model_config")
+    return (read_yaml(path.parent / value) or {}) if isinstance(value, str) else (value or {})
+
+
+def _overrides(path: Path, raw: dict, stores: dict, tmp_path: Path, tokenizer: Path
+               ) -> list[str]:
     spec = get_model_spec(raw["model_name"])
     ov = [f"save_dir={tmp_path / 'run'}"]
+    if "tokenizer_path" in _model_config(path, raw):
+        ov.append(f"model_config.tokenizer_path={tokenizer}")
     if raw.get("dataset_name", "omega") != "libribrain":
         kind = "tokens" if spec.input_kind in ("tokens", "image_tokens") else "continuous"
         ov.append(f"datasplitter.dataset_root={stores[kind]}")
@@ -83,15 +107,17 @@ def test_every_yaml_is_checked():
 
 
 @pytest.mark.parametrize("path", RUN, ids=IDS(RUN))
-def test_run_config_validates(path, stores, tmp_path):
+def test_run_config_validates(path, stores, tmp_path, tokenizer):
     raw = read_yaml(path)
     mode = "eval" if raw.get("eval") is not None else "train"
-    cfg = load_config(path, _overrides(path, raw, stores, tmp_path), mode=mode)
+    cfg = load_config(path, _overrides(path, raw, stores, tmp_path, tokenizer), mode=mode)
     assert cfg["model_name"] == raw["model_name"]
     # no machine-specific paths: everything the file names is relative
     for key in ("save_dir", "model_config", "resume_from", "augmentations"):
         if isinstance(raw.get(key), str) and raw[key] != "last":
             assert not Path(raw[key]).is_absolute(), f"{path}: {key} is an absolute path"
+    tok = _model_config(path, raw).get("tokenizer_path")
+    assert not (isinstance(tok, str) and Path(tok).is_absolute()), f"{path}: tokenizer_path"
     for block, key in (("datasplitter", "dataset_root"), ("eval", "ckpt_path")):
         value = (raw.get(block) or {}).get(key)
         if isinstance(value, str):
@@ -99,9 +125,11 @@ def test_run_config_validates(path, stores, tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(MODEL_YAMLS), ids=IDS(sorted(MODEL_YAMLS)))
-def test_model_yaml_matches_config_class(path):
+def test_model_yaml_matches_config_class(path, tokenizer):
     spec = get_model_spec(MODEL_YAMLS[path])
     cfg = yaml.safe_load(path.read_text()) or {}
+    if "tokenizer_path" in cfg:  # an exported tokenizer (made by another config) stands in
+        cfg["tokenizer_path"] = str(tokenizer)
     assert spec.config_class is not None
     allowed = {f.name for f in dataclasses.fields(spec.config_class)}
     assert set(cfg) <= allowed, f"{path}: unknown keys {sorted(set(cfg) - allowed)}"
@@ -136,12 +164,12 @@ TRAIN = [p for p in RUN if read_yaml(p).get("eval") is None
 
 @pytest.mark.parametrize("path", TRAIN, ids=IDS(TRAIN))
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-def test_train_config_trains_one_step(path, stores, tmp_path):
+def test_train_config_trains_one_step(path, stores, tmp_path, tokenizer):
     """The shipped model/optimizer settings really train (on a 2-channel store, one step)."""
     from ephys_gpt.training.experiment import ExperimentDL
 
     raw = read_yaml(path)
-    ov = _overrides(path, raw, stores, tmp_path) + [
+    ov = _overrides(path, raw, stores, tmp_path, tokenizer) + [
         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "trainer.accelerator=cpu", "datasplitter.val_ratio=0.34", "datasplitter.test_ratio=0.34",
@@ -157,7 +185,7 @@ EVAL = [p for p in RUN if read_yaml(p).get("eval") is not None
 
 @pytest.mark.parametrize("path", EVAL, ids=IDS(EVAL))
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-def test_eval_config_runs_after_training(path, stores, tmp_path):
+def test_eval_config_runs_after_training(path, stores, tmp_path, tokenizer):
     """train.yaml then eval.yaml of the same folder, end to end through the CLI."""
     from ephys_gpt.cli import main as cli_main
 
@@ -165,6 +193,8 @@ def test_eval_config_runs_after_training(path, stores, tmp_path):
     kind = "tokens" if get_model_spec(raw["model_name"]).input_kind == "tokens" else "continuous"
     common = [f"save_dir={tmp_path / 'run'}", f"datasplitter.dataset_root={stores[kind]}",
               "datasplitter.val_ratio=0.34", "datasplitter.test_ratio=0.34"]
+    if "tokenizer_path" in _model_config(path, raw):
+        common.append(f"model_config.tokenizer_path={tokenizer}")
     assert cli_main(["train", "--args", str(path.parent / "train.yaml"), *common,
                      "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                      "trainer.limit_val_batches=1", "trainer.accelerator=cpu",

@@ -1,11 +1,14 @@
-"""``EvalVQ``: how well a VQ tokenizer reconstructs held-out data, in channel units.
+"""``EvalVQ``: a VQ tokenizer of sensor images, or a GPT over its codes, on held-out data in
+channel units.
 
-For a registered model with the ``Tokenizer`` capability over sensor images
-(``VideoGPTTokenizer``, ``Emu3VisionVQ``) and a ``ChunkDatasetImage`` split (``split``, the
-test split by default), held-out windows are encoded to codes and decoded back; the
-reconstruction is read at the sensors (never at empty or interpolated pixels) and the
-stage-2 steps are inverted (:func:`~ephys_gpt.codec.invert_steps`), so
-errors are in signal units (fT for magnetometers, fT/cm for gradiometers):
+It evaluates a registered model on ``image`` inputs (``ChunkDatasetImage``, the ``split``,
+test by default) and dispatches on what the model can do (its capabilities, not its name):
+
+**A tokenizer** (``Tokenizer``: ``VideoGPTTokenizer``, ``Emu3VisionVQ``): held-out windows are
+encoded to codes and decoded back; the reconstruction is read at the sensors (never at empty
+or interpolated pixels) and the stage-2 steps are inverted
+(:func:`~ephys_gpt.codec.invert_steps`), so errors are in signal units (fT for magnetometers,
+fT/cm for gradiometers):
 
 - **reconstruction**: RMSE per channel type, per-channel correlation, variance explained
   (``1 - SSE / SS`` with ``SS`` around each window's per-channel mean: 0 is what
@@ -17,17 +20,37 @@ errors are in signal units (fT for magnetometers, fT/cm for gradiometers):
   hold 90% of the uses, a rank-frequency figure;
 - ``fif_seconds`` of consecutive held-out signal, original and reconstruction, as MNE ``.fif``.
 
+**A prior over codes** (``TokenGenerator`` on images: ``VQGPT2MEG``), with its own tokenizer:
+
+- **next-code accuracy** (teacher forced): every code of latent frames ``>= 1`` of held-out
+  windows predicted (argmax) from the codes before it, against *repeat-last code* (the code
+  of the same grid site one latent frame back) and *unigram code* (the most frequent code of
+  that grid site in ``unigram_max_windows`` training windows), with the NLL of the model and
+  of the unigram; accuracy by latent frame;
+- **N-step forecasts** in channel units: the last ``future_steps`` samples of each window
+  generated from the samples before it (greedy by default), decoded, read at the sensors and
+  the stage-2 steps inverted, against repeat-last, zero (the normalized mean), the fitted AR
+  and VAR baselines (:meth:`~ephys_gpt.eval.runner.EvalRunner.linear_forecast`) and the
+  tokenizer's reconstruction of the true future (its own codes: the floor of a prior over
+  these codes);
+- **free-running generation** of ``gen_seconds`` from held-out contexts (``gen_sampling``)
+  compared with held-out data: PSD per channel type, channel covariance and correlation, the
+  linear baselines run free alike, generation time per second of signal; the generated
+  signal as ``.fif``.
+
 Outputs in ``<save_dir>/evals/EvalVQ/``: curves ``.npy`` + ``.json``, figures ``.png`` +
-``.pdf``, ``summary.json``, ``report.md``, ``original_raw.fif``, ``reconstruction_raw.fif``.
+``.pdf``, ``summary.json``, ``report.md``, and the ``.fif`` files (tokenizer:
+``original_raw.fif``, ``reconstruction_raw.fif``; prior: ``generated_raw.fif``).
 
 The tokenizer-specific parts are module-level functions (:func:`reconstruction_metrics`,
-:func:`codebook_usage`, :func:`consecutive_windows`) so a runner for models over codes can
-reuse them.
+:func:`codebook_usage`, :func:`consecutive_windows`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,23 +59,56 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.dataset.image_layout import SensorTarget, gather_channels
 from ephys_gpt.eval import plots, report, spectral
+from ephys_gpt.eval.baselines import REPEAT_LAST, ZERO
 from ephys_gpt.eval.registry import register_eval
 from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, display_unit
 from ephys_gpt.eval.windows import spread_indices, window_steps
-from ephys_gpt.models.capabilities import Tokenizer
+from ephys_gpt.models.capabilities import TokenGenerator, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 MEAN_BASELINE = "per-channel mean"
+REPEAT_CODE = "repeat-last code"
+UNIGRAM_CODE = "unigram code"
+TRUE_CODES = "tokenizer (true codes)"
 
 
 class EvalVQOptions(RunnerOptions):
     """The ``eval`` block for ``eval_class: EvalVQ``. Held-out windows for the metrics:
     ``max_batches * batch_size``, spread over the split."""
 
-    fif_seconds: float = Field(10.0, gt=0, description="consecutive held-out seconds "
-                                                       "reconstructed and written as .fif")
-    trace_channels: int = Field(4, ge=1, description="channels in the traces figure")
+    fif_seconds: float = Field(10.0, gt=0, description="tokenizer: consecutive held-out "
+                                                       "seconds reconstructed and written as "
+                                                       ".fif")
+    trace_channels: int = Field(4, ge=1, description="tokenizer: channels in the traces figure")
+    # a prior over codes (VQGPT2MEG)
+    future_steps: int = Field(16, ge=1, description="prior: N-step forecast horizon (samples)")
+    nstep_sampling: Literal["greedy", "sample"] = Field(
+        "greedy", description="prior: N-step forecasts greedy (argmax) or sampled with the "
+                              "gen_* settings")
+    gen_seconds: float = Field(5.0, gt=0, description="prior: length of free-running generation")
+    gen_context_seconds: float | None = Field(
+        None, gt=0, description="prior: held-out context before free-running generation "
+                                "(default and at most: one window)")
+    gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
+        "top_p", description="prior: sampling rule for free-running generation")
+    temperature: float = Field(1.0, ge=0, description="prior: softmax temperature (0 = greedy)")
+    top_k: int = Field(50, ge=1, description="prior: kept codes for gen_sampling: top_k")
+    top_p: float = Field(0.95, gt=0, le=1, description="prior: nucleus mass for "
+                                                         "gen_sampling: top_p")
+    unigram_max_windows: int = Field(256, ge=1, description="prior: training windows encoded "
+                                                            "for the unigram-code baseline")
+
+    def gen_kwargs(self) -> dict[str, Any]:
+        """Sampling keyword arguments of ``model.generate`` for free-running generation."""
+        if self.gen_sampling == "greedy" or self.temperature == 0:
+            return {"temperature": 0.0}
+        kw: dict[str, Any] = {"temperature": self.temperature}
+        if self.gen_sampling == "top_k":
+            kw["top_k"] = self.top_k
+        elif self.gen_sampling == "top_p":
+            kw["top_p"] = self.top_p
+        return kw
 
 
 # -- tokenizer-specific computations -----------------------------------------------------------
@@ -132,11 +188,11 @@ def consecutive_windows(dataset, seconds: float) -> list[int]:
 
 @register_eval("EvalVQ", options=EvalVQOptions)
 class EvalVQ(EvalRunner):
-    """Reconstruction quality in channel units and codebook usage of a VQ tokenizer."""
+    """A VQ tokenizer's reconstructions, or a prior over its codes, in channel units."""
 
     name = "EvalVQ"
     options_class = EvalVQOptions
-    capability = Tokenizer
+    capability = (Tokenizer, TokenGenerator)
     input_kinds = ("image",)
 
     def first_window(self, dataset) -> torch.Tensor:
@@ -274,6 +330,8 @@ class EvalVQ(EvalRunner):
 
     # -- measurements -----------------------------------------------------------------------------
     def evaluate(self) -> tuple[dict, report.MarkdownReport]:
+        if self.spec.can(TokenGenerator):
+            return self.evaluate_prior()
         opts = self.options
         idx = [int(i) for i in spread_indices(len(self.test), opts.max_batches * opts.batch_size,
                                               opts.seed)]
@@ -341,5 +399,243 @@ class EvalVQ(EvalRunner):
                                    ("psd", "PSD of reconstructions vs originals"),
                                    ("variance_explained_map", "Variance explained per sensor"),
                                    ("code_usage", "Codebook usage"),
+                                   ("traces", "Signal traces")])
+        return rep
+
+    # -- a prior over codes (a TokenGenerator on images) ---------------------------------------
+    def items(self, indices: list[int], dataset=None) -> dict:
+        """Windows ``indices`` of the held-out split (or ``dataset``): ``images`` (N, H, W, T),
+        ``signal`` (N, C, T) in model units, ``pixels`` (C,), ``steps`` of each window."""
+        ds = self.test if dataset is None else dataset
+        items = [ds[i] for i in indices]
+        return {"images": torch.stack([it[0] for it in items]),
+                "signal": torch.stack([it[1].signal for it in items]),
+                "pixels": items[0][1].pixels, "steps": [window_steps(ds, i) for i in indices]}
+
+    def batches(self, indices: list[int], dataset=None) -> list[dict]:
+        bs = self.options.batch_size
+        return [self.items(indices[j:j + bs], dataset) for j in range(0, len(indices), bs)]
+
+    def real_signal(self) -> np.ndarray:
+        """``psd_windows`` held-out windows in signal units (N, C, T), for the spectra."""
+        idx = [int(i) for i in spread_indices(len(self.test), self.options.psd_windows,
+                                              self.options.seed + 2)]
+        return torch.cat([self.to_signal(b["signal"], b["steps"])
+                          for b in self.batches(idx)]).numpy()
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images.to(self.device))
+
+    def code_unigram(self) -> np.ndarray:
+        """Code frequencies per grid site ``(S, K)`` over ``unigram_max_windows`` training
+        windows (add-one smoothed)."""
+        opts, m = self.options, self.model
+        idx = [int(i) for i in spread_indices(len(self.train), opts.unigram_max_windows,
+                                              opts.seed)]
+        counts = np.ones((m.codes_per_frame, m.codebook_size))
+        for b in tqdm(self.batches(idx, self.train), desc="EvalVQ unigram codes",
+                      disable=not opts.progress, leave=False):
+            codes = self._encode(b["images"]).flatten(2).cpu().numpy()  # (B, T', S)
+            site = np.broadcast_to(np.arange(codes.shape[-1]), codes.shape)
+            np.add.at(counts, (site.ravel(), codes.ravel()), 1.0)
+        return counts / counts.sum(axis=1, keepdims=True)
+
+    def next_code(self, batches: list[dict], unigram: np.ndarray) -> dict:
+        """Teacher-forced next-code accuracy and NLL by latent frame (frames >= 1), with the
+        repeat-last-code and unigram-code baselines on the same codes."""
+        uni = torch.as_tensor(unigram, dtype=torch.float32, device=self.device)  # (S, K)
+        log_uni, mode = uni.log(), uni.argmax(-1)  # (S, K), (S,)
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for b in tqdm(batches, desc="EvalVQ next code", disable=not self.options.progress,
+                      leave=False):
+            codes = self._encode(b["images"])  # (B, T', H', W')
+            with self.autocast:
+                logits = self.model.code_logits(codes)
+            logits = logits.float().flatten(2, 3)[:, 1:]  # (B, T'-1, S, K)
+            tgt = codes.flatten(2)[:, 1:]  # (B, T'-1, S)
+            site = torch.arange(tgt.shape[-1], device=self.device)
+            parts = {
+                "acc": logits.argmax(-1) == tgt,
+                "nll": -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0],
+                "rep": codes.flatten(2)[:, :-1] == tgt,
+                "uni": mode[site] == tgt,
+                "uni_nll": -log_uni[site, tgt]}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float().sum((0, 2))
+            n += tgt.shape[0] * tgt.shape[2]
+        out = {k: (v / n).cpu().numpy() for k, v in sums.items()}  # by latent frame
+        out["frames"] = np.arange(1, len(out["acc"]) + 1)
+        out["n_windows"] = sum(len(b["steps"]) for b in batches)
+        return out
+
+    def nstep_prior(self, batches: list[dict]) -> dict:
+        """RMSE of the last ``future_steps`` samples of each window, generated from the samples
+        before it, against the naive and linear baselines and the tokenizer's own
+        reconstruction of the true future."""
+        opts, m = self.options, self.model
+        N, T = opts.future_steps, self.window
+        dt = m.tokenizer.time_downsample
+        if T - N < dt:
+            raise ValueError(f"eval.future_steps ({N}) leaves {T - N} context samples in "
+                             f"windows of {T}; at least one latent frame ({dt} samples) is "
+                             "needed: lower future_steps or raise datasplitter.example_seconds")
+        sampling = ({"temperature": 0.0} if opts.nstep_sampling == "greedy"
+                    else opts.gen_kwargs())
+        sq: dict[str, dict] = {}
+        for b in tqdm(batches, desc="EvalVQ N-step", disable=not opts.progress, leave=False):
+            img, signal, steps = b["images"].to(self.device), b["signal"], b["steps"]
+            ctx, fut = signal[..., :T - N], signal[..., T - N:]
+            with self.autocast:
+                gen = m.generate(img[..., :T - N], N, generator=self.generator, **sampling)
+                true = m.decode(m.encode(img))
+            preds = {self.model_name: gen[..., T - N:], TRUE_CODES: true[..., T - N:]}
+            preds = {k: gather_channels(v.float(), b["pixels"]).cpu() for k, v in preds.items()}
+            preds[REPEAT_LAST] = ctx[..., -1:].expand_as(fut)
+            preds[ZERO] = torch.zeros_like(fut)
+            preds.update(self.linear_forecast(ctx, steps, N))
+            for k, p in preds.items():
+                self.add(sq.setdefault(k, {}), self.sq_errors(p.float(), fut, steps))
+        n_win = sum(len(b["steps"]) for b in batches)
+        return {"k": np.arange(1, N + 1), "sampling": opts.nstep_sampling,
+                "sampling_kwargs": sampling, "context_samples": T - N,
+                "rmse": {k: self.rmse(v, n_win) for k, v in sq.items()}}
+
+    def free_running_prior(self) -> dict:
+        """``n_generated`` sequences of ``gen_seconds`` after held-out contexts, at the sensors
+        in signal units, timed."""
+        opts, m = self.options, self.model
+        n_new = max(1, round(opts.gen_seconds * self.sfreq))
+        ctx_len = self.window if opts.gen_context_seconds is None else min(
+            self.window, max(m.tokenizer.time_downsample,
+                             round(opts.gen_context_seconds * self.sfreq)))
+        idx = [int(i) for i in spread_indices(len(self.test), opts.n_generated, opts.seed + 1)]
+        idx = (idx * opts.n_generated)[:opts.n_generated]
+        b = self.items(idx)
+        t0 = time.perf_counter()
+        with self.autocast:
+            out = m.generate(b["images"][..., -ctx_len:].to(self.device), n_new,
+                             generator=self.generator, progress=opts.progress,
+                             **opts.gen_kwargs())
+        seconds = time.perf_counter() - t0
+        new = gather_channels(out[..., ctx_len:].float(), b["pixels"]).cpu()  # (B, C, n_new)
+        return {"signal": self.to_signal(new, b["steps"]).numpy(), "model_units": new,
+                "context": b["signal"][..., -ctx_len:], "steps": b["steps"],
+                "context_samples": ctx_len, "n_new": n_new, "wall_seconds": seconds,
+                "seconds_per_signal_second": seconds / (n_new / self.sfreq * len(idx))}
+
+    def evaluate_prior(self) -> tuple[dict, report.MarkdownReport]:
+        opts = self.options
+        idx = [int(i) for i in spread_indices(len(self.test), opts.max_batches * opts.batch_size,
+                                              opts.seed)]
+        batches = self.batches(idx)
+        self.baselines = (REPEAT_LAST, ZERO, *(lm.name for lm in self.linear_models()))
+        tf = self.next_code(batches, self.code_unigram())
+        ns = self.nstep_prior(batches)
+        gen = self.free_running_prior()
+        real = self.real_signal()
+        spec = self.compare_spectra(gen["signal"], real)
+        gen["linear"] = self.linear_free_run(gen["context"], gen["steps"], gen["n_new"], real)
+        self._write_prior_curves(tf, ns)
+        label = f"{opts.gen_seconds:g} s generated ({opts.gen_sampling})"
+        spectra = self.spectra_outputs(spec, gen["signal"], real, label)
+        summary = self._prior_summary(tf, ns, gen, spectra)
+        logger.info("EvalVQ: next-code accuracy %.3f (repeat-last code %.3f, unigram code %.3f)",
+                    *summary["next_code"]["accuracy"].values())
+        return summary, self._prior_report(summary)
+
+    def _write_prior_curves(self, tf: dict, ns: dict) -> None:
+        m = self.model_name
+        curves = {m: tf["acc"], REPEAT_CODE: tf["rep"], UNIGRAM_CODE: tf["uni"]}
+        frame_ms = self.model.tokenizer.time_downsample / self.sfreq * 1e3
+        self.curve("next_code_accuracy", tf["frames"], curves, xlabel="Latent frame",
+                   ylabel="Next-code accuracy", n_windows=tf["n_windows"], frame_ms=frame_ms,
+                   nll_nats={m: tf["nll"], UNIGRAM_CODE: tf["uni_nll"]})
+        fig, _ = plots.plot_curves(tf["frames"] * frame_ms, curves,
+                                   baselines=[REPEAT_CODE, UNIGRAM_CODE],
+                                   xlabel="History available (ms)", ylabel="Next-code accuracy",
+                                   title="Teacher-forced next-code accuracy (held-out)")
+        self.figure(fig, "next_code_accuracy")
+        self.error_curves("nstep_rmse", ns["k"], ns["rmse"], xlabel="Steps ahead",
+                          baselines=[*self.baselines, TRUE_CODES], sampling=ns["sampling"],
+                          context_samples=ns["context_samples"],
+                          title="N-step-ahead error in signal units (held-out)")
+
+    def _prior_summary(self, tf: dict, ns: dict, gen: dict, spectra: dict) -> dict:
+        opts, m, N = self.options, self.model_name, self.options.future_steps
+        acc = {m: float(tf["acc"].mean()), REPEAT_CODE: float(tf["rep"].mean()),
+               UNIGRAM_CODE: float(tf["uni"].mean())}
+
+        def at(step: int) -> dict:
+            return {k: {t: float(v[t][step] * display_unit(t)[0]) for t in self.types}
+                    for k, v in ns["rmse"].items()}
+
+        tok = self.model.tokenizer
+        return {
+            **self.base_summary(), "n_windows": tf["n_windows"],
+            "codebook_size": int(self.model.codebook_size),
+            "codes_per_second": self.model.codes_per_frame * self.sfreq / tok.time_downsample,
+            "next_code": {
+                "accuracy": acc,
+                "nll_nats": {m: float(tf["nll"].mean()), UNIGRAM_CODE: float(tf["uni_nll"].mean())},
+                "beats_baselines": acc[m] > max(acc[REPEAT_CODE], acc[UNIGRAM_CODE]),
+                "definition": "teacher-forced argmax accuracy of every code of latent frames "
+                              ">= 1 of the held-out windows, each from the codes before it in "
+                              "raster order; repeat-last code: the code of the same grid site "
+                              "one latent frame back; unigram code: the most frequent code of "
+                              "that grid site in training windows"},
+            "linear_baselines": self.linear_summary(),
+            "nstep": {
+                "sampling": ns["sampling"], "sampling_kwargs": ns["sampling_kwargs"],
+                "future_steps": N, "context_samples": ns["context_samples"],
+                "rmse_at_1": at(0), f"rmse_at_{N}": at(N - 1),
+                "rmse_mean": {k: {t: float(np.sqrt((v[t] ** 2).mean()) * display_unit(t)[0])
+                                  for t in self.types} for k, v in ns["rmse"].items()},
+                "rmse_units": {t: display_unit(t)[1] for t in self.types}},
+            "generation": {
+                "seconds": opts.gen_seconds, "n_sequences": opts.n_generated,
+                "sampling": opts.gen_sampling, "sampling_kwargs": opts.gen_kwargs(),
+                "context_samples": gen["context_samples"], "wall_seconds": gen["wall_seconds"],
+                "seconds_per_signal_second": gen["seconds_per_signal_second"], **spectra,
+                "linear": gen["linear"]}}
+
+    def _prior_report(self, s: dict) -> report.MarkdownReport:
+        m, nc, ns, ge = self.model_name, s["next_code"], s["nstep"], s["generation"]
+        rep = report.MarkdownReport(f"EvalVQ: {m}")
+        rep.text(f"Checkpoint `{s['ckpt_path']}`: {s['n_windows']} held-out ({s['split']}) "
+                 f"windows of {s['window_samples']} samples at {s['sfreq']:g} Hz, "
+                 f"{s['n_channels']} channels; {s['codes_per_second']:g} codes per second of "
+                 f"signal from a codebook of {s['codebook_size']}. Device {s['device']}, "
+                 f"precision {s['precision']}.")
+        rep.section("Next-code accuracy (teacher forced)")
+        rep.table(["predictor", "accuracy", "NLL (nats)"],
+                  [[k, v, nc["nll_nats"].get(k)] for k, v in nc["accuracy"].items()])
+        rep.text(f"{m} {'beats' if nc['beats_baselines'] else 'does NOT beat'} both code "
+                 f"baselines. {nc['definition'][0].upper()}{nc['definition'][1:]}.")
+        N, units = ns["future_steps"], ns["rmse_units"]
+        rep.section(f"N-step-ahead ({ns['sampling']}, {ns['context_samples']}-sample contexts, "
+                    "signal units)")
+        rep.table(["predictor"] + [f"RMSE {h} {t} ({u})" for t, u in units.items()
+                                   for h in ("@1", f"@{N}", "mean")],
+                  [[k] + [s["nstep"][key][k][t] for t in units
+                          for key in ("rmse_at_1", f"rmse_at_{N}", "rmse_mean")]
+                   for k in ns["rmse_at_1"]])
+        t0 = self.types[0]
+        linear = {k: v[t0] for k, v in ns["rmse_mean"].items() if k in s["linear_baselines"]}
+        rep.text(self.linear_verdict(f"mean {N}-step RMSE ({t0})", ns["rmse_mean"][m][t0],
+                                     linear, False) +
+                 f" `{TRUE_CODES}` decodes the tokenizer's codes of the true future: no prior "
+                 "over these codes can do better than that.")
+        rep.section(f"Free-running generation ({ge['seconds']:g} s, {ge['sampling']} "
+                    f"{ge['sampling_kwargs']})")
+        self.spectra_section(rep, ge)
+        self.linear_free_run_table(rep, ge["linear"])
+        rep.text(f"Generation took {ge['seconds_per_signal_second']:.2f} s per second of "
+                 "signal (KV-cached). The generated signal is in `generated_raw.fif` "
+                 "(`mne.io.read_raw_fif`).")
+        self.figures_section(rep, [("next_code_accuracy", "Next-code accuracy vs history"),
+                                   ("nstep_rmse", "N-step-ahead RMSE"),
+                                   ("psd", "PSD generated vs held-out"),
+                                   ("channel_correlation", "Channel correlation"),
                                    ("traces", "Signal traces")])
         return rep

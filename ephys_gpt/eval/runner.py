@@ -134,7 +134,8 @@ class EvalRunner:
 
     name: ClassVar[str] = "EvalRunner"
     options_class: ClassVar[type[RunnerOptions]] = RunnerOptions
-    capability: ClassVar[type | None] = None  # what the evaluated model must be able to do
+    # what the evaluated model must be able to do (a tuple: any one of them)
+    capability: ClassVar[type | tuple[type, ...] | None] = None
     input_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict, options: BaseModel | dict, *,
@@ -201,10 +202,12 @@ class EvalRunner:
     def _check_model(self) -> None:
         from ephys_gpt.models.registry import get_model_spec
 
-        spec = get_model_spec(self.model_name)
-        if spec.input_kind not in self.input_kinds or not spec.can(self.capability):
+        self.spec = spec = get_model_spec(self.model_name)
+        caps = self.capability if isinstance(self.capability, tuple) else (self.capability,)
+        if spec.input_kind not in self.input_kinds or not any(spec.can(c) for c in caps):
             raise ValueError(
-                f"{self.name} evaluates models with the {self.capability.__name__} capability "
+                f"{self.name} evaluates models with the "
+                f"{' or '.join(c.__name__ for c in caps)} capability "
                 f"on {' or '.join(repr(k) for k in self.input_kinds)} inputs; "
                 f"{self.model_name} consumes {spec.input_kind!r} and can do: "
                 f"{', '.join(spec.capability_names) or 'nothing generative'}")

@@ -202,3 +202,67 @@ class VQNSPLoss(nn.Module):
         return {"loss": loss, "amplitude": amplitude.detach(), "phase": phase.detach(),
                 "mse": F.mse_loss(pred.detach(), signal),
                 "variance_explained": variance_explained(pred.detach(), signal)}
+
+
+@register_loss("CodeCrossEntropy")
+class CodeCrossEntropy(nn.Module):
+    """Cross-entropy of a prior over a tokenizer's codes (``VQGPT2MEG``), with the
+    reconstruction of a co-trained tokenizer.
+
+    Called as ``loss(output, targets)``: ``output.prediction`` holds the logits ``(..., K)``
+    and ``output.target`` the codes ``(...)`` the model made itself (the dataset's targets
+    are not codes). When the model co-trains its tokenizer, ``output.extras
+    ["reconstruction"]`` (images ``(B, H, W, T)``) is compared with the window at the sensors
+    (``targets``: the :class:`~ephys_gpt.dataset.image_layout.SensorTarget` of
+    ``ChunkDatasetImage``) by :class:`VQVAELoss` and added with ``reconstruction_weight``
+    (the quantizer's commitment losses are the model's ``aux_losses``).
+
+    ``loss = CE + reconstruction_weight * (MSE + stft_weight * STFT)``, in nats per code and
+    normalized signal units. Logged parts: ``ce``, ``accuracy`` (argmax next-code accuracy),
+    and with a reconstruction ``mse``, ``variance_explained`` (and ``stft``).
+
+    Parameters
+    ----------
+    label_smoothing : float
+        As in ``F.cross_entropy``.
+    reconstruction_weight : float
+        Weight of the co-trained tokenizer's reconstruction objective.
+    stft_weight, stft_fft_sizes
+        The multi-resolution STFT term of that objective (:class:`VQVAELoss`).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, reconstruction_weight: float = 1.0,
+                 stft_weight: float = 0.0,
+                 stft_fft_sizes: tuple[int, ...] | list[int] = (8, 16, 32)):
+        super().__init__()
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"CodeCrossEntropy: label_smoothing must be in [0, 1), got "
+                             f"{label_smoothing!r}")
+        if isinstance(reconstruction_weight, bool) or not isinstance(
+                reconstruction_weight, (int, float)) or reconstruction_weight < 0:
+            raise ValueError(f"CodeCrossEntropy: reconstruction_weight must be a number >= 0, "
+                             f"got {reconstruction_weight!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.reconstruction = VQVAELoss(1.0, 0.0, stft_weight, stft_fft_sizes)
+
+    def forward(self, output: ModelOutput, targets=None) -> dict[str, torch.Tensor]:
+        logits = prediction_of(output, "CodeCrossEntropy")
+        codes = output.target
+        if codes is None or codes.is_floating_point() or codes.shape != logits.shape[:-1]:
+            got = "none" if codes is None else f"{codes.dtype} {tuple(codes.shape)}"
+            raise ValueError(f"CodeCrossEntropy needs the model's own integer target codes "
+                             f"with the logits' shape without the code axis "
+                             f"{tuple(logits.shape[:-1])} (a prior over codes such as "
+                             f"VQGPT2MEG), got {got}")
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        ce = F.cross_entropy(flat, codes.reshape(-1), label_smoothing=self.label_smoothing)
+        acc = (flat.detach().argmax(-1) == codes.reshape(-1)).float().mean()
+        out = {"ce": ce.detach(), "accuracy": acc}
+        loss = ce
+        rec = output.extras.get("reconstruction")
+        if rec is not None and self.reconstruction_weight > 0:
+            parts = self.reconstruction(ModelOutput(rec), targets)
+            loss = loss + self.reconstruction_weight * parts.pop("loss")
+            out.update(parts)
+        return {"loss": loss, **out}

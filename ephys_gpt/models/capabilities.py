@@ -29,8 +29,9 @@ class TokenGenerator(Capability, Protocol):
 
     ``generate(context, steps, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
     generator=None, progress=False)``: ``context`` int64 ``(B, C, T0)`` (or the model's input
-    layout) → int64 with ``steps`` new time steps appended (the context unchanged);
-    ``temperature=0`` is greedy. ``use_cache`` reuses state (KV cache, streaming buffers) so a
+    layout) → the same dtype and layout with ``steps`` new time steps appended (the context
+    unchanged); a prior over a tokenizer's codes takes and returns sensor images ``(B, H, W,
+    T0)`` and samples the codes in between. ``temperature=0`` is greedy. ``use_cache`` reuses state (KV cache, streaming buffers) so a
     step costs O(context); cached and uncached greedy decoding give the same tokens.
     """
 

@@ -11,7 +11,9 @@
 - ``metrics``: named scalars to log only (codebook perplexity, active codes...);
 - ``target`` / ``weight``: a target the model makes itself and a per-element loss weight,
   for objectives whose target is not the dataset's (a diffusion model's clean signal or
-  noise with its min-SNR weight; the codes of a frozen tokenizer for a prior over them).
+  noise with its min-SNR weight; the codes of a frozen tokenizer for a prior over them);
+- ``extras``: named secondary predictions a loss may read beside the main one (a co-trained
+  tokenizer's reconstruction, compared with the window at the sensors).
 
 Losses take ``(output, targets)``; :class:`~ephys_gpt.training.lit_model.LitModel` has no
 per-model branches.
@@ -33,12 +35,13 @@ class ModelOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     target: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held (prediction first), for generic checks."""
         out = [self.prediction, *self.aux_losses.values(), *self.metrics.values()]
         out += [t for t in (self.target, self.weight) if t is not None]
-        return out
+        return out + list(self.extras.values())
 
     def total_aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (None when there are none)."""

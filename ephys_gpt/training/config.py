@@ -186,6 +186,8 @@ def _path_keys(cfg: dict) -> list[tuple[str, ...]]:
             ("eval", "ckpt_path")]
     if isinstance(cfg.get("model_config"), str):
         keys.append(("model_config",))
+    elif isinstance(cfg.get("model_config"), dict) and "tokenizer_path" in cfg["model_config"]:
+        keys.append(("model_config", "tokenizer_path"))  # a prior's exported tokenizer
     if isinstance(cfg.get("augmentations"), str):
         keys.append(("augmentations",))
     if cfg.get("resume_from") not in (None, "last"):
@@ -211,6 +213,9 @@ def _load_model_config(cfg: dict, source: str) -> None:
         if not isinstance(data, dict):
             raise ConfigTypeError(f"model_config file {value} should hold a mapping of model "
                                   f"arguments, found {type(data).__name__}")
+        if isinstance(data.get("tokenizer_path"), str) and data["tokenizer_path"]:
+            # relative to the model YAML that names it
+            data["tokenizer_path"] = resolve_path(data["tokenizer_path"], Path(value).parent)
         cfg["model_config"] = data
     elif value is not None and not isinstance(value, dict):
         raise ConfigTypeError(f"{source}: key 'model_config' should be a path to a model YAML "
@@ -433,8 +438,9 @@ def _load(raw: dict, base: Path, overrides: Sequence[str], mode: str) -> dict:
         if keys[0] == "model_config" and len(keys) > 1 and isinstance(raw.get("model_config"), str):
             _load_model_config(raw, "config")
         set_path(raw, keys, value, text)
-        if tuple(keys) in _path_keys(raw):
-            _resolve_paths(raw, cwd, only={tuple(keys)})
+        touched = {k for k in _path_keys(raw) if k[:len(keys)] == tuple(keys)}
+        if touched:  # the path itself, or a block holding paths
+            _resolve_paths(raw, cwd, only=touched)
         if keys == ["model_config"]:
             _load_model_config(raw, "override")
         if keys == ["augmentations"]:

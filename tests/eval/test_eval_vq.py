@@ -110,7 +110,7 @@ def test_eval_vq_rejects_other_models_and_datasets(vq_setup, tmp_path):
     spec, opts = _options(tmp_path / "none")
     config = {"save_dir": str(tmp_path / "run"), "datasplitter": dsp}
     cnn = build_model("CNNLSTM", get_model_spec("CNNLSTM").tiny_config)
-    with pytest.raises(ValueError, match="EvalVQ evaluates models with the Tokenizer capability"):
+    with pytest.raises(ValueError, match="EvalVQ evaluates models with the Tokenizer or"):
         spec.cls(config, opts, model=cnn, info={}).run()
     quant = dict(dsp, dataset_class="ChunkDatasetImageQuantized",
                  dataset_kwargs={"image_size": 8, "quantize": {"n_bits": 8}})
@@ -144,3 +144,105 @@ def test_codebook_usage_counts():
     rvq = np.stack([codes, np.zeros_like(codes)], -1)
     u = codebook_usage(rvq, 8)
     assert [s["active_codes"] for s in u["stages"]] == [4, 1]
+
+
+# -- a prior over codes (VQGPT2MEG) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prior_setup(vq_setup):
+    """A tiny VQGPT2MEG over the fixture's tokenizer (its weights), 16 latent frames."""
+    root, dsp, tok = vq_setup
+    spec = get_model_spec("VQGPT2MEG")
+    cfg = {**spec.tiny_config, "n_frames": 16,
+           "tokenizer_config": {"model_name": "VideoGPTTokenizer",
+                                "model_config": get_model_spec("VideoGPTTokenizer").tiny_config}}
+    torch.manual_seed(0)
+    model = build_model("VQGPT2MEG", cfg)
+    model.tokenizer.load_state_dict(tok.state_dict())
+    return root, dsp, model.eval()
+
+
+def _prior_options(export, **over):
+    return _options(export, **{"future_steps": 8, "gen_seconds": 1.0, "psd_windows": 4,
+                               "unigram_max_windows": 8, "gen_sampling": "top_k", "top_k": 4,
+                               **over})
+
+
+def test_eval_vq_on_a_prior_over_codes_matches_a_direct_computation(prior_setup, tmp_path):
+    root, dsp, model = prior_setup
+    export = save_pretrained(model, tmp_path / "export")
+    spec, opts = _prior_options(export)
+    config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega", "datasplitter": dsp}
+    summary = spec.cls(config, opts).run()
+    out = tmp_path / "run" / "evals" / "EvalVQ"
+    assert json.loads((out / "summary.json").read_text())["next_code"] == summary["next_code"]
+    for name in ["next_code_accuracy", "nstep_rmse_mag", "nstep_rmse_normalized", "psd_mag"]:
+        assert (out / f"{name}.npy").is_file() and (out / f"{name}.json").is_file()
+    for fig in ["next_code_accuracy", "nstep_rmse", "psd", "channel_correlation", "traces"]:
+        assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.pdf").is_file()
+    assert (out / "report.md").read_text().startswith("# EvalVQ: VQGPT2MEG")
+    raw = mne.io.read_raw_fif(out / "generated_raw.fif", preload=True, verbose="error")
+    assert raw.n_times == 100 and raw.ch_names == [f"MEG{i:03d}" for i in range(N_CH)]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["model_name"] == "VQGPT2MEG" and saved["n_windows"] == 8
+    assert saved["codes_per_second"] == 800.0  # 4 x 4 codes per 2 samples at 100 Hz
+
+    # next-code accuracy and both code baselines, recomputed
+    splits = split_datasets(**dsp)
+    test, train = splits.test, splits.train
+    idx = [int(i) for i in spread_indices(len(test), 8, 0)]
+    items = [test[i] for i in idx]
+    img = torch.stack([it[0] for it in items])
+    with torch.no_grad():
+        codes = model.encode(img)
+        logits = model.code_logits(codes).flatten(2, 3)[:, 1:]
+    tgt = codes.flatten(2)[:, 1:]
+    tr = [int(i) for i in spread_indices(len(train), 8, 0)]
+    with torch.no_grad():
+        tr_codes = model.encode(torch.stack([train[i][0] for i in tr])).flatten(2)
+    counts = np.ones((16, 16))
+    for s in range(16):
+        counts[s] += np.bincount(tr_codes[..., s].reshape(-1).numpy(), minlength=16)
+    acc = saved["next_code"]["accuracy"]
+    assert acc["VQGPT2MEG"] == pytest.approx((logits.argmax(-1) == tgt).float().mean().item())
+    assert acc["repeat-last code"] == pytest.approx(
+        (codes.flatten(2)[:, :-1] == tgt).float().mean().item())
+    assert acc["unigram code"] == pytest.approx(
+        (torch.as_tensor(counts.argmax(-1)) == tgt).float().mean().item())
+    uni_nll = -np.log(counts / counts.sum(1, keepdims=True))[np.arange(16), tgt.numpy()].mean()
+    assert saved["next_code"]["nll_nats"]["unigram code"] == pytest.approx(uni_nll, rel=1e-5)
+
+    # N-step errors in fT: the model's greedy continuation, repeat-last and the true codes
+    signal = torch.stack([it[1].signal for it in items])
+    pixels = items[0][1].pixels
+    fut = signal[..., 24:]
+    with torch.no_grad():
+        gen = gather_channels(model.generate(img[..., :24], 8, temperature=0.0), pixels)
+        true = gather_channels(model.decode(model.encode(img)), pixels)
+    ns = saved["nstep"]
+    for name, pred in (("VQGPT2MEG", gen[..., 24:]), ("tokenizer (true codes)", true[..., 24:]),
+                       ("repeat-last", signal[..., 23:24].expand_as(fut)),
+                       ("zero (mean)", torch.zeros_like(fut))):
+        err = ((pred - fut) ** 2).mean((0, 1)).sqrt() * SCALE * 1e15
+        assert ns["rmse_at_1"][name]["mag"] == pytest.approx(float(err[0]), rel=1e-4), name
+        assert ns["rmse_at_8"][name]["mag"] == pytest.approx(float(err[-1]), rel=1e-4), name
+    assert {"AR", "VAR"} <= {k.split("(")[0] for k in ns["rmse_at_1"]}
+    gen_sum = saved["generation"]
+    assert gen_sum["seconds_per_signal_second"] > 0
+    assert gen_sum["psd"]["mag"]["log_spectral_distance_db"] >= 0
+    assert set(gen_sum["linear"]) == set(saved["linear_baselines"])
+
+
+def test_eval_vq_dispatches_on_capabilities(prior_setup, tmp_path):
+    root, dsp, model = prior_setup
+    spec, opts = _prior_options(tmp_path / "none")
+    config = {"save_dir": str(tmp_path / "run"), "datasplitter": dsp}
+    cnn = build_model("CNNLSTM", get_model_spec("CNNLSTM").tiny_config)
+    with pytest.raises(ValueError, match="Tokenizer or TokenGenerator capability on 'image'"):
+        spec.cls(config, opts, model=cnn, info={}).run()
+    gpt = build_model("GPT2MEG", get_model_spec("GPT2MEG").tiny_config)
+    with pytest.raises(ValueError, match="GPT2MEG consumes 'tokens'"):
+        spec.cls(config, opts, model=gpt, info={}).run()
+    with pytest.raises(ValueError, match="future_steps .* at least one latent frame"):
+        spec.cls(config, _prior_options(tmp_path / "none", future_steps=31)[1], model=model,
+                 info={}).run()
