@@ -29,7 +29,7 @@ def _gpt(**over):
 def _tokenizer(images=None):
     """A tiny VideoGPTTokenizer, its codebook initialised (k-means) on ``images``."""
     torch.manual_seed(0)
-    tok = build_model(TOK["model_name"], TOK["model_config"])
+    tok = build_model(TOK["model_name"], {**TOK["model_config"], "kmeans_init": True})
     tok.train()(images if images is not None else torch.randn(8, 8, 8, 8))
     return tok.eval()
 
