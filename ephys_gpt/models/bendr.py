@@ -24,6 +24,12 @@ D = ``enc_width``, M = ``d_model``):
    per-channel causal conv over the raw samples ``x[t - K + 1 .. t]`` (the local path, so
    the newest samples count even before their frame completes) and the sensor embedding.
    With ``predict_residual`` the head predicts ``x[t + 1] - x[t]``.
+5. Linear path (``linear_order`` p > 0): a learned multichannel autoregression over every
+   channel's last p samples, ``sum_l W_l x[:, t - l]`` (a causal ``C -> C`` convolution of
+   kernel p, zero at initialization), added to the prediction. The network then only has to
+   learn what a VAR(p) cannot: on data close to linear (the embedded MVAR simulation) the
+   conv encoder, pooled once per frame, cannot see the other channels' newest samples, and
+   without this path the model stays near a VAR(1) (docs/models-continuous.md).
 
 Output ``y`` (B, C, T) with ``y[..., t]`` the prediction of ``x[..., t + 1]``: pair it with the
 target ``x[:, 1:]`` of ``ChunkDatasetReconstruction(target_shift=1)``.
@@ -73,6 +79,8 @@ class BENDRForecastConfig:
     n_sensor_types: int = 11           # ch_type vocabulary (codes 0..n-1; dataset CH_TYPE_CODES)
     dropout: float = 0.0               # dropout in the transformer
     predict_residual: bool = True      # predict x[t+1] - x[t] (identity is the prior)
+    linear_order: int = 0              # p > 0: add a learned VAR(p) over all channels' last p
+                                       # samples (zero at init); 0: none (models before it)
     example_length: int = 64           # T of example_inputs()
     sensor_pos: list[list[float]] | None = None  # default layout (C, 2); None: unit circle
     sensor_types: list[int] | None = None        # default ch_type codes (C,); None: zeros
@@ -83,6 +91,10 @@ class BENDRForecastConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"BENDRForecast: {key} must be a positive integer, got {val!r}")
+        if (isinstance(self.linear_order, bool) or not isinstance(self.linear_order, int)
+                or self.linear_order < 0):
+            raise ValueError(f"BENDRForecast: linear_order must be an integer >= 0 (0: no "
+                             f"linear path), got {self.linear_order!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"BENDRForecast: d_model ({self.d_model}) / n_heads "
                              f"({self.n_heads}) must be an even integer (rotary heads)")
@@ -102,7 +114,7 @@ class BENDRForecastConfig:
     capabilities=(Forecaster,),
     tiny_config={"num_channels": 4, "enc_width": 8, "enc_kernels": [3, 2],
                  "enc_strides": [2, 2], "local_kernel": 3, "d_model": 16, "n_layers": 2,
-                 "n_heads": 2, "n_spatial_queries": 2, "example_length": 24},
+                 "n_heads": 2, "n_spatial_queries": 2, "example_length": 24, "linear_order": 3},
     output_time_dim=-1,
     default_loss="MSE",
     config_class=BENDRForecastConfig,
@@ -126,6 +138,11 @@ class BENDRForecast(nn.Module):
         self.ctx_to_offsets = nn.Linear(M, self.stride * D)  # one projection per offset j
         self.local = nn.Conv1d(1, D, cfg.local_kernel)
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.GELU(), nn.Linear(D, 1))
+        self.linear = None
+        if cfg.linear_order:
+            self.linear = nn.Conv1d(C, C, cfg.linear_order)  # causal: padded on the left
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
         if cfg.sensor_pos is not None:
             pos = torch.tensor(cfg.sensor_pos, dtype=torch.float32)
         else:
@@ -193,12 +210,20 @@ class BENDRForecast(nn.Module):
         h = self.local(F.pad(rearrange(x, "b c t -> (b c) 1 t"), (self.config.local_kernel - 1, 0)))
         return rearrange(h, "(b c) d t -> b c t d", b=B)
 
+    def _linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The linear path's prediction for every time of ``x`` (B, C, T) → (B, C, T) (from
+        ``x[..., t - p + 1 .. t]``, zeros before the start), or None without one."""
+        if self.linear is None:
+            return None
+        return self.linear(F.pad(x, (self.config.linear_order - 1, 0)))
+
     def _decode(self, ctx: torch.Tensor, local: torch.Tensor, emb: torch.Tensor,
-                x_last: torch.Tensor, t0: int) -> torch.Tensor:
+                x_last: torch.Tensor, t0: int, lin: torch.Tensor | None) -> torch.Tensor:
         """Predictions for times ``t0 .. t0 + n - 1``.
 
         ``ctx`` (B, n, M): the context token used at each of those times; ``local``
-        (B, C, n, D); ``emb`` (B, C, D); ``x_last`` (B, C, n) the samples x[t]. → (B, C, n).
+        (B, C, n, D); ``emb`` (B, C, D); ``x_last`` (B, C, n) the samples x[t]; ``lin``
+        (B, C, n) the linear path's prediction or None. → (B, C, n).
         """
         n = ctx.shape[1]
         offs = rearrange(self.ctx_to_offsets(ctx), "b n (j d) -> b n j d", j=self.stride)
@@ -206,6 +231,8 @@ class BENDRForecast(nn.Module):
         ctx_j = offs[:, torch.arange(n, device=ctx.device), j]  # (B, n, D)
         z = local + ctx_j[:, None] + emb[:, :, None]
         y = self.head(z).squeeze(-1)  # (B, C, n)
+        if lin is not None:
+            y = y + lin
         return y + x_last if self.config.predict_residual else y
 
     # ------------------------------------------------------------------ forward
@@ -230,7 +257,7 @@ class BENDRForecast(nn.Module):
         n_ctx = T // self.stride + 1  # context positions used: m(t) for t < T
         ctx = self.context(tokens[:, :n_ctx])  # (B, n_ctx, M)
         m = torch.div(torch.arange(T, device=x.device) + 1, self.stride, rounding_mode="floor")
-        return self._decode(ctx[:, m], self._local(x), emb, x, 0)
+        return self._decode(ctx[:, m], self._local(x), emb, x, 0, self._linear(x))
 
     # ------------------------------------------------------------------ forecasting
     @torch.no_grad()
@@ -272,6 +299,7 @@ class BENDRForecast(nn.Module):
         B, C, _ = past.shape
         emb = self.sensor_embedding(pos, typ)
         s, K = self.stride, self.config.local_kernel
+        p = self.config.linear_order
         # Prime: context over the past's complete frames (plus the start token).
         frames = rearrange(self.encoder(rearrange(past, "b c t -> (b c) 1 t")),
                            "(b c) d f -> b c d f", b=B)
@@ -287,8 +315,11 @@ class BENDRForecast(nn.Module):
                 ctx = self.context(tok, caches)
             window = out[..., max(0, t + 1 - K):t + 1]
             local = self._local(window)[:, :, -1:]
+            lin = self._linear(out[..., max(0, t + 1 - p):t + 1])
             out[..., t + 1] = self._innovate(
-                self._decode(ctx, local, emb, out[..., t:t + 1], t)[..., 0], factor, generator)
+                self._decode(ctx, local, emb, out[..., t:t + 1], t,
+                             None if lin is None else lin[..., -1:])[..., 0],
+                factor, generator)
         return out
 
     @staticmethod

@@ -26,6 +26,7 @@ from ephys_gpt.layers.attention import (
     autocast_dtype,
     init_gpt_weights,
 )
+from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.capabilities import TokenGenerator
@@ -54,6 +55,9 @@ class GPT2MEGConfig:
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # MLP: "gelu_tanh" (GPT-2's approximation) or "gelu" (exact;
     # ~3x cheaper on CPUs, used by the example configs)
+    time_conv: int = 0           # > 0: kernel (samples) of a causal depthwise convolution over
+    # each channel's embeddings, mixed by a zero-initialized linear map and added before the
+    # blocks, so every position holds its recent history; 0: none (models trained before it)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -72,6 +76,10 @@ class GPT2MEGConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
+        if isinstance(self.time_conv, bool) or not isinstance(self.time_conv, int) or \
+                self.time_conv < 0:
+            raise ValueError(f"{name}: time_conv must be an integer >= 0 (0: none), got "
+                             f"{self.time_conv!r}")
         if self.slide_stride is not None and not 1 <= self.slide_stride <= self.n_positions:
             raise ValueError(f"{name}: slide_stride must be None or in [1, n_positions="
                              f"{self.n_positions}], got {self.slide_stride}")
@@ -96,8 +104,16 @@ def check_tokens(x: torch.Tensor, num_channels: int, n_positions: int | None, na
 
 class ChannelTokenTransformer(nn.Module):
     """What GPT2MEG and STGPT2MEG share: the token / position / channel / label embeddings
-    ``(B, C, T, D)``, the final LayerNorm and (tied) head, ``example_inputs``, and the
-    KV-cached decoding behind ``generate`` / ``incremental_decoder``.
+    ``(B, C, T, D)`` (with ``time_conv``, plus a causal convolution of them over time), the
+    final LayerNorm and (tied) head, ``example_inputs``, and the KV-cached decoding behind
+    ``generate`` / ``incremental_decoder``.
+
+    Why ``time_conv``: attention mixes past positions with non-negative weights that sum to
+    one, so a signed linear filter over the last samples (what a per-channel AR(p) is, and
+    what most of the next sample's predictability on MEG-like data is) takes many heads and
+    many steps to learn from learned absolute positions. A depthwise causal convolution
+    (``time_conv`` taps per feature) followed by a linear map holds such filters directly;
+    it starts at zero, so the model starts as the plain transformer.
 
     A subclass builds its blocks (``make_block() -> nn.Module``) and runs them in
     :meth:`_blocks` on hidden states ``(B, C, T, D)``, with one :class:`KVCache` per block.
@@ -114,10 +130,16 @@ class ChannelTokenTransformer(nn.Module):
         self.subject_emb = OptionalEmbedding(cfg.n_subjects, D, "subject")
         self.condition_emb = OptionalEmbedding(cfg.n_conditions, D, "condition")
         self.drop = nn.Dropout(cfg.dropout)
+        self.time_conv = self.time_mix = None
+        if cfg.time_conv:
+            self.time_conv = CausalConv1d(D, D, cfg.time_conv, groups=D)
+            self.time_mix = nn.Linear(D, D)
         self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
         init_gpt_weights(self, init_layers)
+        if self.time_mix is not None:
+            nn.init.zeros_(self.time_mix.weight)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
 
@@ -137,16 +159,22 @@ class ChannelTokenTransformer(nn.Module):
                 if e is not None]
         return sum(embs)[:, None, None, :] if embs else None
 
-    def _embed(self, x: torch.Tensor, start, labels: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor, start, labels: torch.Tensor | None,
+               conv_state: ConvState | None = None) -> torch.Tensor:
         """Tokens ``(B, C, T)`` at positions ``start..start+T-1`` → ``(B, C, T, D)``
         (``start``: an int, or a 0-d tensor for a single step). The embeddings are summed in
-        fp32."""
-        T = x.shape[-1]
+        fp32. ``conv_state``: the ``time_conv`` stream the tokens continue (decoding);
+        None: the window starts the stream (zeros before it)."""
+        B, _, T = x.shape
         pos = (self.pos_emb.weight[start:start + T] if isinstance(start, int)
                else self.pos_emb(start.view(1)))
         h = self.tok_emb(x) + pos + self.ch_emb.weight[:, None, :]
         if labels is not None:
             h = h + labels
+        if self.time_conv is not None:
+            seq = rearrange(h, "b c t d -> (b c) d t")
+            conv = rearrange(self.time_conv(seq, conv_state), "(b c) d t -> b c t d", b=B)
+            h = h + self.time_mix(conv).to(h.dtype)
         low = autocast_dtype(h.device.type)
         if low is not None:
             # Under autocast the residual stream is held in the autocast dtype (bf16), as in
@@ -217,12 +245,18 @@ class ChannelTokenTransformer(nn.Module):
         ``bench/generate.py --compile``), and the first step takes the compile time.
         """
         cfg = self.config
+        if compile and self.time_conv is not None:
+            raise ValueError(f"{self._name}: incremental_decoder(compile=True) does not support "
+                             f"time_conv={cfg.time_conv} (its streaming state advances on the "
+                             "host); decode with compile=False")
         labels = self._labels(batch_size, subject, condition)
         caches = [KVCache(cfg.n_positions, static=compile) for _ in self.blocks]
-        state = {"pos": 0, "fn": None}
+        state = {"pos": 0, "fn": None, "conv": None}
 
         def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
-            h = self._embed(window, 0, labels)
+            if cached and self.time_conv is not None:
+                state["conv"] = self.time_conv.new_state()
+            h = self._embed(window, 0, labels, state["conv"] if cached else None)
             if cached:
                 for cache in caches:
                     cache.reset()
@@ -231,7 +265,7 @@ class ChannelTokenTransformer(nn.Module):
             return self._logits(h[:, :, -1:])[:, :, 0]
 
         def one_step(tok: torch.Tensor, position) -> torch.Tensor:
-            h = self._embed(tok[..., None], position, labels)
+            h = self._embed(tok[..., None], position, labels, state["conv"])
             h = self._blocks(h, caches, position if compile else None)
             return self._logits(h)[:, :, 0]
 
@@ -265,7 +299,7 @@ class ChannelTokenTransformer(nn.Module):
     causal=True,
     capabilities=(TokenGenerator,),
     tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
-                 "n_layers": 2, "n_heads": 2},
+                 "n_layers": 2, "n_heads": 2, "time_conv": 3},
     output_time_dim=-2,
     default_loss="CrossEntropy",
     config_class=GPT2MEGConfig,

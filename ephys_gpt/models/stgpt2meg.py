@@ -43,7 +43,7 @@ class STGPT2MEGConfig(GPT2MEGConfig):
     causal=True,
     capabilities=(TokenGenerator,),
     tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
-                 "n_layers": 2, "n_heads": 2},
+                 "n_layers": 2, "n_heads": 2, "time_conv": 3},
     output_time_dim=-2,
     default_loss="CrossEntropy",
     config_class=STGPT2MEGConfig,
