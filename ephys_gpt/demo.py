@@ -65,7 +65,9 @@ class DemoPlan:
     example_seconds: float = 1.0    # training window
     split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
     model: dict = field(default_factory=lambda: {
-        "n_positions": 100, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0})
+        "n_positions": 100, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0,
+        "time_conv": 32})           # a causal conv over each channel's last 32 embeddings:
+                                    # the signed AR-like filter attention learns slowly
     steps: int = 1000               # optimizer steps in total
     batch_size: int = 2             # windows per step (x channels sequences)
     lr: float = 6e-3
