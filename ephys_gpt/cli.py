@@ -61,6 +61,9 @@ def quiet_third_party() -> None:
             log.addFilter(_DropLightningTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+    # a resumed run writes into its own checkpoint folder; claim_save_dir already refuses
+    # a folder holding another run (ephys_gpt/training/run_folder.py)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class _StderrHandler(logging.StreamHandler):

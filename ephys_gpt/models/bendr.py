@@ -29,7 +29,9 @@ D = ``enc_width``, M = ``d_model``):
    kernel p, zero at initialization), added to the prediction. The network then only has to
    learn what a VAR(p) cannot: on data close to linear (the embedded MVAR simulation) the
    conv encoder, pooled once per frame, cannot see the other channels' newest samples, and
-   without this path the model stays near a VAR(1) (docs/models-continuous.md).
+   without this path the model stays near a VAR(1) (docs/models-continuous.md). With
+   ``linear_fit`` the path is instead a ridge VAR(p) fitted on the training split before the
+   first step and held fixed (:meth:`BENDRForecast.set_linear_path`).
 
 Output ``y`` (B, C, T) with ``y[..., t]`` the prediction of ``x[..., t + 1]``: pair it with the
 target ``x[:, 1:]`` of ``ChunkDatasetReconstruction(target_shift=1)``.
@@ -81,6 +83,8 @@ class BENDRForecastConfig:
     predict_residual: bool = True      # predict x[t+1] - x[t] (identity is the prior)
     linear_order: int = 0              # p > 0: add a learned VAR(p) over all channels' last p
                                        # samples (zero at init); 0: none (models before it)
+    linear_fit: bool = False           # true: the linear path is a ridge VAR(p) fitted on the
+                                       # training split before the first step, then held fixed
     example_length: int = 64           # T of example_inputs()
     sensor_pos: list[list[float]] | None = None  # default layout (C, 2); None: unit circle
     sensor_types: list[int] | None = None        # default ch_type codes (C,); None: zeros
@@ -95,6 +99,12 @@ class BENDRForecastConfig:
                 or self.linear_order < 0):
             raise ValueError(f"BENDRForecast: linear_order must be an integer >= 0 (0: no "
                              f"linear path), got {self.linear_order!r}")
+        if not isinstance(self.linear_fit, bool):
+            raise ValueError(f"BENDRForecast: linear_fit must be true or false, got "
+                             f"{self.linear_fit!r}")
+        if self.linear_fit and not self.linear_order:
+            raise ValueError("BENDRForecast: linear_fit needs linear_order > 0 (the order of "
+                             "the VAR fitted as the linear path)")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"BENDRForecast: d_model ({self.d_model}) / n_heads "
                              f"({self.n_heads}) must be an even integer (rotary heads)")
@@ -143,6 +153,8 @@ class BENDRForecast(nn.Module):
             self.linear = nn.Conv1d(C, C, cfg.linear_order)  # causal: padded on the left
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
+            # fitted: least squares sets it (set_linear_path), the optimizer never moves it
+            self.linear.requires_grad_(not cfg.linear_fit)
         if cfg.sensor_pos is not None:
             pos = torch.tensor(cfg.sensor_pos, dtype=torch.float32)
         else:
@@ -159,6 +171,43 @@ class BENDRForecast(nn.Module):
         x = torch.randn(batch_size, self.config.num_channels, T)
         return (x, repeat(self.sensor_pos, "c k -> b c k", b=batch_size).clone(),
                 repeat(self.sensor_type, "c -> b c", b=batch_size).clone())
+
+    @property
+    def linear_init_request(self) -> dict | None:
+        """What a training run fits on its training split before the first step and sets as
+        the linear path (``{"kind": "var", "order": p}``, with ``linear_fit``), or None.
+        See :meth:`set_linear_path`."""
+        if self.linear is None or not self.config.linear_fit:
+            return None
+        return {"kind": "var", "order": self.config.linear_order}
+
+    @torch.no_grad()
+    def set_linear_path(self, coef, intercept) -> None:
+        """Set the linear path to a fitted VAR(p): ``coef`` (p, C, C) with ``coef[l - 1]``
+        multiplying ``x[:, t - l + 1]`` and ``intercept`` (C,), so that the path alone
+        predicts ``x[:, t + 1]`` as the VAR does (with ``predict_residual`` the identity the
+        model adds is taken off the first lag). Why (``linear_fit``): a linear path learned
+        from zero by SGD reached a lower one-step error than the VAR on the demo data but left
+        the closed loop unstable (companion spectral radius 1.06: free-running forecasts
+        grew without bound), and Adam at a usual learning rate walks a least-squares start
+        away within a hundred steps. A fitted, fixed VAR keeps the linear dynamics at the
+        least-squares optimum; the network learns what it cannot."""
+        if self.linear is None:
+            raise ValueError("BENDRForecast.set_linear_path: the model has no linear path "
+                             "(linear_order: 0)")
+        p, C = self.config.linear_order, self.config.num_channels
+        a = torch.as_tensor(coef, dtype=torch.float32)
+        b = torch.as_tensor(intercept, dtype=torch.float32)
+        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,):
+            raise ValueError(f"BENDRForecast.set_linear_path: expected coef ({p}, {C}, {C}) "
+                             f"and intercept ({C},) (linear_order, num_channels), got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if self.config.predict_residual:
+            a = a.clone()
+            a[0] -= torch.eye(C)
+        # conv tap k multiplies x[t - (p - 1) + k]: lag l = p - k
+        self.linear.weight.copy_(a.flip(0).permute(1, 2, 0))
+        self.linear.bias.copy_(b)
 
     def set_sensor_layout(self, pos_2d, ch_type) -> None:
         """Store the default layout used when forward/forecast get no metadata."""

@@ -38,6 +38,7 @@ from ephys_gpt.models.pretrained import save_pretrained
 from ephys_gpt.models.registry import CHANNEL_KINDS, TOKEN_KINDS, get_model_spec
 from ephys_gpt.training.checkpoint import SafeCheckpointIO, check_checkpoint_fits
 from ephys_gpt.training.config import ConfigError, dump_config, load_config
+from ephys_gpt.training.data_init import init_from_training_data
 from ephys_gpt.training.distributed import launch_rank
 from ephys_gpt.training.errors import TrainingInterrupted
 from ephys_gpt.training.guards import NonFiniteLossGuard, check_trains_something
@@ -306,6 +307,10 @@ class ExperimentDL:
         if ckpt_path:
             logger.info("resuming from %s (global step %s)", ckpt_path, ckpt.get("global_step"))
             self.checkpoint_io.remember(ckpt_path, ckpt)
+        else:
+            init_from_training_data(self.lit.model, self.splits.train,
+                                    progress=bool(cfg["trainer"].get("enable_progress_bar",
+                                                                     True)))
         try:
             with self.interrupt.catching_signals():
                 self.trainer.fit(self.lit, train_dataloaders=train_dl, val_dataloaders=val_dl,

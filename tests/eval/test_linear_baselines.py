@@ -494,3 +494,21 @@ def test_options_are_validated():
             def __len__(self):
                 return 0
         fit_linear_baselines(Empty())
+
+
+@pytest.mark.parametrize("kind, n_components", [("ar", None), ("var", None), ("var", 2)])
+def test_channel_coefficients_give_the_predictions_on_the_channels(kind, n_components):
+    """``channel_coefficients()`` (p, C, C) acts on the channels themselves (a VAR on PCs
+    mapped back through its projection, an AR as diagonal matrices): with the intercept it
+    reproduces predict_next wherever the history is full."""
+    coefs, cov = var2_params()
+    x = simulate_var(coefs, 2000, 0, cov)
+    kw = {"n_components": n_components} if kind == "var" else {}
+    model = fit_linear([x], kind, 2, **kw)
+    a = model.channel_coefficients()
+    assert a.shape == (2, 3, 3)
+    if kind == "ar":
+        assert np.count_nonzero(a - np.stack([np.diag(np.diag(m)) for m in a])) == 0
+    want = model.predict_next(x[None])[0][:, 1:]
+    got = model.intercept[:, None] + a[0] @ x[:, 1:] + a[1] @ x[:, :-1]
+    np.testing.assert_allclose(got, want, atol=1e-9)

@@ -223,3 +223,53 @@ def test_linear_path_learns_cross_channel_dynamics_a_per_channel_model_misses():
     with_lin, without = train(linear_order=2), train(linear_order=0)
     assert with_lin < 1.15, with_lin
     assert without > 1.15 * with_lin, (without, with_lin)
+
+
+def test_linear_path_set_to_a_fitted_var_predicts_as_the_var():
+    """``set_linear_path(coef, intercept)``: the path alone reproduces a fitted VAR's
+    prediction (the residual's identity taken off the first lag), so with the network's
+    head silenced the model's forecast is the VAR's."""
+    from ephys_gpt.eval.linear import fit_linear
+
+    x, _ = _var_process(4, 4, 400)
+    var = fit_linear(list(x.numpy()), "var", 2)
+    model = _model(linear_order=2).eval()
+    model.set_linear_path(var.channel_coefficients(), var.intercept)
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+        pred = model(x, *model.example_inputs(4)[1:]).prediction
+    want = torch.as_tensor(var.predict_next(x.numpy()), dtype=torch.float32)
+    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    with pytest.raises(ValueError, match=r"expected coef \(2, 4, 4\)"):
+        model.set_linear_path(var.channel_coefficients()[:1], var.intercept)
+    with pytest.raises(ValueError, match="no linear path"):
+        _model(linear_order=0).set_linear_path(var.channel_coefficients(), var.intercept)
+
+
+def test_linear_fit_sets_a_fixed_var_fitted_on_the_training_split():
+    """``linear_fit``: the training run's data-dependent initialization fits a ridge VAR(p)
+    on the training windows and sets the linear path to it, which the optimizer then never
+    moves (no gradient); without it the path is learned from zero."""
+    from ephys_gpt.eval.linear import fit_linear
+    from ephys_gpt.training.data_init import init_from_training_data
+
+    x, _ = _var_process(2, 4, 300, seed=1)
+    segments = list(x.numpy())
+    model = _model(linear_order=2, linear_fit=True)
+    assert model.linear_init_request == {"kind": "var", "order": 2}
+    assert not any(p.requires_grad for p in model.linear.parameters())
+    init_from_training_data(model, segments)
+    var = fit_linear(segments, "var", 2)
+    ref = _model(linear_order=2)
+    ref.set_linear_path(var.channel_coefficients(), var.intercept)
+    assert torch.equal(model.linear.weight, ref.linear.weight)
+    untouched = _model(linear_order=2)
+    assert untouched.linear_init_request is None
+    assert all(p.requires_grad for p in untouched.linear.parameters())
+    init_from_training_data(untouched, segments)
+    assert not untouched.linear.weight.any()
+    with pytest.raises(ValueError, match="linear_fit must be true or false"):
+        _model(linear_order=2, linear_fit="var")
+    with pytest.raises(ValueError, match="needs linear_order > 0"):
+        _model(linear_order=0, linear_fit=True)

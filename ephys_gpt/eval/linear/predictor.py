@@ -151,6 +151,17 @@ class LinearPredictor:
         comp[K:, :-K] = np.eye((p - 1) * K)
         return float(np.abs(np.linalg.eigvals(comp)).max())
 
+    def channel_coefficients(self) -> np.ndarray:
+        """The coefficients on the channels themselves: (p, C, C), ``[l - 1]`` multiplying
+        ``x[:, t - l + 1]`` (a VAR on principal components mapped back through its
+        projection; an AR as diagonal matrices). With :attr:`intercept`, the prediction is
+        ``intercept + sum_l coef[l - 1] @ x[:, t - l + 1]``."""
+        if self.kind == "ar":
+            return np.stack([np.diag(c) for c in self.coef])
+        if self.projection is None:
+            return self.coef.copy()
+        return np.einsum("lck,kj->lcj", self.coef, self.projection)
+
     # -- torch parameters --------------------------------------------------------------------
     def _params(self, device: torch.device) -> dict[str, torch.Tensor]:
         key = str(device)

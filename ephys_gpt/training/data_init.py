@@ -1,0 +1,41 @@
+"""Data-dependent initialization a model asks for before its first training step.
+
+A model may start part of itself from a fit to the training split. Today one kind exists: a
+model with a ``linear_init_request`` (``{"kind": "var" | "ar", "order": p}``, or None) and a
+X
+the ridge least-squares AR/VAR of :mod:`ephys_gpt.eval.linear` fitted on the training split —
+the same fit the eval runners report as baselines. It runs only on a fresh start: a resumed
+run continues from its checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def init_from_training_data(model: Any, train: Any, *, progress: bool = False) -> None:
+    """Run every initialization ``model`` asks for on the ``train`` split (a chunk dataset).
+
+    Parameters
+    ----------
+    model : the model about to be trained.
+    train : the training split's dataset (read as contiguous segments, normalized units).
+    progress : tqdm bars for the fit.
+    """
+    request = getattr(model, "linear_init_request", None)
+    if not request:
+        return
+    from ephys_gpt.eval.linear import fit_linear  # the fitting utilities; no eval runner
+
+    name = type(model).__name__
+    if not len(train):
+        raise ValueError(f"{name}: linear_fit needs training windows to fit a "
+                         f"{request['kind'].upper()}({request['order']}) on; the training "
+                         "split is empty")
+    fitted = fit_linear(train, request["kind"], int(request["order"]), progress=progress)
+    model.set_linear_path(fitted.channel_coefficients(), fitted.intercept)
+    logger.info("%s: linear path starts at %s fitted on the training split (%d rows, "
+                "%.1f s)", name, fitted.name, fitted.n_rows, fitted.fit_seconds or 0.0)
