@@ -114,12 +114,10 @@ class EvalBENDR(EvalRunner):
                    "linear_baselines": self.linear_summary(),
                    "one_step": self._one_step_summary(one_rmse),
                    "nstep": {"future_steps": N, "context_samples": T - N,
-                             "rmse_at_1": {p: {k: float(v[0]) for k, v in r.items()}
-                                           for p, r in n_rmse.items()},
-                             f"rmse_at_{N}": {p: {k: float(v[-1]) for k, v in r.items()}
-                                              for p, r in n_rmse.items()},
-                             "note": "channel-type RMSE in SI units (T, T/m); normalized in "
-                                     "model units"},
+                             "rmse_at_1": self._at(n_rmse, 0),
+                             f"rmse_at_{N}": self._at(n_rmse, -1),
+                             "note": "channel-type RMSE in the summary's `units` (as the "
+                                     "one-step figures); normalized in model units"},
                    "generation": self.free_running()}
         return summary, self._report(summary, one_rmse, n_rmse)
 
@@ -144,6 +142,12 @@ class EvalBENDR(EvalRunner):
                 self.add(nst[k], self.sq_errors(p, fut, steps))
             n_win += x.shape[0]
         return one, nst, n_win
+
+    @staticmethod
+    def _at(rmse: dict, i: int) -> dict:
+        """{predictor: {key: RMSE at horizon index ``i``}} in display units (fT, fT/cm...)."""
+        return {p: {k: float(v[i] * display_unit(k)[0]) for k, v in r.items()}
+                for p, r in rmse.items()}
 
     def _one_step_summary(self, one_rmse: dict) -> dict:
         m = self.model_name

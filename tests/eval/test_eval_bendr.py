@@ -93,6 +93,11 @@ def test_eval_bendr_writes_curves_figures_summary_and_fif(bendr_setup, tmp_path)
     # repeat-last error in signal units equals SCALE x the normalized one (invert_steps used)
     mag = np.load(out / "nstep_rmse_mag.npy", allow_pickle=False)
     assert np.allclose(mag[2], curve[2] * SCALE * 1e15, rtol=1e-4)
+    # the summary's figures are in its `units` (fT), one-step and N-step alike
+    assert summary["units"]["mag"] == "fT"
+    order = json.loads((out / "nstep_rmse_mag.json").read_text())["curves"]
+    for name, values in order.items():
+        assert summary["nstep"]["rmse_at_1"][name]["mag"] == pytest.approx(values[0], rel=1e-6)
     raw = mne.io.read_raw_fif(out / "generated_raw.fif", preload=True, verbose="error")
     assert raw.ch_names == [f"MEG{i:03d}" for i in range(4)] and raw.info["sfreq"] == SFREQ
     assert raw.n_times == 50
