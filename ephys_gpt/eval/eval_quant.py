@@ -27,7 +27,6 @@ Outputs go to ``<save_dir>/evals/EvalQuant/`` (or ``out_dir``): curves as ``.npy
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from ephys_gpt.eval.baselines import (
 from ephys_gpt.eval.registry import register_eval
 from ephys_gpt.eval.runner import (
     EvalRunner,
-    RunnerOptions,
+    SamplingOptions,
     check_history_lengths,
     default_history_lengths,
     display_unit,
@@ -57,7 +56,7 @@ from ephys_gpt.models.capabilities import TokenGenerator
 NAIVE = (REPEAT_LAST, UNIGRAM)
 
 
-class EvalQuantOptions(RunnerOptions):
+class EvalQuantOptions(SamplingOptions):
     """The ``eval`` block of a run YAML for ``eval_class: EvalQuant``."""
 
     batch_size: int = Field(4, ge=1, description="held-out windows per forward pass")
@@ -67,18 +66,7 @@ class EvalQuantOptions(RunnerOptions):
         None, description="context lengths (tokens) of the history sweep; default powers of "
                           "two up to the window")
     future_steps: int = Field(16, ge=1, description="horizon N of the N-step-ahead curves")
-    nstep_sampling: Literal["greedy", "sample"] = Field(
-        "greedy", description="N-step rollouts: greedy (argmax) or sampled with the gen_* "
-                              "settings")
     gen_seconds: float = Field(10.0, gt=0, description="length of free-running generation")
-    gen_context_seconds: float | None = Field(
-        None, gt=0, description="held-out context before free-running generation (default "
-                                "and at most: one window, within the model's context)")
-    gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
-        "top_p", description="sampling rule for free-running generation")
-    temperature: float = Field(1.0, ge=0, description="softmax temperature (0 = greedy)")
-    top_k: int = Field(50, ge=1, description="kept tokens for gen_sampling: top_k")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus mass for gen_sampling: top_p")
     unigram_max_windows: int = Field(2000, ge=1, description="training windows read for the "
                                                              "unigram baseline when chunks "
                                                              "are not stored as tokens")
@@ -88,17 +76,6 @@ class EvalQuantOptions(RunnerOptions):
     num_channels: int | None = Field(None, ge=1, description="optional check of the data")
 
     _positive_lengths = field_validator("history_lengths")(check_history_lengths)
-
-    def gen_kwargs(self) -> dict[str, Any]:
-        """Sampling keyword arguments of ``model.generate`` for free-running generation."""
-        if self.gen_sampling == "greedy" or self.temperature == 0:
-            return {"temperature": 0.0}
-        kw: dict[str, Any] = {"temperature": self.temperature}
-        if self.gen_sampling == "top_k":
-            kw["top_k"] = self.top_k
-        elif self.gen_sampling == "top_p":
-            kw["top_p"] = self.top_p
-        return kw
 
 
 @register_eval("EvalQuant", options=EvalQuantOptions)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ from ephys_gpt.dataset.image_layout import SensorTarget, gather_channels
 from ephys_gpt.eval import plots, report, spectral
 from ephys_gpt.eval.baselines import REPEAT_LAST, ZERO
 from ephys_gpt.eval.registry import register_eval
-from ephys_gpt.eval.runner import EvalRunner, RunnerOptions, display_unit
+from ephys_gpt.eval.runner import EvalRunner, SamplingOptions, display_unit
 from ephys_gpt.eval.windows import spread_indices, window_steps
 from ephys_gpt.models.capabilities import TokenGenerator, Tokenizer
 
@@ -73,7 +72,7 @@ UNIGRAM_CODE = "unigram code"
 TRUE_CODES = "tokenizer (true codes)"
 
 
-class EvalVQOptions(RunnerOptions):
+class EvalVQOptions(SamplingOptions):
     """The ``eval`` block for ``eval_class: EvalVQ``. Held-out windows for the metrics:
     ``max_batches * batch_size``, spread over the split."""
 
@@ -81,34 +80,9 @@ class EvalVQOptions(RunnerOptions):
                                                        "seconds reconstructed and written as "
                                                        ".fif")
     trace_channels: int = Field(4, ge=1, description="tokenizer: channels in the traces figure")
-    # a prior over codes (VQGPT2MEG)
-    future_steps: int = Field(16, ge=1, description="prior: N-step forecast horizon (samples)")
-    nstep_sampling: Literal["greedy", "sample"] = Field(
-        "greedy", description="prior: N-step forecasts greedy (argmax) or sampled with the "
-                              "gen_* settings")
-    gen_seconds: float = Field(5.0, gt=0, description="prior: length of free-running generation")
-    gen_context_seconds: float | None = Field(
-        None, gt=0, description="prior: held-out context before free-running generation "
-                                "(default and at most: one window)")
-    gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
-        "top_p", description="prior: sampling rule for free-running generation")
-    temperature: float = Field(1.0, ge=0, description="prior: softmax temperature (0 = greedy)")
-    top_k: int = Field(50, ge=1, description="prior: kept codes for gen_sampling: top_k")
-    top_p: float = Field(0.95, gt=0, le=1, description="prior: nucleus mass for "
-                                                         "gen_sampling: top_p")
+    # a prior over codes (VQGPT2MEG): future_steps, gen_* and sampling from SamplingOptions
     unigram_max_windows: int = Field(256, ge=1, description="prior: training windows encoded "
                                                             "for the unigram-code baseline")
-
-    def gen_kwargs(self) -> dict[str, Any]:
-        """Sampling keyword arguments of ``model.generate`` for free-running generation."""
-        if self.gen_sampling == "greedy" or self.temperature == 0:
-            return {"temperature": 0.0}
-        kw: dict[str, Any] = {"temperature": self.temperature}
-        if self.gen_sampling == "top_k":
-            kw["top_k"] = self.top_k
-        elif self.gen_sampling == "top_p":
-            kw["top_p"] = self.top_p
-        return kw
 
 
 # -- tokenizer-specific computations -----------------------------------------------------------

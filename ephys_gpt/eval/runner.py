@@ -75,6 +75,34 @@ class RunnerOptions(BaseModel):
         return self
 
 
+class SamplingOptions(RunnerOptions):
+    """The options of runners whose model samples discrete tokens (EvalQuant; EvalVQ for a
+    prior over codes): how N-step rollouts and free-running generation sample."""
+
+    nstep_sampling: Literal["greedy", "sample"] = Field(
+        "greedy", description="N-step rollouts: greedy (argmax) or sampled with the gen_* "
+                              "settings")
+    gen_context_seconds: float | None = Field(
+        None, gt=0, description="held-out context before free-running generation (default "
+                                "and at most: one window, within the model's context)")
+    gen_sampling: Literal["top_p", "top_k", "temperature", "greedy"] = Field(
+        "top_p", description="sampling rule for free-running generation")
+    temperature: float = Field(1.0, ge=0, description="softmax temperature (0 = greedy)")
+    top_k: int = Field(50, ge=1, description="kept tokens for gen_sampling: top_k")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus mass for gen_sampling: top_p")
+
+    def gen_kwargs(self) -> dict[str, Any]:
+        """Sampling keyword arguments of ``model.generate`` for free-running generation."""
+        if self.gen_sampling == "greedy" or self.temperature == 0:
+            return {"temperature": 0.0}
+        kw: dict[str, Any] = {"temperature": self.temperature}
+        if self.gen_sampling == "top_k":
+            kw["top_k"] = self.top_k
+        elif self.gen_sampling == "top_p":
+            kw["top_p"] = self.top_p
+        return kw
+
+
 def check_history_lengths(v: list[int] | None) -> list[int] | None:
     """Validator of ``history_lengths`` options: sorted unique integers >= 1, or None."""
     if v is not None and (not v or any(h < 1 for h in v)):
