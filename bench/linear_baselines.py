@@ -1,4 +1,4 @@
-"""Fit cost and held-out skill of the linear AR/VAR baselines (ephys_gpt/eval/linear/).
+"""Fit cost and held-out skill of the linear AR/VAR baselines (ephys_gpt/linear/).
 
 1. **Fit time and memory** at the demo's sizes: 102 or 306 channels, orders 10 and 30, on
    ``--seconds`` of synthetic 100 Hz data in 10 s segments (the demo's training split holds
@@ -70,7 +70,7 @@ def _rss_mb() -> float:
 def fit_cost_one(kind: str, channels: int, order: int, seconds: float,
                  n_components: str | None) -> dict:
     """One timed fit (run in a fresh process by :func:`fit_cost`)."""
-    from ephys_gpt.eval.linear import fit_linear
+    from ephys_gpt.linear import fit_linear
 
     data = SyntheticSegments(channels, max(1, round(seconds * SFREQ / SEGMENT)))
     before = _rss_mb()
@@ -119,8 +119,8 @@ def _full_window(dataset, i: int) -> torch.Tensor:
 
 def heldout(store: str, args) -> dict:
     from ephys_gpt.dataset.datasplitter import split_datasets
-    from ephys_gpt.eval.linear import Segments, fit_linear
-    from ephys_gpt.eval.linear.data import requantize
+    from ephys_gpt.linear import Segments, fit_linear
+    from ephys_gpt.linear.data import requantize
     from ephys_gpt.store import list_sessions
 
     tokens = list_sessions(store)[0].is_tokens

@@ -6,7 +6,7 @@ On held-out windows of a continuous chunk store (``split``, the test split by de
 1. **1-step error by history** (teacher forced): RMSE of the prediction of ``x[t+1]`` made
    from ``x[:t+1]``, at every position ``t`` of a window (how the error falls as history
    grows), against the repeat-last-value baseline and the fitted per-channel AR and
-   multichannel VAR (``ephys_gpt/eval/linear/``).
+   multichannel VAR (``ephys_gpt/linear/``).
 2. **N-step-ahead error**: the last ``future_steps`` samples of each window forecast
    autoregressively (``model.forecast``) from the rest; RMSE at each horizon ``k`` in signal
    units (stage-2 steps inverted with :func:`~ephys_gpt.codec.invert_steps`;

@@ -8,7 +8,7 @@ On held-out windows of a continuous chunk store:
    RMSE rewards; a single draw of a good model of a noisy signal has ~sqrt(2) times the
    error of the conditional mean far ahead, and is reported beside it). RMSE at each horizon
    step in signal and normalized units, against repeat-last-value, zero (the normalized
-   mean) and the fitted AR and VAR (recursive forecasts, ``ephys_gpt/eval/linear/``); and
+   mean) and the fitted AR and VAR (recursive forecasts, ``ephys_gpt/linear/``); and
    the CRPS of the draws (the ensemble's probabilistic skill, fair
    estimator; the deterministic baselines' CRPS is their mean absolute error).
 2. **History sweep**: the same H samples forecast (mean of the draws) from only the ``h``

@@ -12,7 +12,7 @@ What it measures, on held-out windows of the chunk store (the ``test`` split by 
 4. **Baselines** on exactly the same targets: ``repeat-last`` (the last context token is
    repeated), ``unigram`` (tokens drawn from each channel's training-set distribution), and
    the fitted linear models, a per-channel AR(p) and a multichannel VAR(p) (see
-   ``ephys_gpt/eval/linear/``): they predict in the decoded domain and their predictions are
+   ``ephys_gpt/linear/``): they predict in the decoded domain and their predictions are
    re-quantized through the recorded mu-law step, so their accuracy compares directly.
 5. **Free-running generation** of ``gen_seconds`` (temperature / top-k / top-p sampling)
    compared with held-out data: Welch PSD per channel type with the alpha peak, channel

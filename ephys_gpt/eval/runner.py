@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ephys_gpt.eval import plots, report, spectral
 from ephys_gpt.eval.fif import array_to_raw, template_info_from_provenance, write_raw_fif
-from ephys_gpt.eval.linear import LinearBaselineOptions, LinearPredictor, fit_linear_baselines
 from ephys_gpt.eval.windows import full_window, spread_indices, to_signal, window_steps
+from ephys_gpt.linear import LinearBaselineOptions, LinearPredictor, fit_linear_baselines
 
 logger = logging.getLogger(__name__)
 
@@ -565,7 +565,7 @@ class EvalRunner:
                          f"ratio {report.fmt_value(ratio, 3)})")
         return (f"On {metric}, {self.model_name} " + "; it ".join(parts) + ". The AR and VAR "
                 "models are fitted by ridge least squares on the same training split "
-                "(ephys_gpt/eval/linear/); on linear-Gaussian data a long VAR is close to the "
+                "(ephys_gpt/linear/); on linear-Gaussian data a long VAR is close to the "
                 "best possible predictor.")
 
     def linear_free_run_table(self, rep: report.MarkdownReport, linear: dict) -> None:

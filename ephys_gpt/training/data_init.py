@@ -3,7 +3,7 @@
 A model may start part of itself from a fit to the training split. Today one kind exists: a
 model with a ``linear_init_request`` (``{"kind": "var" | "ar", "order": p}``, or None) and a
 X
-the ridge least-squares AR/VAR of :mod:`ephys_gpt.eval.linear` fitted on the training split —
+the ridge least-squares AR/VAR of :mod:`ephys_gpt.linear` fitted on the training split —
 the same fit the eval runners report as baselines. It runs only on a fresh start: a resumed
 run continues from its checkpoint's weights.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+from ephys_gpt.linear import fit_linear
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,6 @@ def init_from_training_data(model: Any, train: Any, *, progress: bool = False) -
     request = getattr(model, "linear_init_request", None)
     if not request:
         return
-    from ephys_gpt.eval.linear import fit_linear  # the fitting utilities; no eval runner
-
     name = type(model).__name__
     if not len(train):
         raise ValueError(f"{name}: linear_fit needs training windows to fit a "

@@ -1,4 +1,4 @@
-"""Linear AR/VAR baselines (ephys_gpt/eval/linear/): fitting, prediction, tokens, errors."""
+"""Linear AR/VAR baselines (ephys_gpt/linear/): fitting, prediction, tokens, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from ephys_gpt.codec import mulaw_quantize, tokens_to_signal
 from ephys_gpt.dataset.datasplitter import split_datasets
-from ephys_gpt.eval.linear import (
+from ephys_gpt.linear import (
     LinearBaselineOptions,
     LinearPredictor,
     Segments,
@@ -164,7 +164,7 @@ def test_a_flat_channel_without_ridge_uses_the_minimum_norm_solution(caplog):
     (a1, a2), cov = var2_params()
     x = simulate_var([a1, a2], 3000, seed=7, noise_cov=cov)
     flat = np.concatenate([x, np.full((1, 3000), 2.5)])  # a dead sensor: singular Gram
-    with caplog.at_level("WARNING", logger="ephys_gpt.eval.linear.fitting"):
+    with caplog.at_level("WARNING", logger="ephys_gpt.linear.fitting"):
         model = fit_linear([flat], "var", 2, ridge=0.0)
     assert "singular" in caplog.text
     assert np.abs(model.coef[:, :, 3]).max() < 1e-12 and np.abs(model.coef[:, 3]).max() < 1e-12

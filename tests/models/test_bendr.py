@@ -229,7 +229,7 @@ def test_linear_path_set_to_a_fitted_var_predicts_as_the_var():
     """``set_linear_path(coef, intercept)``: the path alone reproduces a fitted VAR's
     prediction (the residual's identity taken off the first lag), so with the network's
     head silenced the model's forecast is the VAR's."""
-    from ephys_gpt.eval.linear import fit_linear
+    from ephys_gpt.linear import fit_linear
 
     x, _ = _var_process(4, 4, 400)
     var = fit_linear(list(x.numpy()), "var", 2)
@@ -251,7 +251,7 @@ def test_linear_fit_sets_a_fixed_var_fitted_on_the_training_split():
     """``linear_fit``: the training run's data-dependent initialization fits a ridge VAR(p)
     on the training windows and sets the linear path to it, which the optimizer then never
     moves (no gradient); without it the path is learned from zero."""
-    from ephys_gpt.eval.linear import fit_linear
+    from ephys_gpt.linear import fit_linear
     from ephys_gpt.training.data_init import init_from_training_data
 
     x, _ = _var_process(2, 4, 300, seed=1)

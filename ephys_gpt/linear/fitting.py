@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ephys_gpt.eval.linear.data import Segments, as_segments, segment_array
-from ephys_gpt.eval.linear.predictor import LinearPredictor
+from ephys_gpt.linear.data import Segments, as_segments, segment_array
+from ephys_gpt.linear.predictor import LinearPredictor
 from ephys_gpt.validation import check_number, check_option
 
 logger = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def fit_linear(data: Any, kind: Literal["ar", "var"], order: int | Literal["auto
     Parameters
     ----------
     data : chunk dataset, list of (C, T) arrays, or (N, C, T) array
-        Training data. A dataset is read as :class:`~ephys_gpt.eval.linear.data.Segments`
+        Training data. A dataset is read as :class:`~ephys_gpt.linear.data.Segments`
         (contiguous runs of its windows; token data decoded to normalized units). Each array
         is one contiguous segment; no lag crosses from one to the next.
     order : int or "auto"

@@ -18,7 +18,7 @@ device); numpy in gives numpy out.
   (diagonal ``noise_cov``); a VAR reproduces the cross-channel structure.
 - ``*_tokens``: the same in the token domain: tokens are decoded through each row's recorded
   ``mulaw_quantize`` step, predicted in normalized units and re-quantized through the same
-  step (:mod:`ephys_gpt.eval.linear.data`).
+  step (:mod:`ephys_gpt.linear.data`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ephys_gpt.eval.linear.data import decode_tokens, requantize
+from ephys_gpt.linear.data import decode_tokens, requantize
 
 Array = Any  # np.ndarray | torch.Tensor
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ephys_gpt.eval.linear.data import Segments
-from ephys_gpt.eval.linear.fitting import DEFAULT_MAX_FEATURES, DEFAULT_RIDGE, fit_linear
-from ephys_gpt.eval.linear.predictor import LinearPredictor
+from ephys_gpt.linear.data import Segments
+from ephys_gpt.linear.fitting import DEFAULT_MAX_FEATURES, DEFAULT_RIDGE, fit_linear
+from ephys_gpt.linear.predictor import LinearPredictor
 
 logger = logging.getLogger(__name__)
 
