@@ -31,8 +31,9 @@ class TokenGenerator(Capability, Protocol):
     generator=None, progress=False)``: ``context`` int64 ``(B, C, T0)`` (or the model's input
     layout) → the same dtype and layout with ``steps`` new time steps appended (the context
     unchanged); a prior over a tokenizer's codes takes and returns sensor images ``(B, H, W,
-    T0)`` and samples the codes in between. ``temperature=0`` is greedy. ``use_cache`` reuses state (KV cache, streaming buffers) so a
-    step costs O(context); cached and uncached greedy decoding give the same tokens.
+    T0)`` and samples the codes in between. ``temperature=0`` is greedy. ``use_cache``
+    reuses state (KV cache, streaming buffers) so a step costs O(context); cached and
+    uncached greedy decoding give the same tokens.
     """
 
     methods: ClassVar[tuple[str, ...]] = ("generate",)
