@@ -244,7 +244,7 @@ _STEP_PARAMS: dict[str, tuple[tuple[str, bool, str], ...]] = {
 
 
 def _check_steps(steps: list, n_ch: int, bad, meta_path: Path) -> list[dict]:
-    """Validate the recorded stage-2 steps (see ``preprocessing/transforms.py``)."""
+    """Validate the recorded stage-2 steps (see ``ephys_gpt/codec.py``)."""
     for i, step in enumerate(steps):
         key = f"steps[{i}]"
         if not isinstance(step, dict) or not isinstance(step.get("name"), str):
