@@ -71,9 +71,6 @@ class _StderrHandler(logging.StreamHandler):
     was when logging was set up: a notebook or a test harness that swaps ``sys.stderr`` (and
     closes the old one) must not leave the package logging into a closed stream."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

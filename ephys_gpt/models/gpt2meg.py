@@ -293,17 +293,16 @@ class ChannelTokenTransformer(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
 
 
-@register_model(
-    "GPT2MEG",
-    input_kind="tokens",
-    causal=True,
-    capabilities=(TokenGenerator,),
-    tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
-                 "n_layers": 2, "n_heads": 2, "time_conv": 3},
-    output_time_dim=-2,
-    default_loss="CrossEntropy",
-    config_class=GPT2MEGConfig,
-)
+def channel_token_registration() -> dict:
+    """The registry entry every :class:`ChannelTokenTransformer` shares (the same inputs,
+    outputs, capability, loss and tiny config); a subclass adds its name and config class."""
+    return {"input_kind": "tokens", "causal": True, "capabilities": (TokenGenerator,),
+            "tiny_config": {"num_channels": 3, "vocab_size": 16, "n_positions": 16,
+                            "d_model": 16, "n_layers": 2, "n_heads": 2, "time_conv": 3},
+            "output_time_dim": -2, "default_loss": "CrossEntropy"}
+
+
+@register_model("GPT2MEG", config_class=GPT2MEGConfig, **channel_token_registration())
 class GPT2MEG(ChannelTokenTransformer):
     """Channel-wise GPT-2 over mu-law tokens: ``(B, C, T)`` int64 → logits ``(B, C, T, V)``."""
 

@@ -25,8 +25,12 @@ import torch
 
 from ephys_gpt.layers.attention import KVCache
 from ephys_gpt.layers.axial import AxialTransformerBlock
-from ephys_gpt.models.capabilities import TokenGenerator
-from ephys_gpt.models.gpt2meg import ChannelTokenTransformer, GPT2MEGConfig, check_tokens
+from ephys_gpt.models.gpt2meg import (
+    ChannelTokenTransformer,
+    GPT2MEGConfig,
+    channel_token_registration,
+    check_tokens,
+)
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -37,17 +41,7 @@ class STGPT2MEGConfig(GPT2MEGConfig):
     ``n_heads`` is used by both the time and the channel attention."""
 
 
-@register_model(
-    "STGPT2MEG",
-    input_kind="tokens",
-    causal=True,
-    capabilities=(TokenGenerator,),
-    tiny_config={"num_channels": 3, "vocab_size": 16, "n_positions": 16, "d_model": 16,
-                 "n_layers": 2, "n_heads": 2, "time_conv": 3},
-    output_time_dim=-2,
-    default_loss="CrossEntropy",
-    config_class=STGPT2MEGConfig,
-)
+@register_model("STGPT2MEG", config_class=STGPT2MEGConfig, **channel_token_registration())
 class STGPT2MEG(ChannelTokenTransformer):
     """Spatio-temporal GPT with channel mixing: ``(B, C, T)`` int64 → logits ``(B, C, T, V)``."""
 
