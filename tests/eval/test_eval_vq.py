@@ -62,12 +62,16 @@ def _options(export, **over):
     return spec, spec.options.model_validate(opts)
 
 
+def _run_exported(model, dsp, tmp_path, options):
+    """Export ``model`` and run EvalVQ on it with ``options(export)`` into ``tmp_path/run``."""
+    spec, opts = options(save_pretrained(model, tmp_path / "export"))
+    config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega", "datasplitter": dsp}
+    return spec.cls(config, opts).run()
+
+
 def test_eval_vq_outputs_and_figures_match_a_direct_computation(vq_setup, tmp_path):
     root, dsp, model = vq_setup
-    export = save_pretrained(model, tmp_path / "export")
-    spec, opts = _options(export)
-    config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega", "datasplitter": dsp}
-    summary = spec.cls(config, opts).run()
+    summary = _run_exported(model, dsp, tmp_path, _options)
     out = tmp_path / "run" / "evals" / "EvalVQ"
     for name in ["per_channel", "rmse_by_position_mag", "psd_mag", "code_usage"]:
         assert (out / f"{name}.npy").is_file() and (out / f"{name}.json").is_file()
@@ -170,10 +174,7 @@ def _prior_options(export, **over):
 
 def test_eval_vq_on_a_prior_over_codes_matches_a_direct_computation(prior_setup, tmp_path):
     root, dsp, model = prior_setup
-    export = save_pretrained(model, tmp_path / "export")
-    spec, opts = _prior_options(export)
-    config = {"save_dir": str(tmp_path / "run"), "dataset_name": "omega", "datasplitter": dsp}
-    summary = spec.cls(config, opts).run()
+    summary = _run_exported(model, dsp, tmp_path, _prior_options)
     out = tmp_path / "run" / "evals" / "EvalVQ"
     assert json.loads((out / "summary.json").read_text())["next_code"] == summary["next_code"]
     for name in ["next_code_accuracy", "nstep_rmse_mag", "nstep_rmse_normalized", "psd_mag"]:
