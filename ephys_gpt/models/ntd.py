@@ -35,6 +35,16 @@ plus the mask (as in training); without it they are re-noised to each level and 
 (replacement in-painting). :meth:`NTD.forecast` extends a signal window by window;
 :meth:`NTD.impute` fills unknown channels or samples.
 
+Linear forecast (``linear_order: p``, ``linear_fit: true``): a ridge VAR(p) fitted on the
+training split before the first step (``ephys_gpt/training/data_init.py``, the fit the evals
+report as a baseline) and held fixed forecasts the unobserved samples from the observed
+prefix (:meth:`NTD.linear_forecast`), and the model diffuses the *residual* of that forecast: the
+denoiser sees the observed samples clean and the noisy residual elsewhere, and a sample is the
+VAR's forecast plus a drawn residual. A denoiser that predicts a zero residual is the VAR's
+point forecast; training only has to learn what the VAR cannot. Without it NTD had to learn
+the linear dynamics through the conv stack and stayed far above a VAR one step ahead
+(docs/models-continuous.md).
+
 Shapes: B batch, C channels, L samples, H hidden width, Cc conditioning channels.
 """
 
@@ -83,6 +93,11 @@ class NTDConfig:
     prediction: str = "x0"           # denoiser output: "x0" (clean signal) | "eps" (noise)
     snr_gamma: float | None = 5.0    # min-SNR-gamma loss weight; None: plain noise MSE
     forecast_chunk: int | None = None  # samples generated per window in forecast(); None: L//2
+    linear_order: int = 0            # p > 0: diffuse the residual of a VAR(p) forecast of the
+                                     # unobserved samples (0: diffuse the signal itself)
+    linear_fit: bool = False         # true: that VAR(p) is a ridge fit on the training split,
+                                     # set before the first step and held fixed (required
+                                     # with linear_order > 0)
 
     def __post_init__(self):
         for key in ("num_channels", "signal_length", "hidden", "n_layers", "kernel_size",
@@ -114,6 +129,23 @@ class NTDConfig:
         if self.forecast_chunk is not None and not 1 <= self.forecast_chunk < self.signal_length:
             raise ValueError(f"NTD: forecast_chunk must be in [1, signal_length), got "
                              f"{self.forecast_chunk}")
+        if (isinstance(self.linear_order, bool) or not isinstance(self.linear_order, int)
+                or self.linear_order < 0):
+            raise ValueError(f"NTD: linear_order must be an integer >= 0 (0: no linear "
+                             f"forecast), got {self.linear_order!r}")
+        if not isinstance(self.linear_fit, bool):
+            raise ValueError(f"NTD: linear_fit must be true or false, got {self.linear_fit!r}")
+        if self.linear_order and not self.linear_fit:
+            raise ValueError("NTD: linear_order > 0 needs linear_fit: true (the VAR whose "
+                             "residual NTD diffuses is fitted on the training split; it is "
+                             "not learned by gradient)")
+        if self.linear_fit and not self.linear_order:
+            raise ValueError("NTD: linear_fit needs linear_order > 0 (the order of the VAR "
+                             "fitted on the training split)")
+        if self.linear_order and not self.mask_channel:
+            raise ValueError("NTD: linear_order > 0 needs mask_channel: true (the observed "
+                             "samples are given to the denoiser clean, beside the noisy "
+                             "residual of the rest)")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -199,6 +231,14 @@ class NTD(nn.Module):
         cfg = self.config = NTDConfig(**kwargs)
         self.schedule = NoiseSchedule(cfg.diffusion_steps, cfg.schedule)
         self.denoiser = Denoiser(cfg)
+        if cfg.linear_order:  # the fitted VAR (set_linear_path); saved with the weights
+            # the denoiser starts silent (a zero residual): the untrained model is the VAR
+            nn.init.zeros_(self.denoiser.head[-1].weight)
+            nn.init.zeros_(self.denoiser.head[-1].bias)
+            p, C = cfg.linear_order, cfg.num_channels
+            self.register_buffer("var_coef", torch.zeros(p, C, C))
+            self.register_buffer("var_intercept", torch.zeros(C))
+            self.register_buffer("var_mean", torch.zeros(C))
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None):
         """A (B, C, L) batch of sinusoids plus noise (a tuple with conditioning if Cc > 0)."""
@@ -210,6 +250,68 @@ class NTD(nn.Module):
         if self.config.cond_channels:
             return x, torch.randn(batch_size, self.config.cond_channels, L)
         return x
+
+    # ------------------------------------------------------------------ linear forecast
+    @property
+    def linear_init_request(self) -> dict | None:
+        """What a training run fits on its training split before the first step and sets with
+        :meth:`set_linear_path` (``{"kind": "var", "order": p}`` with ``linear_order``), or
+        None."""
+        if not self.config.linear_order:
+            return None
+        return {"kind": "var", "order": self.config.linear_order}
+
+    @torch.no_grad()
+    def set_linear_path(self, coef, intercept) -> None:
+        """Set the VAR(p) whose residual the model diffuses: ``coef`` (p, C, C) with
+        ``coef[l - 1]`` multiplying ``x[:, t - l]`` and ``intercept`` (C,), so that
+        ``x[:, t] = intercept + sum_l coef[l - 1] @ x[:, t - l]`` is its prediction. Lags
+        before a window are taken at the process mean ``(I - sum_l coef[l - 1])^-1 intercept``
+        (the mean of normalized data when the VAR is not stationary)."""
+        if not self.config.linear_order:
+            raise ValueError("NTD.set_linear_path: the model has no linear forecast "
+                             "(linear_order: 0)")
+        p, C = self.config.linear_order, self.config.num_channels
+        a = torch.as_tensor(coef, dtype=torch.float64)
+        b = torch.as_tensor(intercept, dtype=torch.float64)
+        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,):
+            raise ValueError(f"NTD.set_linear_path: expected coef ({p}, {C}, {C}) and "
+                             f"intercept ({C},) (linear_order, num_channels), got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError("NTD.set_linear_path: coef and intercept must be finite")
+        mean = torch.linalg.solve(torch.eye(C, dtype=torch.float64) - a.sum(0), b)
+        if not torch.isfinite(mean).all() or mean.abs().max() > 1e3:
+            mean = torch.zeros(C, dtype=torch.float64)
+        self.var_coef.copy_(a)
+        self.var_intercept.copy_(b)
+        self.var_mean.copy_(mean)
+
+    def linear_forecast(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """The VAR's forecast of every unobserved sample: ``x`` (B, C, L) where ``observed``
+        (B, C, L) bool, elsewhere the VAR's closed-loop mean forecast from the example's
+        observed prefix (the leading samples where every channel is observed; lags before it
+        at the VAR's mean, so with no such prefix, as in channel imputation, the forecast is
+        the mean). Samples observed later (a channel subset) are kept in the output but do
+        not drive the recursion: a VAR run with some channels clamped to data is a different
+        linear system, and one that can be unstable where the VAR itself is not. Computed in
+        float32 outside autocast (a recursion: bf16 errors would compound); no gradient, no
+        host sync. → (B, C, L) in ``x``'s dtype."""
+        p, (B, C, L) = self.config.linear_order, x.shape
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            prefix = observed.all(dim=1).long().cumprod(dim=1).bool()  # (B, L)
+            # time-major buffer: the p samples before t are one contiguous row of p*C values
+            buf = torch.empty(B, p + L, C, device=x.device)
+            buf[:, :p] = self.var_mean.float()
+            buf[:, p:] = x.detach().float().transpose(1, 2)
+            # weight on buf[:, t:t + p] (oldest lag first): column k*C + j is lag p - k
+            w = self.var_coef.float().flip(0).permute(1, 0, 2).reshape(C, p * C).t()
+            b = self.var_intercept.float()
+            for t in range(L):
+                pred = torch.addmm(b, buf[:, t:t + p].reshape(B, p * C), w)
+                buf[:, p + t] = torch.where(prefix[:, t, None], buf[:, p + t], pred)
+            out = buf[:, p:].transpose(1, 2)
+            return torch.where(observed, x.detach().float(), out).to(x.dtype)
 
     # ------------------------------------------------------------------ internals
     def _check(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
@@ -257,9 +359,11 @@ class NTD(nn.Module):
         ``generator`` or the global RNG, so a seed makes forward reproducible).
 
         Returns a ModelOutput with ``prediction``, ``target`` and ``weight``, each (B, C, L):
-        the clean signal's prediction and the clean signal (``prediction: x0``) or the noise's
-        prediction and the noise (``eps``), and the per-element loss weight, 0 where the sample is observed and the min-SNR-gamma weight
-        of the example's level where it is to be generated (:class:`DiffusionMSE` averages
+        the clean signal's prediction and the clean signal (``prediction: x0``; with
+        ``linear_order`` the clean *residual* of the VAR forecast, :meth:`linear_forecast`) or
+        the noise's prediction and the noise (``eps``), and the per-element loss weight, 0
+        where the sample is observed and the min-SNR-gamma weight of the example's level where
+        it is to be generated (:class:`DiffusionMSE` averages
         ``weight * (prediction - target)^2`` over the generated elements).
         """
         self._check(x, cond)
@@ -271,13 +375,15 @@ class NTD(nn.Module):
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         if observed is None:
             observed = self.sample_observed(B, L, x.device, generator)
-        x_t = self.schedule.q_sample(x, t, noise)
+        # with a linear forecast the diffused signal is its residual (0 where observed)
+        clean = x - self.linear_forecast(x, observed) if self.config.linear_order else x
+        x_t = self.schedule.q_sample(clean, t, noise)
         if self.config.mask_channel:
             x_t = torch.where(observed, x, x_t)
         pred = self._denoise(x_t, observed, cond, t)
         snr, gamma = self.schedule.snr(t), self.config.snr_gamma
         if self.config.prediction == "x0":
-            target, w = x, (snr if gamma is None else snr.clamp(max=gamma))
+            target, w = clean, (snr if gamma is None else snr.clamp(max=gamma))
         else:
             target, w = noise, (torch.ones_like(snr) if gamma is None
                                 else (gamma / snr).clamp(max=1.0))
@@ -321,6 +427,8 @@ class NTD(nn.Module):
             levels = list(range(cfg.diffusion_steps - 1, -1, -1))
         else:
             levels = self.schedule.ddim_timesteps(steps or cfg.sampling_steps)
+        # with a linear forecast, x is its residual on the unobserved samples
+        base = self.linear_forecast(known, obs) if cfg.linear_order else None
         x = torch.randn(B, C, L, device=dev, generator=generator)
         for i, lv in enumerate(tqdm(levels, desc=f"NTD {sampler}", disable=not progress,
                                     leave=False)):
@@ -339,7 +447,7 @@ class NTD(nn.Module):
                 nxt = levels[i + 1] if i + 1 < len(levels) else -1
                 x = self.schedule.ddim_step(x, lv, nxt, eta=eta, generator=generator,
                                             clip=cfg.clip_denoised, **pred)
-        return torch.where(obs, known, x)
+        return torch.where(obs, known, x if base is None else base + x)
 
     @torch.no_grad()
     def impute(self, x: torch.Tensor, known_mask: torch.Tensor, *,

@@ -2,7 +2,7 @@
 
 A model may start part of itself from a fit to the training split. Today one kind exists: a
 model with a ``linear_init_request`` (``{"kind": "var" | "ar", "order": p}``, or None) and a
-X
+``set_linear_path(coef, intercept)`` method (BENDRForecast's and NTD's ``linear_fit``) gets
 the ridge least-squares AR/VAR of :mod:`ephys_gpt.linear` fitted on the training split —
 the same fit the eval runners report as baselines. It runs only on a fresh start: a resumed
 run continues from its checkpoint's weights.

@@ -230,3 +230,102 @@ def test_wide_low_rank_signal_more_channels_than_hidden():
     samples = model.sample(8, L, progress=False)
     ratio = (samples.std() / test.std()).item()
     assert 0.5 < ratio < 1.5 and samples.abs().max() < 0.9 * model.config.clip_denoised, ratio
+
+
+def _var_process(B, C, T, seed=0):
+    """A stable VAR(2) with cross-channel coupling and a non-zero mean: (B, C, T)."""
+    g = torch.Generator().manual_seed(seed)
+    A1 = 0.5 * torch.eye(C) + 0.3 * torch.roll(torch.eye(C), 1, dims=1)
+    A2 = -0.3 * torch.eye(C) + 0.2 * torch.roll(torch.eye(C), -1, dims=1)
+    x = torch.zeros(B, C, T)
+    noise = torch.randn(B, C, T, generator=g) + 0.2
+    for t in range(2, T):
+        x[..., t] = x[..., t - 1] @ A1.T + x[..., t - 2] @ A2.T + noise[..., t]
+    return x[..., 50:]
+
+
+def test_linear_forecast_is_the_fitted_vars_closed_loop_forecast():
+    """``linear_order`` p: after an observed prefix, :meth:`NTD.linear_forecast` is the
+    fitted VAR's recursive mean forecast (the eval's baseline, to float precision), observed
+    samples are kept, lags before the window are the VAR's mean, and channels observed
+    without a prefix (imputation) do not drive the recursion; the buffers are part of the
+    weights (a save/load keeps them)."""
+    from ephys_gpt.linear import fit_linear
+
+    x = _var_process(6, 3, 400)
+    var = fit_linear(list(x.numpy()), "var", 2)
+    model = _model(num_channels=3, linear_order=2, linear_fit=True)
+    model.set_linear_path(var.channel_coefficients(), var.intercept)
+    L, n_known = TINY["signal_length"], 20
+    win = x[..., 100:100 + L]
+    observed = torch.zeros_like(win, dtype=torch.bool)
+    observed[..., :n_known] = True
+    base = model.linear_forecast(win, observed)
+    assert torch.equal(base[..., :n_known], win[..., :n_known])
+    want = torch.as_tensor(var.forecast(win[..., :n_known].numpy(), L - n_known),
+                           dtype=torch.float32)
+    assert torch.allclose(base[..., n_known:], want, atol=1e-4)
+    # nothing observed: from its mean (the data's, up to the ridge), a VAR stays there
+    mean = model.var_mean.float()
+    assert torch.allclose(mean, torch.as_tensor(var.mean, dtype=torch.float32), atol=1e-2)
+    free = model.linear_forecast(torch.zeros(1, 3, L), torch.zeros(1, 3, L, dtype=torch.bool))
+    assert torch.allclose(free, mean[None, :, None].expand(1, 3, L), atol=1e-5)
+    # a channel subset observed throughout (imputation): no observed prefix, so the
+    # unobserved channels get the mean; the observed ones are kept but drive nothing
+    subset = torch.zeros_like(observed)
+    subset[:, 0] = True
+    imp = model.linear_forecast(win, subset)
+    assert torch.equal(imp[:, 0], win[:, 0])
+    assert torch.allclose(imp[:, 1:], mean[1:, None].expand(6, 2, L), atol=1e-5)
+    again = _model(num_channels=3, linear_order=2, linear_fit=True)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.linear_forecast(win, observed), base)
+    with pytest.raises(ValueError, match=r"expected coef \(2, 3, 3\)"):
+        model.set_linear_path(var.channel_coefficients()[:1], var.intercept)
+    with pytest.raises(ValueError, match="no linear forecast"):
+        _model(num_channels=3).set_linear_path(var.channel_coefficients(), var.intercept)
+
+
+def test_linear_forecast_config_is_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="linear_order must be an integer"):
+            _model(linear_order=bad, linear_fit=True)
+    with pytest.raises(ValueError, match="needs linear_fit: true"):
+        _model(linear_order=2)
+    with pytest.raises(ValueError, match="needs linear_order > 0"):
+        _model(linear_fit=True)
+    with pytest.raises(ValueError, match="linear_fit must be true or false"):
+        _model(linear_order=2, linear_fit="yes")
+    with pytest.raises(ValueError, match="needs mask_channel"):
+        _model(linear_order=2, linear_fit=True, mask_channel=False, p_forecast=0.0,
+               p_impute=0.0)
+
+
+def test_a_silent_denoiser_forecasts_the_var_and_training_targets_its_residual():
+    """With the linear forecast, the model diffuses the VAR's residual: its training target
+    is ``x - linear_forecast`` (zero loss weight where observed), and a denoiser that
+    predicts a zero residual makes every sample the VAR's point forecast."""
+    from ephys_gpt.linear import fit_linear
+    from ephys_gpt.training.data_init import init_from_training_data
+
+    x = _var_process(4, 3, 300, seed=1)
+    model = _model(num_channels=3, linear_order=2, linear_fit=True)
+    assert model.linear_init_request == {"kind": "var", "order": 2}
+    init_from_training_data(model, list(x.numpy()))
+    var = fit_linear(list(x.numpy()), "var", 2)
+    assert torch.allclose(model.var_coef, torch.as_tensor(var.channel_coefficients()).float())
+    L = TINY["signal_length"]
+    win = x[..., :L]
+    observed = torch.zeros_like(win, dtype=torch.bool)
+    observed[..., :12] = True
+    out = model(win, observed=observed, t=torch.full((4,), 3))
+    assert torch.allclose(out.target, win - model.linear_forecast(win, observed))
+    assert not out.target[..., :12].any() and not out.weight[..., :12].any()
+    with torch.no_grad():
+        model.denoiser.head[-1].weight.zero_()
+        model.denoiser.head[-1].bias.zero_()
+        model.denoiser.linear.weight.zero_()
+        model.denoiser.linear.bias.zero_()
+    fc = model.eval().forecast(win[..., :12], 8)
+    want = torch.as_tensor(var.forecast(win[..., :12].numpy(), 8), dtype=torch.float32)
+    assert torch.allclose(fc[..., 12:], want, atol=1e-4)
