@@ -12,6 +12,14 @@ ring buffer of its last ``dilation·(k-1)`` inputs, so a new step costs one colu
 rather than a re-run of the receptive field. Without the cache each step re-runs the
 receptive field window; both give the same tokens.
 
+Linear forecast (``linear_order: p``, ``linear_fit: true``): a ridge VAR(p) fitted on the
+training split's decoded tokens before the first step (``ephys_gpt/training/data_init.py``,
+the fit the evals report as a baseline), held fixed and saved with the weights together with
+the data's mu-law code, forecasts each next value; the log-probability of every token under
+that Gaussian forecast (:meth:`WavenetFullChannel.linear_logprior`) is added to the logits.
+The head's last layer starts at zero, so the untrained model is the VAR's forecast
+distribution (docs/models.md).
+
 Legend: B batch, C channels, T time, V vocabulary, E token embedding width, Rc residual,
 Dc dilation (gate) and Sc skip channels, G global conditioning width, Dl local channels.
 """
@@ -36,6 +44,9 @@ from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 
+LOGPRIOR_FLOOR = -40.0  # nats: the least log-probability the linear forecast gives a token
+
+
 @dataclass
 class WavenetConfig:
     """WavenetFullChannel hyper-parameters."""
@@ -52,6 +63,10 @@ class WavenetConfig:
     n_subjects: int = 0            # > 0: global conditioning on a subject id (forward(subject=))
     global_dim: int = 16           # G, subject embedding width
     local_channels: int = 0        # Dl > 0: local conditioning tensor (B, Dl, T) (local_cond=)
+    linear_order: int = 0          # p > 0: add a fitted VAR(p)'s forecast, as log-probabilities
+                                   # of the tokens, to the logits (0: none)
+    linear_fit: bool = False       # true: that VAR(p) is a ridge fit on the training split, set
+                                   # before the first step and held fixed (required with p > 0)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -61,10 +76,19 @@ class WavenetConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: {key} must be a positive integer, got {v!r}")
-        for key in ("n_subjects", "local_channels"):
+        for key in ("n_subjects", "local_channels", "linear_order"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: {key} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.linear_fit, bool):
+            raise ValueError(f"{name}: linear_fit must be true or false, got "
+                             f"{self.linear_fit!r}")
+        if self.linear_order and not self.linear_fit:
+            raise ValueError(f"{name}: linear_order > 0 needs linear_fit: true (the VAR is "
+                             "fitted on the training split; it is not learned by gradient)")
+        if self.linear_fit and not self.linear_order:
+            raise ValueError(f"{name}: linear_fit needs linear_order > 0 (the order of the VAR "
+                             "fitted on the training split)")
 
     @property
     def dilations(self) -> list[int]:
@@ -120,12 +144,14 @@ class WavenetStream:
     once. The residual biases are folded into the next layers'
     conv biases (the ring holds inputs minus the cumulated residual bias), and global
     conditioning into the biases too. Weights are cast once to the compute dtype (the
-    autocast dtype when autocast is on). ``step(tokens (B, C), local (B, Dl) | None)`` →
-    logits ``(B, C, V)``; it equals the model's forward on the whole sequence.
+    autocast dtype when autocast is on). With ``linear_order`` the stream also keeps the last
+    p decoded values (``tokens``: the primed window) for the VAR's forecast, whose token
+    log-probabilities are added to the logits in float32. ``step(tokens (B, C), local (B, Dl)
+    | None)`` → logits ``(B, C, V)``; it equals the model's forward on the whole sequence.
     """
 
     def __init__(self, model: WavenetFullChannel, inputs: list[torch.Tensor],
-                 g: torch.Tensor | None):
+                 g: torch.Tensor | None, tokens: torch.Tensor | None = None):
         cfg = model.config
         h0 = inputs[0]
         dev, B = h0.device, h0.shape[0]
@@ -207,6 +233,12 @@ class WavenetStream:
              self.Z[i, :, Dc:], A[:, i], self.w_res[i] if i < L - 1 else None,
              self.H[i + 1] if i < L - 1 else None) for i in range(L)]
         self.k = k
+        self.lin = None
+        if cfg.linear_order:
+            if tokens is None:
+                raise ValueError("WavenetStream: a model with linear_order needs the primed "
+                                 "tokens")
+            self.lin = _VARStream(model, tokens)
 
     def step(self, tok: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ``(B, C)`` of the newest step (and its local conditioning ``(B, Dl)``) →
@@ -233,7 +265,46 @@ class WavenetStream:
             out = torch.addmm(self.b_skip, self.A, self.w_skip)
             for w, b in self.w_out:
                 out = torch.addmm(b, out.relu_(), w)
-        return out.view(self.B, self.C, -1)
+            out = out.view(self.B, self.C, -1)
+            if self.lin is not None:
+                out = out + self.lin.step(tok)
+        return out
+
+
+def _logprior(pred: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              h: torch.Tensor) -> torch.Tensor:
+    """``a + b pred - h pred^2`` (one multiply-add and one subtraction over the output),
+    floored at :data:`LOGPRIOR_FLOOR`; ``a``, ``b`` broadcast against ``pred[..., None]``."""
+    out = torch.addcmul(a, pred[..., None], b)
+    return out.sub_((h * pred.square())[..., None]).clamp_min_(LOGPRIOR_FLOOR)
+
+
+class _VARStream:
+    """The last p decoded values of a stream and the fitted VAR's token log-probabilities for
+    the next step. The values live twice in a ``(B, 2p, C)`` buffer (slot j and j + p), so
+    the newest p are always one contiguous block and a step is one matmul."""
+
+    def __init__(self, model: WavenetFullChannel, tokens: torch.Tensor):
+        p = model.config.linear_order
+        self.model, self.p, self.i = model, p, 0
+        B, C, L = tokens.shape
+        vals = model.token_values.flatten()[tokens[..., -p:] + model.embed.offsets[:, None]]
+        last = torch.cat([model.var_mean[None, :, None].expand(B, -1, p - min(p, L)), vals],
+                         -1).transpose(1, 2)  # (B, p, C), oldest first
+        self.buf = torch.cat([last, last], 1).contiguous()
+        # weight on the p values oldest first: row k*C + j multiplies channel j at lag p - k
+        self.w = model.var_coef.flip(0).transpose(1, 2).reshape(p * C, C).contiguous()
+        self.terms = model._logprior_terms()
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Push the values of tokens ``tok`` (B, C) → log-probabilities (B, C, V), float32."""
+        m, p, i = self.model, self.p, self.i
+        v = m.token_values.flatten()[tok + m.embed.offsets]
+        self.buf[:, i] = v
+        self.buf[:, i + p] = v
+        self.i = i = (i + 1) % p
+        pred = torch.addmm(m.var_intercept, self.buf[:, i:i + p].flatten(1), self.w)
+        return _logprior(pred, *self.terms)
 
 
 @register_model(
@@ -265,6 +336,121 @@ class WavenetFullChannel(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), PointwiseConv1d(Sc, Sc), nn.ReLU(),
                                  PointwiseConv1d(Sc, cfg.num_channels * cfg.vocab_size))
         self.receptive_field = 1 + sum(layer.conv.context for layer in self.layers)
+        if cfg.linear_order:  # the fitted VAR and the token codec (set_linear_path)
+            # the head starts silent: the untrained model is the VAR's forecast distribution
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
+            p, C, V = cfg.linear_order, cfg.num_channels, cfg.vocab_size
+            self.register_buffer("var_coef", torch.zeros(p, C, C))
+            self.register_buffer("var_intercept", torch.zeros(C))
+            self.register_buffer("var_mean", torch.zeros(C))
+            self.register_buffer("var_inv_var", torch.ones(C))
+            self.register_buffer("token_values", torch.zeros(C, V))
+            self.register_buffer("token_log_width", torch.zeros(C, V))
+
+    # -- linear forecast ----------------------------------------------------------------------
+    @property
+    def linear_init_request(self) -> dict | None:
+        """What a training run fits on its training split before the first step and sets with
+        :meth:`set_linear_path` (a VAR of order ``linear_order`` on the decoded tokens), or
+        None."""
+        if not self.config.linear_order:
+            return None
+        return {"kind": "var", "order": self.config.linear_order, "tokens": True}
+
+    @torch.no_grad()
+    def set_linear_path(self, coef, intercept, *, noise_std, steps) -> None:
+        """Set the VAR(p) whose forecast the logits start from.
+
+        ``coef`` (p, C, C) with ``coef[l - 1]`` multiplying the values at ``t - l + 1`` and
+        ``intercept`` (C,) predict the normalized value at ``t + 1``; ``noise_std`` (C,) is
+        the standard deviation of its 1-step errors; ``steps`` are the training data's
+        recorded stage-2 steps, whose last must be the ``mulaw_quantize`` that made the tokens
+        (its ``n_bits`` and ``scale`` give each token's value and bin width).
+        """
+        from ephys_gpt.codec import mulaw_dequantize, mulaw_mu
+
+        name, cfg = type(self).__name__, self.config
+        if not cfg.linear_order:
+            raise ValueError(f"{name}.set_linear_path: the model has no linear forecast "
+                             "(linear_order: 0)")
+        p, C, V = cfg.linear_order, cfg.num_channels, cfg.vocab_size
+        a = torch.as_tensor(coef, dtype=torch.float64)
+        b = torch.as_tensor(intercept, dtype=torch.float64)
+        std = torch.as_tensor(noise_std, dtype=torch.float64)
+        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,) or tuple(std.shape) != (C,):
+            raise ValueError(f"{name}.set_linear_path: expected coef ({p}, {C}, {C}), "
+                             f"intercept ({C},) and noise_std ({C},) (linear_order, "
+                             f"num_channels), got {tuple(a.shape)}, {tuple(b.shape)} and "
+                             f"{tuple(std.shape)}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()
+                and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"{name}.set_linear_path: coef and intercept must be finite and "
+                             "noise_std finite and > 0")
+        last = dict(steps[-1]) if steps else {}
+        if last.get("name") != "mulaw_quantize":
+            raise ValueError(f"{name}: linear_fit needs mu-law token data; the training data's "
+                             f"last stage-2 step is {last.get('name')!r} (steps: "
+                             f"{[st.get('name') for st in steps]})")
+        bits = int(last["n_bits"])
+        if 2 ** bits != V:
+            raise ValueError(f"{name}: the training data has {bits}-bit tokens ({2 ** bits} "
+                             f"values) but vocab_size is {V}")
+        mu, scale = mulaw_mu(bits), torch.as_tensor(last.get("scale", 1.0), dtype=torch.float64)
+        scale = scale.reshape(-1, 1).expand(C, 1) if scale.numel() in (1, C) else None
+        if scale is None:
+            raise ValueError(f"{name}: the mu-law step's scale must be one number or one per "
+                             f"channel ({C}), got {last.get('scale')!r}")
+        # token k decodes to the centre of its bin; the bin's edges are half a step away in
+        # the companded domain (the end tokens also collect everything beyond +-scale: their
+        # width is taken as twice their inner half)
+        k = torch.arange(V, dtype=torch.float64)
+        centre = mulaw_dequantize(k, bits, 1.0).double()
+        lo = mulaw_dequantize((k - 0.5).clamp(0, mu), bits, 1.0).double()
+        hi = mulaw_dequantize((k + 0.5).clamp(0, mu), bits, 1.0).double()
+        width = hi - lo
+        width[0], width[-1] = 2 * (hi[0] - centre[0]), 2 * (centre[-1] - lo[-1])
+        self.var_coef.copy_(a)
+        self.var_intercept.copy_(b)
+        mean = torch.linalg.solve(torch.eye(C, dtype=torch.float64) - a.sum(0), b)
+        self.var_mean.copy_(mean if torch.isfinite(mean).all() and mean.abs().max() < 1e3
+                            else torch.zeros(C, dtype=torch.float64))
+        self.var_inv_var.copy_(std.pow(-2))
+        self.token_values.copy_(centre[None] * scale)
+        self.token_log_width.copy_((width[None] * scale).log())
+
+    def linear_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        """The VAR's forecast of the next value for every step of tokens ``x`` (B, C, T) →
+        (B, C, T) normalized values (``[..., t]`` predicts step ``t + 1``; lags before the
+        window at the VAR's mean). float32, outside autocast, no gradient."""
+        p = self.config.linear_order
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            v = self.token_values.flatten()[x + self.embed.offsets[:, None]]  # (B, C, T)
+            v = torch.cat([self.var_mean[None, :, None].expand(x.shape[0], -1, p - 1), v], -1)
+            # conv tap j multiplies the value at t - (p - 1) + j: lag l = p - j
+            return F.conv1d(v, self.var_coef.flip(0).permute(1, 2, 0), self.var_intercept)
+
+    def linear_logprior(self, pred: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of each token under the VAR's Gaussian forecast ``pred`` (..., C)
+        or (B, C, T): the Gaussian density at the token's value times its bin width, floored
+        at :data:`LOGPRIOR_FLOOR` nats. → (..., C, V) or (B, C, T, V), float32.
+
+        Why the floor: tokens many standard deviations away would get log-probabilities in
+        the hundreds below zero, their softmax probabilities underflow into subnormal floats,
+        and subnormal arithmetic is slow on CPUs: it made a training step's backward pass 4x
+        slower (188 vs 44 ms at the example config). A floor of -40 (a probability of 4e-18)
+        changes no sample and no loss that matters."""
+        a, b, h = self._logprior_terms()
+        if pred.dim() == 3:  # (B, C, T) -> (B, C, T, V)
+            a, b, h = a[:, None], b[:, None], h[:, None]
+        return _logprior(pred, a, b, h)
+
+    def _logprior_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``log w - v^2 / (2 s^2)`` and ``v / s^2`` (C, V), ``1 / (2 s^2)`` (C,): the terms of
+        ``log w - (v - pred)^2 / (2 s^2) = a + b pred - h pred^2``."""
+        h = 0.5 * self.var_inv_var
+        return (self.token_log_width - h[:, None] * self.token_values.square(),
+                2 * h[:, None] * self.token_values, h)
 
     def _check_local(self, local: torch.Tensor | None, B: int, T: int) -> None:
         Dl = self.config.local_channels
@@ -291,7 +477,11 @@ class WavenetFullChannel(nn.Module):
             h, s = layer(h, g, local, None if states is None else states[i])
             skips = skips + s
         logits = self.out(skips[..., -1:] if last_only else skips)  # (B, C·V, T)
-        return rearrange(logits, "b (c v) t -> b c t v", c=self.config.num_channels)
+        logits = rearrange(logits, "b (c v) t -> b c t v", c=self.config.num_channels)
+        if self.config.linear_order:
+            pred = self.linear_prediction(x)
+            logits = logits + self.linear_logprior(pred[..., -1:] if last_only else pred)
+        return logits
 
     def forward(self, x: torch.Tensor, subject: torch.Tensor | None = None,
                 local_cond: torch.Tensor | None = None) -> ModelOutput:
@@ -354,11 +544,11 @@ class WavenetFullChannel(nn.Module):
 
         def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
             L = window.shape[-1]
-            crop = window[..., -R:]
+            crop = window[..., -max(R, cfg.linear_order):]  # the VAR's p lags may exceed R
             local = None if local_cond is None else local_cond[..., L - crop.shape[-1]:L]
             inputs: list[torch.Tensor] | None = [] if cached else None
             logits = self._run(crop, g, local, last_only=True, inputs=inputs)[:, :, -1]
-            st["stream"] = WavenetStream(self, inputs, g) if cached else None
+            st["stream"] = WavenetStream(self, inputs, g, crop) if cached else None
             st["t"] = L
             return logits
 

@@ -2,9 +2,11 @@
 
 A model may start part of itself from a fit to the training split. Today one kind exists: a
 model with a ``linear_init_request`` (``{"kind": "var" | "ar", "order": p}``, or None) and a
-``set_linear_path(coef, intercept)`` method (BENDRForecast's and NTD's ``linear_fit``) gets
-the ridge least-squares AR/VAR of :mod:`ephys_gpt.linear` fitted on the training split —
-the same fit the eval runners report as baselines. It runs only on a fresh start: a resumed
+``set_linear_path(coef, intercept)`` method (BENDRForecast's, NTD's and, with
+``"tokens": True`` in the request and so also ``noise_std`` and the data's ``steps``,
+WavenetFullChannel's ``linear_fit``) gets the ridge least-squares AR/VAR of
+:mod:`ephys_gpt.linear` fitted on the training split — the same fit the eval runners report
+as baselines. It runs only on a fresh start: a resumed
 run continues from its checkpoint's weights.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+import numpy as np
 
 from ephys_gpt.linear import fit_linear
 
@@ -36,6 +40,9 @@ def init_from_training_data(model: Any, train: Any, *, progress: bool = False) -
                          f"{request['kind'].upper()}({request['order']}) on; the training "
                          "split is empty")
     fitted = fit_linear(train, request["kind"], int(request["order"]), progress=progress)
-    model.set_linear_path(fitted.channel_coefficients(), fitted.intercept)
+    extra = {}
+    if request.get("tokens"):  # a token model: the VAR's errors and the data's token codec
+        extra = {"noise_std": np.sqrt(np.diag(fitted.noise_cov)), "steps": train.steps}
+    model.set_linear_path(fitted.channel_coefficients(), fitted.intercept, **extra)
     logger.info("%s: linear path starts at %s fitted on the training split (%d rows, "
                 "%.1f s)", name, fitted.name, fitted.n_rows, fitted.fit_seconds or 0.0)

@@ -125,3 +125,115 @@ def test_bf16_stream_runs_in_bf16(model):
         got = [stream.step(x[..., t]) for t in range(6, 10)]
     assert stream.ring.dtype == torch.bfloat16 and got[0].dtype == torch.bfloat16
     assert (torch.stack(got, 2).float() - ref[:, :, 6:].float()).abs().max() < 0.1
+
+
+def _var_tokens(B=2, T=400, bits=4, scale=3.0, seed=0):
+    """A stable 3-channel VAR(2) with a mean, mu-law quantized: tokens, values, steps."""
+    from ephys_gpt.codec import mulaw_quantize
+
+    g = torch.Generator().manual_seed(seed)
+    A1 = 0.5 * torch.eye(3) + 0.3 * torch.roll(torch.eye(3), 1, dims=1)
+    A2 = -0.3 * torch.eye(3) + 0.2 * torch.roll(torch.eye(3), -1, dims=1)
+    x = torch.zeros(B, 3, T)
+    e = 0.5 * torch.randn(B, 3, T, generator=g) + 0.1
+    for t in range(2, T):
+        x[..., t] = x[..., t - 1] @ A1.T + x[..., t - 2] @ A2.T + e[..., t]
+    steps = [{"name": "normalize", "method": "robust"},
+             {"name": "mulaw_quantize", "n_bits": bits, "scale": scale}]
+    return mulaw_quantize(x, bits, scale), steps
+
+
+def _fitted(tok, steps, order):
+    from ephys_gpt.linear import decode_tokens, fit_linear
+
+    vals = decode_tokens(tok, steps)
+    var = fit_linear(list(vals.double().numpy()), "var", order)
+    return var, vals
+
+
+def _linear_model(order, **over):
+    torch.manual_seed(0)
+    return WavenetFullChannel(**{**TINY, **over}, linear_order=order, linear_fit=True).eval()
+
+
+def test_linear_forecast_is_the_fitted_var_and_the_untrained_model_is_its_distribution():
+    """``linear_order`` p: the model's VAR forecast of the next decoded value equals the
+    fitted VAR's 1-step prediction (the eval's baseline), and the untrained model's logits
+    are exactly the token log-probabilities under that Gaussian forecast (the head starts at
+    zero): each token's mass is its bin's, from the Gaussian's CDF, to within the
+    density-times-width rule's error."""
+    from ephys_gpt.codec import mulaw_dequantize
+
+    tok, steps = _var_tokens(bits=6)
+    var, vals = _fitted(tok, steps, 2)
+    m = _linear_model(2, vocab_size=64)
+    assert m.linear_init_request == {"kind": "var", "order": 2, "tokens": True}
+    std = var.noise_cov.diagonal() ** 0.5
+    m.set_linear_path(var.channel_coefficients(), var.intercept, noise_std=std, steps=steps)
+    pred = m.linear_prediction(tok)
+    want = torch.as_tensor(var.predict_next(vals.double().numpy()), dtype=torch.float32)
+    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    with torch.no_grad():
+        logits = m(tok).prediction
+    assert torch.allclose(logits, m.linear_logprior(pred), atol=1e-6)
+    # exact bin masses: edges half a code step from each centre, the end bins open
+    k = torch.arange(65, dtype=torch.float64) - 0.5
+    edges = mulaw_dequantize(k.clamp(0, 63), 6, 3.0).double()
+    edges[0], edges[-1] = -float("inf"), float("inf")
+    z = (edges - pred.double()[..., None]) / torch.as_tensor(std)[:, None, None]
+    mass = torch.special.ndtr(z[..., 1:]) - torch.special.ndtr(z[..., :-1])
+    assert (logits.double().softmax(-1) - mass).abs().sum(-1).max() < 0.1  # total variation
+    # the log-density plus log bin width, floored far out in the tails
+    from ephys_gpt.models.wavenet import LOGPRIOR_FLOOR
+
+    exact = (m.token_log_width[:, None] - 0.5 * torch.as_tensor(std, dtype=torch.float32)[
+        :, None, None] ** -2 * (m.token_values[:, None] - pred[..., None]).square())
+    assert torch.allclose(logits, exact.clamp_min(LOGPRIOR_FLOOR), atol=1e-3)
+    assert (exact < LOGPRIOR_FLOOR).any() and logits.min() == LOGPRIOR_FLOOR
+
+
+def test_linear_forecast_streams_exactly_even_beyond_the_receptive_field():
+    """Cached generation (the VAR's last p values kept in the stream) gives the tokens and
+    logits of the uncached path and of the forward pass, also when p exceeds the receptive
+    field (8 here) and the context is shorter than p."""
+    tok, steps = _var_tokens()
+    for order, context in ((3, 20), (12, 20), (12, 5)):
+        var, _ = _fitted(tok, steps, order)
+        m = _linear_model(order)
+        m.set_linear_path(var.channel_coefficients(), var.intercept,
+                          noise_std=var.noise_cov.diagonal() ** 0.5, steps=steps)
+        with torch.no_grad():  # give the head weight, so both parts of the logits count
+            m.out[-1].weight.normal_(0, 0.1)
+        c = tok[..., :context]
+        cached = m.generate(c, 25, temperature=0.0)
+        assert torch.equal(cached, m.generate(c, 25, temperature=0.0, use_cache=False))
+        gen = torch.Generator().manual_seed(3)
+        sampled = m.generate(c, 25, generator=gen)
+        gen = torch.Generator().manual_seed(3)
+        assert torch.equal(sampled, m.generate(c, 25, generator=gen, use_cache=False))
+        with torch.no_grad():
+            full = m(cached).prediction
+        assert torch.equal(full[:, :, context - 1:-1].argmax(-1), cached[..., context:])
+
+
+def test_linear_forecast_config_and_codec_are_checked():
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="linear_order must be an integer"):
+            WavenetFullChannel(**TINY, linear_order=bad, linear_fit=True)
+    with pytest.raises(ValueError, match="needs linear_fit: true"):
+        WavenetFullChannel(**TINY, linear_order=2)
+    with pytest.raises(ValueError, match="needs linear_order > 0"):
+        WavenetFullChannel(**TINY, linear_fit=True)
+    tok, steps = _var_tokens()
+    var, _ = _fitted(tok, steps, 2)
+    m = _linear_model(2)
+    args = (var.channel_coefficients(), var.intercept)
+    std = var.noise_cov.diagonal() ** 0.5
+    with pytest.raises(ValueError, match="needs mu-law token data.*'normalize'"):
+        m.set_linear_path(*args, noise_std=std, steps=steps[:1])
+    with pytest.raises(ValueError, match="5-bit tokens .* vocab_size is 16"):
+        m.set_linear_path(*args, noise_std=std, steps=[{**steps[1], "n_bits": 5}])
+    with pytest.raises(ValueError, match=r"expected coef \(2, 3, 3\)"):
+        m.set_linear_path(args[0][:1], args[1], noise_std=std, steps=steps)
+    with pytest.raises(ValueError, match="no linear forecast"):
+        WavenetFullChannel(**TINY).set_linear_path(*args, noise_std=std, steps=steps)
