@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from ephys_gpt.layers.attention import KVCache, TransformerStack
 from ephys_gpt.layers.conv_encoder import CausalStridedConvEncoder
 from ephys_gpt.models.capabilities import Forecaster
+from ephys_gpt.models.linear_path import check_linear_config, fitted_var
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -95,16 +96,8 @@ class BENDRForecastConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"BENDRForecast: {key} must be a positive integer, got {val!r}")
-        if (isinstance(self.linear_order, bool) or not isinstance(self.linear_order, int)
-                or self.linear_order < 0):
-            raise ValueError(f"BENDRForecast: linear_order must be an integer >= 0 (0: no "
-                             f"linear path), got {self.linear_order!r}")
-        if not isinstance(self.linear_fit, bool):
-            raise ValueError(f"BENDRForecast: linear_fit must be true or false, got "
-                             f"{self.linear_fit!r}")
-        if self.linear_fit and not self.linear_order:
-            raise ValueError("BENDRForecast: linear_fit needs linear_order > 0 (the order of "
-                             "the VAR fitted as the linear path)")
+        check_linear_config("BENDRForecast", self.linear_order, self.linear_fit,
+                            fit_required=False)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"BENDRForecast: d_model ({self.d_model}) / n_heads "
                              f"({self.n_heads}) must be an even integer (rotary heads)")
@@ -195,13 +188,9 @@ class BENDRForecast(nn.Module):
         if self.linear is None:
             raise ValueError("BENDRForecast.set_linear_path: the model has no linear path "
                              "(linear_order: 0)")
-        p, C = self.config.linear_order, self.config.num_channels
-        a = torch.as_tensor(coef, dtype=torch.float32)
-        b = torch.as_tensor(intercept, dtype=torch.float32)
-        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,):
-            raise ValueError(f"BENDRForecast.set_linear_path: expected coef ({p}, {C}, {C}) "
-                             f"and intercept ({C},) (linear_order, num_channels), got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        C = self.config.num_channels
+        a, b = fitted_var("BENDRForecast.set_linear_path", coef, intercept,
+                          self.config.linear_order, C, torch.float32)
         if self.config.predict_residual:
             a = a.clone()
             a[0] -= torch.eye(C)

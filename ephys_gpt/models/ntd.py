@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.layers.diffusion_schedule import NoiseSchedule
 from ephys_gpt.models.capabilities import Forecaster, Sampler
+from ephys_gpt.models.linear_path import check_linear_config, fitted_var, var_process_mean
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -129,19 +130,7 @@ class NTDConfig:
         if self.forecast_chunk is not None and not 1 <= self.forecast_chunk < self.signal_length:
             raise ValueError(f"NTD: forecast_chunk must be in [1, signal_length), got "
                              f"{self.forecast_chunk}")
-        if (isinstance(self.linear_order, bool) or not isinstance(self.linear_order, int)
-                or self.linear_order < 0):
-            raise ValueError(f"NTD: linear_order must be an integer >= 0 (0: no linear "
-                             f"forecast), got {self.linear_order!r}")
-        if not isinstance(self.linear_fit, bool):
-            raise ValueError(f"NTD: linear_fit must be true or false, got {self.linear_fit!r}")
-        if self.linear_order and not self.linear_fit:
-            raise ValueError("NTD: linear_order > 0 needs linear_fit: true (the VAR whose "
-                             "residual NTD diffuses is fitted on the training split; it is "
-                             "not learned by gradient)")
-        if self.linear_fit and not self.linear_order:
-            raise ValueError("NTD: linear_fit needs linear_order > 0 (the order of the VAR "
-                             "fitted on the training split)")
+        check_linear_config("NTD", self.linear_order, self.linear_fit, fit_required=True)
         if self.linear_order and not self.mask_channel:
             raise ValueError("NTD: linear_order > 0 needs mask_channel: true (the observed "
                              "samples are given to the denoiser clean, beside the noisy "
@@ -271,21 +260,11 @@ class NTD(nn.Module):
         if not self.config.linear_order:
             raise ValueError("NTD.set_linear_path: the model has no linear forecast "
                              "(linear_order: 0)")
-        p, C = self.config.linear_order, self.config.num_channels
-        a = torch.as_tensor(coef, dtype=torch.float64)
-        b = torch.as_tensor(intercept, dtype=torch.float64)
-        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,):
-            raise ValueError(f"NTD.set_linear_path: expected coef ({p}, {C}, {C}) and "
-                             f"intercept ({C},) (linear_order, num_channels), got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError("NTD.set_linear_path: coef and intercept must be finite")
-        mean = torch.linalg.solve(torch.eye(C, dtype=torch.float64) - a.sum(0), b)
-        if not torch.isfinite(mean).all() or mean.abs().max() > 1e3:
-            mean = torch.zeros(C, dtype=torch.float64)
+        a, b = fitted_var("NTD.set_linear_path", coef, intercept, self.config.linear_order,
+                          self.config.num_channels)
         self.var_coef.copy_(a)
         self.var_intercept.copy_(b)
-        self.var_mean.copy_(mean)
+        self.var_mean.copy_(var_process_mean(a, b))
 
     def linear_forecast(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """The VAR's forecast of every unobserved sample: ``x`` (B, C, L) where ``observed``

@@ -40,9 +40,9 @@ from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbed
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.gpt2meg import check_tokens
+from ephys_gpt.models.linear_path import check_linear_config, fitted_var, var_process_mean
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
-
 
 LOGPRIOR_FLOOR = -40.0  # nats: the least log-probability the linear forecast gives a token
 
@@ -76,19 +76,11 @@ class WavenetConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: {key} must be a positive integer, got {v!r}")
-        for key in ("n_subjects", "local_channels", "linear_order"):
+        for key in ("n_subjects", "local_channels"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: {key} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.linear_fit, bool):
-            raise ValueError(f"{name}: linear_fit must be true or false, got "
-                             f"{self.linear_fit!r}")
-        if self.linear_order and not self.linear_fit:
-            raise ValueError(f"{name}: linear_order > 0 needs linear_fit: true (the VAR is "
-                             "fitted on the training split; it is not learned by gradient)")
-        if self.linear_fit and not self.linear_order:
-            raise ValueError(f"{name}: linear_fit needs linear_order > 0 (the order of the VAR "
-                             "fitted on the training split)")
+        check_linear_config(name, self.linear_order, self.linear_fit, fit_required=True)
 
     @property
     def dilations(self) -> list[int]:
@@ -374,19 +366,12 @@ class WavenetFullChannel(nn.Module):
         if not cfg.linear_order:
             raise ValueError(f"{name}.set_linear_path: the model has no linear forecast "
                              "(linear_order: 0)")
-        p, C, V = cfg.linear_order, cfg.num_channels, cfg.vocab_size
-        a = torch.as_tensor(coef, dtype=torch.float64)
-        b = torch.as_tensor(intercept, dtype=torch.float64)
+        C, V = cfg.num_channels, cfg.vocab_size
+        a, b = fitted_var(f"{name}.set_linear_path", coef, intercept, cfg.linear_order, C)
         std = torch.as_tensor(noise_std, dtype=torch.float64)
-        if tuple(a.shape) != (p, C, C) or tuple(b.shape) != (C,) or tuple(std.shape) != (C,):
-            raise ValueError(f"{name}.set_linear_path: expected coef ({p}, {C}, {C}), "
-                             f"intercept ({C},) and noise_std ({C},) (linear_order, "
-                             f"num_channels), got {tuple(a.shape)}, {tuple(b.shape)} and "
-                             f"{tuple(std.shape)}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()
-                and torch.isfinite(std).all() and (std > 0).all()):
-            raise ValueError(f"{name}.set_linear_path: coef and intercept must be finite and "
-                             "noise_std finite and > 0")
+        if tuple(std.shape) != (C,) or not (torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"{name}.set_linear_path: expected noise_std ({C},) (num_channels)"
+                             f", finite and > 0, got shape {tuple(std.shape)}")
         last = dict(steps[-1]) if steps else {}
         if last.get("name") != "mulaw_quantize":
             raise ValueError(f"{name}: linear_fit needs mu-law token data; the training data's "
@@ -412,9 +397,7 @@ class WavenetFullChannel(nn.Module):
         width[0], width[-1] = 2 * (hi[0] - centre[0]), 2 * (centre[-1] - lo[-1])
         self.var_coef.copy_(a)
         self.var_intercept.copy_(b)
-        mean = torch.linalg.solve(torch.eye(C, dtype=torch.float64) - a.sum(0), b)
-        self.var_mean.copy_(mean if torch.isfinite(mean).all() and mean.abs().max() < 1e3
-                            else torch.zeros(C, dtype=torch.float64))
+        self.var_mean.copy_(var_process_mean(a, b))
         self.var_inv_var.copy_(std.pow(-2))
         self.token_values.copy_(centre[None] * scale)
         self.token_log_width.copy_((width[None] * scale).log())
