@@ -87,12 +87,13 @@ def test_bad_config_and_inputs():
         WavenetFullChannel(**TINY)(torch.zeros(1, 2, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
 @pytest.mark.parametrize("kernel_size,context", [(3, 4), (3, 40), (2, 1)])
-def test_fused_stream_equals_forward_for_any_kernel_and_context(kernel_size, context):
+def test_fused_stream_equals_forward_for_any_kernel_and_context(kernel_size, context, backend):
     """The fused streaming step (one batched matmul for every layer's past taps, folded
     biases, a ring buffer per layer) gives the forward pass's logits at every step, with
     global and local conditioning, whatever the kernel size and however short the context
-    (the ring then holds the causal zero padding)."""
+    (the ring then holds the causal zero padding), in torch and in its NumPy form."""
     torch.manual_seed(0)
     m = WavenetFullChannel(**{**TINY, "kernel_size": kernel_size}, n_subjects=2, global_dim=4,
                            local_channels=2).eval()
@@ -107,7 +108,8 @@ def test_fused_stream_equals_forward_for_any_kernel_and_context(kernel_size, con
     with torch.no_grad():
         g = m.subject_emb(subj, 2)
         m._run(x[..., :context], g, local[..., :context], last_only=True, inputs=inputs)
-    stream = WavenetStream(m, inputs, g)
+    stream = WavenetStream(m, inputs, g, backend=backend)
+    assert (stream._numpy is not None) == (backend == "numpy")
     for t in range(context, context + 12):
         got = stream.step(x[..., t], local[..., t])
         assert torch.allclose(got, full[:, :, t], atol=1e-5)
@@ -125,6 +127,11 @@ def test_bf16_stream_runs_in_bf16(model):
         got = [stream.step(x[..., t]) for t in range(6, 10)]
     assert stream.ring.dtype == torch.bfloat16 and got[0].dtype == torch.bfloat16
     assert (torch.stack(got, 2).float() - ref[:, :, 6:].float()).abs().max() < 0.1
+    with pytest.raises(ValueError, match="numpy backend runs float32 on the CPU"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            WavenetStream(model, inputs, None, backend="numpy")
+    with pytest.raises(ValueError, match="backend must be"):
+        WavenetStream(model, inputs, None, backend="jax")
 
 
 def _var_tokens(B=2, T=400, bits=4, scale=3.0, seed=0):
@@ -214,6 +221,18 @@ def test_linear_forecast_streams_exactly_even_beyond_the_receptive_field():
         with torch.no_grad():
             full = m(cached).prediction
         assert torch.equal(full[:, :, context - 1:-1].argmax(-1), cached[..., context:])
+        # the stream's NumPy form (used on the CPU in float32) gives the torch step's logits
+        from ephys_gpt.models.wavenet import WavenetStream
+
+        streams = []
+        for backend in ("torch", "numpy"):
+            inputs = []
+            with torch.no_grad():
+                m._run(c, None, None, last_only=True, inputs=inputs)
+            streams.append(WavenetStream(m, inputs, None, c, backend=backend))
+        for t in range(context, context + 25):
+            a, b = (st.step(cached[..., t]) for st in streams)
+            assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, full[:, :, t], atol=1e-4)
 
 
 def test_linear_forecast_config_and_codec_are_checked():
