@@ -17,7 +17,9 @@ fp32, sampling at temperature 1):
   at that size re-runs the 300-step window, which costs what priming does, so the ratio is
   prime time ÷ cached step time, and the memory floor of that step (``kv_read_floor_ms``: a
   plain read of as many bytes as its KV cache holds; ``step_over_read_floor`` the ratio).
-  ``--compile`` adds the same with the step compiled as one
+  ``--spec-kv-heads`` (default 1) adds the same step with fewer key/value heads
+  (grouped-query attention, ``kv_heads``; a smaller cache to read); ``--compile`` adds the
+  same with the step compiled as one
   fixed-shape graph (``incremental_decoder(compile=True)``; CUDA graphs on CUDA);
 - for reference, a WavenetFullChannel with the original WaveNet's receptive field (3 blocks
   of 10 layers, 3070 samples), where streaming pays off most (not part of
@@ -178,12 +180,13 @@ def bench_vqgpt2meg(seconds: float, uncached_seconds: float, device: torch.devic
 
 @torch.no_grad()
 def bench_spec_decode_step(context_len: int, steps: int, bf16: bool, compile: bool,
-                           device: torch.device) -> dict:
+                           device: torch.device, kv_heads: int | None = None) -> dict:
     """Milliseconds per cached decode step of the SPEC-sized GPT2MEG (one step = all 272
     channels advance one sample, logits included, sampling excluded), timed on the decoder
-    ``generate`` uses, after priming it on a ``context_len``-step context."""
+    ``generate`` uses, after priming it on a ``context_len``-step context; ``kv_heads``: the
+    same model with that many key/value heads (grouped-query attention)."""
     torch.manual_seed(0)
-    model = build_model("GPT2MEG", GPT_SPEC).to(device).eval()
+    model = build_model("GPT2MEG", {**GPT_SPEC, "kv_heads": kv_heads}).to(device).eval()
     context = torch.randint(0, VOCAB, (1, 272, context_len), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if device.type == "cuda":
@@ -201,9 +204,12 @@ def bench_spec_decode_step(context_len: int, steps: int, bf16: bool, compile: bo
             for _ in range(steps):
                 logits = step(logits.argmax(-1))
     per_step = clock.wall / steps
-    floor = _kv_read_floor(context_len, torch.bfloat16 if bf16 else torch.float32, device)
+    kv = kv_heads or GPT_SPEC["n_heads"]
+    floor = _kv_read_floor(context_len, torch.bfloat16 if bf16 else torch.float32, device,
+                           kv / GPT_SPEC["n_heads"])
     out = {"context_steps": context_len, "decode_steps": steps,
            "dtype": "bf16-autocast" if bf16 else "fp32", "compiled": compile,
+           "n_heads": GPT_SPEC["n_heads"], "kv_heads": kv,
            "kv_cache_dtype": "bf16" if bf16 else "fp32",
            "prime_seconds": round(p.wall, 3), "first_step_seconds": round(first.wall, 3),
            "ms_per_decode_step": round(per_step * 1e3, 2),
@@ -218,12 +224,14 @@ def bench_spec_decode_step(context_len: int, steps: int, bf16: bool, compile: bo
 
 
 @torch.no_grad()
-def _kv_read_floor(context_len: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _kv_read_floor(context_len: int, dtype: torch.dtype, device: torch.device,
+                   kv_fraction: float = 1.0) -> dict:
     """The memory floor of one SPEC decode step: the time to read, once, as many bytes as its
-    KV cache holds (keys and values of every layer, ``context_len + 1`` steps), measured here
-    as a plain fp32 sum over those bytes (a bf16 cache is reinterpreted as fp32, so the
-    reduction costs the same per byte whatever the cache dtype)."""
-    d = GPT_SPEC["d_model"]
+    KV cache holds (keys and values of every layer, ``context_len + 1`` steps; a fraction
+    ``kv_fraction`` of the heads with grouped key/value heads), measured here as a plain fp32
+    sum over those bytes (a bf16 cache is reinterpreted as fp32, so the reduction costs the
+    same per byte whatever the cache dtype)."""
+    d = round(GPT_SPEC["d_model"] * kv_fraction)
     cache = [torch.randn(272, context_len + 1, d, device=device).to(dtype)
              for _ in range(2 * GPT_SPEC["n_layers"])]
     nbytes = sum(t.numel() * t.element_size() for t in cache)
@@ -240,6 +248,12 @@ def _kv_read_floor(context_len: int, dtype: torch.dtype, device: torch.device) -
             "read_gb_per_s": round(nbytes / (ms / 1e3) / 1e9, 2)}
 
 
+def _spec_key(r: dict) -> str:
+    """``"bf16-autocast"``, ``"fp32 compiled"``, ``"bf16-autocast kv_heads=1"``..."""
+    key = r["dtype"] + (" compiled" if r["compiled"] else "")
+    return key if r["kv_heads"] == r["n_heads"] else f"{key} kv_heads={r['kv_heads']}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="cached generation steps")
@@ -251,6 +265,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=128, help="context steps (demo models)")
     ap.add_argument("--spec-context", type=int, default=300)
     ap.add_argument("--spec-steps", type=int, default=10)
+    ap.add_argument("--spec-kv-heads", type=int, nargs="*", default=[1],
+                    help="also time the SPEC decode step with these numbers of key/value "
+                         "heads (grouped-query attention; n_heads is 4)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the SPEC decode step compiled (torch.compile; CUDA graphs "
                          "on CUDA); the first step then includes the compilation")
@@ -293,15 +310,15 @@ def main(argv=None) -> dict:
     spec = [bench_spec_decode_step(args.spec_context, args.spec_steps, bf16, comp, device)
             for comp in ((False, True) if args.compile else (False,))
             for bf16 in (False, True)]
+    spec += [bench_spec_decode_step(args.spec_context, args.spec_steps, bf16, False, device, kv)
+             for kv in args.spec_kv_heads for bf16 in (False, True)]
     result = {
         **result,
         **{f"{name}_demo": r for name, r in demo.items()},
         "min_cache_speedup": min(r["cache_speedup"] for r in demo.values()),
         "WavenetFullChannel_long_rf_reference": long_rf,
         "GPT2MEG_spec_decode": spec,
-        "gpt2meg_spec_ms_per_decode_step": {
-            f"{r['dtype']}{' compiled' if r['compiled'] else ''}": r["ms_per_decode_step"]
-            for r in spec},
+        "gpt2meg_spec_ms_per_decode_step": {_spec_key(r): r["ms_per_decode_step"] for r in spec},
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

@@ -105,13 +105,29 @@ def _use_tiled(q: torch.Tensor, dropout_p: float) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention ``(N, H, Lq, Dh)`` x keys/values ``(N, H, Lk, Dh)``.
+    """Scaled dot-product attention ``(N, H, Lq, Dh)`` x keys/values ``(N, Hk, Lk, Dh)``
+    (``Hk`` divides ``H``; ``Hk < H``: grouped-query attention, query head ``i`` reads key
+    head ``i // (H / Hk)``).
 
     ``causal``: query ``i`` sees keys ``<= i + Lk - Lq`` (bottom-right aligned, so new
     queries after ``Lk - Lq`` cached keys see the whole past). ``mask``: a boolean ``(Lk,)``
     or broadcastable ``(..., Lq, Lk)`` of the keys each query may see, used instead of
     ``causal`` (the static decode step). Returns ``(N, H, Lq, Dh)`` in ``q``'s dtype.
     """
+    H, Hk = q.shape[-3], k.shape[-3]
+    if H != Hk:  # grouped-query attention: query heads h*g .. h*g+g-1 share key head h
+        if Hk < 1 or H % Hk:
+            raise ValueError(f"attention: {H} query heads cannot share {Hk} key/value heads "
+                             "(the query heads must be a multiple of them)")
+        g = H // Hk
+        if q.shape[-2] == 1:
+            # one query per head (a decode step) sees every key: the g heads sharing a key
+            # head become g query rows of it, so each cached key is read once, not g times
+            # (SDPA reads the cache where it lies; tiles would copy it)
+            y = F.scaled_dot_product_attention(q.reshape(*q.shape[:-3], Hk, g, q.shape[-1]),
+                                               k, v, attn_mask=mask, dropout_p=dropout_p)
+            return y.reshape(q.shape)
+        k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
     Lq, Lk = q.shape[-2], k.shape[-2]
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -324,6 +340,16 @@ class KVCache:
 # -- modules -----------------------------------------------------------------------------------
 
 
+def check_kv_heads(n_heads: int, kv_heads: int | None, name: str = "attention") -> None:
+    """``kv_heads`` must be None or a positive integer dividing ``n_heads``."""
+    if kv_heads is None:
+        return
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or \
+            n_heads % kv_heads:
+        raise ValueError(f"{name}: kv_heads must be None or a positive integer dividing "
+                         f"n_heads={n_heads}, got {kv_heads!r}")
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Multi-head self-attention over the second axis of ``(N, L, D)``.
 
@@ -339,20 +365,28 @@ class MultiHeadSelfAttention(nn.Module):
         Dropout on attention weights and on the output projection (training only).
     bias : bool
         Bias in the projections.
+    kv_heads : int | None
+        Key/value heads (None: ``n_heads``). Fewer, dividing ``n_heads``, give grouped-query
+        attention (Ainslie et al., 2023; one: multi-query attention, Shazeer, 2019): each
+        group of ``n_heads / kv_heads`` query heads shares one key and value head, so a
+        :class:`KVCache` holds, and a decode step reads, ``kv_heads / n_heads`` of the bytes.
 
-    Parameters: ``qkv`` (one fused projection) and ``proj``. Positions are the caller's:
-    learned embeddings added to the input, or rotary tables passed to :meth:`forward`.
+    Parameters: ``qkv`` (one fused projection: queries, then keys, then values; ``3·D``
+    outputs without grouping) and ``proj``. Positions are the caller's: learned embeddings
+    added to the input, or rotary tables passed to :meth:`forward`.
     """
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, dropout: float = 0.0,
-                 bias: bool = True):
+                 bias: bool = True, kv_heads: int | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        kv_heads = n_heads if kv_heads is None else kv_heads
+        check_kv_heads(n_heads, kv_heads)
+        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, d_model // n_heads
         self.causal = causal
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_heads * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj_dropout = nn.Dropout(dropout)
 
@@ -366,8 +400,9 @@ class MultiHeadSelfAttention(nn.Module):
         of the L tokens (see :mod:`ephys_gpt.layers.rotary`). ``position``: a 0-d int64
         tensor, the slot of a single new step in a static cache.
         """
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d",
-                            three=3, h=self.n_heads)
+        kv = self.kv_heads * self.head_dim
+        q, k, v = (rearrange(t, "n l (h d) -> n h l d", d=self.head_dim) for t in
+                   self.qkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1))
         if rope is not None:
             cos, sin, n_axes = rope
             q, k = apply_rotary(q, cos, sin, n_axes), apply_rotary(k, cos, sin, n_axes)
@@ -420,18 +455,18 @@ def _legacy_mlp_keys(state_dict, prefix, *args) -> None:
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))`` (GPT-2, Radford et al.,
     2019). LayerNorm acts on each token's features only, so a causal block leaks nothing
-    from the future.
+    from the future. ``kv_heads``: see :class:`MultiHeadSelfAttention`.
 
     ``forward(x (N, L, D), cache=None, rope=None, position=None) -> (N, L, D)``.
     """
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4, dropout: float = 0.0,
                  bias: bool = True, eps: float = 1e-5, causal: bool = True,
-                 activation: str = "gelu_tanh"):
+                 activation: str = "gelu_tanh", kv_heads: int | None = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, eps=eps)
         self.attn = MultiHeadSelfAttention(d_model, n_heads, causal=causal, dropout=dropout,
-                                           bias=bias)
+                                           bias=bias, kv_heads=kv_heads)
         self.ln2 = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, int(d_model * mlp_ratio), dropout, bias, activation)
 
@@ -442,7 +477,8 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """``n_layers`` :class:`TransformerBlock` s with rotary positions and a final LayerNorm.
+    """``n_layers`` :class:`TransformerBlock` s with rotary positions and a final LayerNorm
+    (``kv_heads``: see :class:`MultiHeadSelfAttention`).
 
     ``forward(x (N, L, D), caches=None) -> (N, L, D)``; with ``caches`` (one
     :class:`KVCache` per block, :meth:`new_caches`), ``x`` holds only the new tokens, whose
@@ -450,14 +486,15 @@ class TransformerStack(nn.Module):
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, causal: bool = True, activation: str = "gelu"):
+                 dropout: float = 0.0, causal: bool = True, activation: str = "gelu",
+                 kv_heads: int | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.rotary = RotaryEmbedding(d_model // n_heads)
         self.blocks = nn.ModuleList(
             TransformerBlock(d_model, n_heads, mlp_ratio, dropout, causal=causal,
-                             activation=activation) for _ in range(n_layers))
+                             activation=activation, kv_heads=kv_heads) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
 
     def new_caches(self, max_len: int) -> list[KVCache]:

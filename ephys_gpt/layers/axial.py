@@ -64,6 +64,9 @@ class AxialTransformerBlock(nn.Module):
         Names of the spatial axes in the order of the grid's dims after B (``("chan",)`` for
         ``(B, C, T, D)``; ``("row", "col")`` for ``(B, H, W, T, D)``). They name the
         parameters: ``ln_time``/``time_attn``, ``ln_<axis>``/``<axis>_attn``, ``ln_mlp``/``mlp``.
+    kv_heads : int | None
+        Key/value heads of the (cached) time attention; see
+        :class:`~ephys_gpt.layers.attention.MultiHeadSelfAttention`.
 
     ``forward(h (B, *S, T, D), cache=None, rope=None, position=None) -> (B, *S, T, D)``;
     ``cache`` is the time attention's :class:`KVCache` (``h`` then holds the newest T steps);
@@ -72,7 +75,7 @@ class AxialTransformerBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, spatial_axes: Sequence[str] = ("row", "col"),
                  mlp_ratio: float = 4, dropout: float = 0.0, bias: bool = True,
-                 eps: float = 1e-5, activation: str = "gelu_tanh"):
+                 eps: float = 1e-5, activation: str = "gelu_tanh", kv_heads: int | None = None):
         super().__init__()
         if not spatial_axes or len(set(spatial_axes)) != len(spatial_axes) or "time" in spatial_axes:
             raise ValueError(f"spatial_axes must be distinct names other than 'time', got "
@@ -80,7 +83,7 @@ class AxialTransformerBlock(nn.Module):
         self.spatial_axes = tuple(spatial_axes)
         self.ln_time = nn.LayerNorm(d_model, eps=eps)
         self.time_attn = MultiHeadSelfAttention(d_model, n_heads, causal=True, dropout=dropout,
-                                                bias=bias)
+                                                bias=bias, kv_heads=kv_heads)
         for name in self.spatial_axes:
             setattr(self, f"ln_{name}", nn.LayerNorm(d_model, eps=eps))
             setattr(self, f"{name}_attn", MultiHeadSelfAttention(

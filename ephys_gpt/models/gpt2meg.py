@@ -24,6 +24,7 @@ from ephys_gpt.layers.attention import (
     KVCache,
     TransformerBlock,
     autocast_dtype,
+    check_kv_heads,
     init_gpt_weights,
 )
 from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
@@ -44,6 +45,9 @@ class GPT2MEGConfig:
     d_model: int = 128           # D, transformer width
     n_layers: int = 8            # transformer blocks
     n_heads: int = 4             # attention heads (d_model divisible by n_heads)
+    kv_heads: int | None = None  # key/value heads of the time attention, dividing n_heads
+    # (None: n_heads). Fewer (grouped-query attention; 1: multi-query) shrink the KV cache a
+    # decode step reads by kv_heads / n_heads (docs/models.md, "Generation speed")
     mlp_ratio: int = 4           # MLP hidden width = mlp_ratio * d_model
     dropout: float = 0.0         # embedding / attention / residual dropout
     bias: bool = True            # biases in linear layers
@@ -73,6 +77,7 @@ class GPT2MEGConfig:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {self.dropout}")
         if self.n_subjects < 0 or self.n_conditions < 0:
             raise ValueError(f"{name}: n_subjects and n_conditions must be >= 0")
+        check_kv_heads(self.n_heads, self.kv_heads, name)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
@@ -310,7 +315,7 @@ class GPT2MEG(ChannelTokenTransformer):
         cfg = GPT2MEGConfig(**config)
         super().__init__(cfg, lambda: TransformerBlock(
             cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.bias, cfg.layer_norm_eps,
-            activation=cfg.activation), cfg.n_layers)
+            activation=cfg.activation, kv_heads=cfg.kv_heads), cfg.n_layers)
 
     def _blocks(self, h: torch.Tensor, caches: list[KVCache] | None = None,
                 position: torch.Tensor | None = None) -> torch.Tensor:

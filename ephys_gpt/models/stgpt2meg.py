@@ -38,7 +38,8 @@ from ephys_gpt.models.registry import register_model
 @dataclass
 class STGPT2MEGConfig(GPT2MEGConfig):
     """STGPT2MEG hyper-parameters: the same keys and defaults as :class:`GPT2MEGConfig`;
-    ``n_heads`` is used by both the time and the channel attention."""
+    ``n_heads`` is used by both the time and the channel attention, ``kv_heads`` by the
+    (cached) time attention only."""
 
 
 @register_model("STGPT2MEG", config_class=STGPT2MEGConfig, **channel_token_registration())
@@ -50,7 +51,8 @@ class STGPT2MEG(ChannelTokenTransformer):
         # three residual branches per block
         super().__init__(cfg, lambda: AxialTransformerBlock(
             cfg.d_model, cfg.n_heads, ("chan",), cfg.mlp_ratio, cfg.dropout, cfg.bias,
-            cfg.layer_norm_eps, cfg.activation), int(1.5 * cfg.n_layers) or 1)
+            cfg.layer_norm_eps, cfg.activation, kv_heads=cfg.kv_heads),
+            int(1.5 * cfg.n_layers) or 1)
 
     def _blocks(self, h: torch.Tensor, caches: list[KVCache] | None = None,
                 position: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,6 +62,7 @@ from ephys_gpt.layers.attention import (
     KVCache,
     TransformerBlock,
     autocast_dtype,
+    check_kv_heads,
     init_gpt_weights,
 )
 from ephys_gpt.layers.rotary import RotaryEmbedding
@@ -90,6 +91,8 @@ class VQGPT2MEGConfig:
     d_model: int = 96                    # D; d_model / n_heads divisible by 6 (3-D rotary)
     n_layers: int = 4
     n_heads: int = 4
+    kv_heads: int | None = None          # key/value heads, dividing n_heads (None: n_heads);
+    # fewer shrink the KV cache a decode step reads (grouped-query attention)
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     bias: bool = True
@@ -134,6 +137,7 @@ class VQGPT2MEGConfig:
                              f"{self.n_frames}], got {self.slide_frames}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {self.dropout}")
+        check_kv_heads(self.n_heads, self.kv_heads, name)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
@@ -213,7 +217,8 @@ class VQGPT2MEG(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.bias,
-                             cfg.layer_norm_eps, activation=cfg.activation)
+                             cfg.layer_norm_eps, activation=cfg.activation,
+                             kv_heads=cfg.kv_heads)
             for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(D, K, bias=False)

@@ -224,3 +224,61 @@ def test_bidirectional_stack_sees_the_whole_sequence():
     x2[:, -1] = torch.randn(16)
     with torch.no_grad():
         assert not torch.allclose(stack(x)[:, 0], stack(x2)[:, 0])
+
+
+# -- grouped-query attention (kv_heads) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "tiled"])
+@pytest.mark.parametrize("causal,Lq,Lk", [(True, 9, 9), (True, 3, 11), (False, 6, 6),
+                                          (True, 1, 7), (False, 1, 7)])
+def test_grouped_query_attention_equals_repeated_key_heads(backend, causal, Lq, Lk):
+    """Fewer key/value heads than query heads: query head i reads key head i // g, values
+    and gradients as if each key head were repeated g times; a single query (a decode step)
+    takes the folded path, which reads each key head once."""
+    q, _, _ = _qkv(2, 6, Lq, Lk, 4)
+    _, k, v = _qkv(2, 2, Lq, Lk, 4, seed=1)
+    with attention_backend(backend):
+        out = attention(q, k, v, causal=causal)
+        ref = attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=causal)
+    do = torch.randn_like(out)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do),
+                    torch.autograd.grad(ref, (q, k, v), do)):
+        assert torch.allclose(a, b, atol=1e-12)
+    mask = torch.arange(Lk) < Lk - 2  # the static decode step's key mask
+    if Lq == 1:
+        out = attention(q, k, v, causal=True, mask=mask[None])
+        ref = attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True,
+                        mask=mask[None])
+        assert torch.allclose(out, ref, atol=1e-12)
+    with pytest.raises(ValueError, match="6 query heads cannot share 4"):
+        attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1), causal=causal)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_cache_holds_fewer_heads_and_equals_full_pass(kv_heads):
+    torch.manual_seed(0)
+    blk = TransformerBlock(d_model=16, n_heads=4, kv_heads=kv_heads).eval()
+    assert blk.attn.qkv.weight.shape == (16 + 2 * kv_heads * 4, 16)
+    x = torch.randn(2, 9, 16)
+    cache = KVCache(max_len=12)
+    with torch.no_grad():
+        full = blk(x)
+        steps = [blk(x[:, :4], cache=cache)] + [blk(x[:, t:t + 1], cache=cache)
+                                                for t in range(4, 9)]
+    assert cache.k.shape == (2, kv_heads, 12, 4)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache.reset()
+        low = [blk(x[:, :4], cache=cache)] + [blk(x[:, t:t + 1], cache=cache)
+                                              for t in range(4, 9)]
+    assert cache.k.dtype == torch.bfloat16
+    assert (torch.cat(low, 1).float() - full).abs().max() < 0.1
+
+
+def test_kv_heads_are_checked():
+    for bad in (3, 0, 2.0, True):
+        with pytest.raises(ValueError, match="kv_heads must be None or a positive integer "
+                                             "dividing n_heads=4"):
+            MultiHeadSelfAttention(16, 4, kv_heads=bad)

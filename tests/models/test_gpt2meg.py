@@ -218,3 +218,25 @@ def test_time_conv_learns_a_per_channel_autoregression_faster():
 
     with_conv, without = fit(8), fit(0)
     assert with_conv < without - 0.08, (with_conv, without)
+
+
+@pytest.mark.parametrize("name", ["GPT2MEG", "STGPT2MEG"])
+def test_grouped_key_value_heads_decode_like_the_forward_pass(name):
+    """``kv_heads``: the time attention's caches hold kv_heads heads (the bytes a decode
+    step reads shrink by kv_heads / n_heads); cached steps give the forward pass's logits and
+    cached generation the uncached tokens."""
+    from ephys_gpt.models.registry import build_model
+
+    torch.manual_seed(0)
+    m = build_model(name, {**TINY, "n_heads": 4, "kv_heads": 1, "time_conv": 3}).eval()
+    x = ctx(T=12)
+    prime, step = m.incremental_decoder(2)
+    with torch.no_grad():
+        full = m(x).prediction
+        got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
+    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
+    cached = m.generate(ctx(), 10, temperature=0.0)
+    assert torch.equal(cached, m.generate(ctx(), 10, temperature=0.0, use_cache=False))
+    with pytest.raises(ValueError, match=f"{name}Config: kv_heads must be None or a positive "
+                                         "integer dividing n_heads=4, got 3"):
+        build_model(name, {**TINY, "n_heads": 4, "kv_heads": 3})

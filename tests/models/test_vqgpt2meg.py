@@ -49,9 +49,10 @@ def test_logits_of_a_code_depend_only_on_the_codes_before_it_in_raster_order():
             assert not torch.allclose(out[:, i + 1], ref[:, i + 1])
 
 
-@pytest.mark.parametrize("slide", [1, 2, 3])
-def test_cached_generation_equals_uncached_across_window_slides(slide):
-    model = _gpt(n_frames=3, slide_frames=slide).eval()
+@pytest.mark.parametrize("slide,kv_heads", [(1, None), (2, None), (3, None), (2, 1)])
+def test_cached_generation_equals_uncached_across_window_slides(slide, kv_heads):
+    """Also with grouped key/value heads (kv_heads: 1 of 2 heads)."""
+    model = _gpt(n_frames=3, slide_frames=slide, kv_heads=kv_heads).eval()
     codes = torch.randint(0, model.codebook_size, (2, 2, 4, 4),
                           generator=torch.Generator().manual_seed(1))
     cached = model.generate_codes(codes, 5, temperature=0.0, use_cache=True)
