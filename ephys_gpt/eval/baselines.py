@@ -19,6 +19,12 @@ ZERO = "zero (mean)"
 UNIGRAM = "unigram"
 
 
+def linear_distribution_name(name: str) -> str:
+    """The report's name for a linear baseline's Gaussian forecast as a distribution over
+    tokens (``LinearPredictor.token_scores``), beside its re-quantized mean ``name``."""
+    return f"{name}, token distribution"
+
+
 def repeat_last(context: torch.Tensor, steps: int) -> torch.Tensor:
     """The last value of ``context`` (B, C, T) repeated ``steps`` times → (B, C, steps)."""
     return context[..., -1:].expand(*context.shape[:-1], steps)

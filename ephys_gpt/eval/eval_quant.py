@@ -37,6 +37,7 @@ from ephys_gpt.eval import plots, report
 from ephys_gpt.eval.baselines import (
     REPEAT_LAST,
     UNIGRAM,
+    linear_distribution_name,
     repeat_last,
     sample_unigram,
     unigram_distribution,
@@ -163,8 +164,10 @@ class EvalQuant(EvalRunner):
                              f"({n_in} tokens: window {batches[0][0].shape[-1]} samples, model "
                              f"context {self.max_context})")
         linear = [m.name for m in self.linear_models()]
+        dist = {m.name: linear_distribution_name(m.name) for m in self.linear_models()}
         sums = {k: torch.zeros(n_in, device=self.device)
-                for k in ("acc", "nll", "rep", "uni", "uni_nll", *linear)}
+                for k in ("acc", "nll", "rep", "uni", "uni_nll", *linear, *dist.values(),
+                          *(f"{d} nll" for d in dist.values()))}
         sweep = {"acc": torch.zeros(len(hist), device=self.device),
                  "rep": torch.zeros((), device=self.device),
                  "uni": torch.zeros((), device=self.device),
@@ -178,12 +181,18 @@ class EvalQuant(EvalRunner):
             self._position_sums(sums, inp, tgt, draw, unigram)
             for k, p in self.linear_next(inp, steps).items():
                 sums[k] += (p.to(self.device) == tgt).float().sum((0, 1))
+            for m in self.linear_models():
+                nll, mode = m.token_scores(inp.cpu(), tgt.cpu(), steps)
+                sums[dist[m.name]] += (mode == tgt.cpu()).float().sum((0, 1)).to(self.device)
+                sums[f"{dist[m.name]} nll"] += nll.sum((0, 1)).to(self.device)
             self._sweep_sums(sweep, hist, inp, tgt[..., -1], draw[..., -1], steps)
             n_rows += inp.shape[0] * inp.shape[1]
         out = {k: (v / n_rows).cpu().numpy() for k, v in sums.items()}  # one host transfer
         return {"positions": np.arange(1, n_in + 1), "pos_acc": out["acc"],
                 "pos_nll": out["nll"], "pos_rep": out["rep"], "pos_uni": out["uni"],
-                "pos_uni_nll": out["uni_nll"], "pos_linear": {k: out[k] for k in linear},
+                "pos_uni_nll": out["uni_nll"],
+                "pos_linear": {k: out[k] for k in (*linear, *dist.values())},
+                "pos_linear_nll": {d: out[f"{d} nll"] for d in dist.values()},
                 "hist": np.asarray(hist),
                 "hist_acc": (sweep["acc"] / n_rows).cpu().numpy(),
                 "hist_rep": float(sweep["rep"] / n_rows),
@@ -280,7 +289,8 @@ class EvalQuant(EvalRunner):
             "next_step": {
                 "accuracy": acc,
                 "nll_nats": {m: float(tf["pos_nll"].mean()),
-                             UNIGRAM: float(tf["pos_uni_nll"].mean())},
+                             UNIGRAM: float(tf["pos_uni_nll"].mean()),
+                             **{k: float(v.mean()) for k, v in tf["pos_linear_nll"].items()}},
                 "beats_baselines": acc[m] > max(acc[REPEAT_LAST], acc[UNIGRAM]),
                 "beats_linear": {k: acc[m] > acc[k] for k in tf["pos_linear"]},
                 "definition": "teacher-forced next-token accuracy averaged over all positions, "
@@ -312,9 +322,11 @@ class EvalQuant(EvalRunner):
         self.curve("accuracy_by_position", tf["positions"], curves,
                    xlabel="History length (tokens)", ylabel="Next-token accuracy",
                    n_windows=tf["n_windows"],
-                   nll_nats={m: tf["pos_nll"], UNIGRAM: tf["pos_uni_nll"]})
+                   nll_nats={m: tf["pos_nll"], UNIGRAM: tf["pos_uni_nll"],
+                             **tf["pos_linear_nll"]})
         fig, _ = plots.plot_curves(tf["positions"] / self.sfreq * 1e3, curves,
-                                   baselines=self.baselines, xlabel="History available (ms)",
+                                   baselines=[k for k in curves if k != m],
+                                   xlabel="History available (ms)",
                                    ylabel="Next-token accuracy",
                                    title="Teacher-forced next-step accuracy (held-out)")
         self.figure(fig, "accuracy_by_position")
@@ -359,7 +371,12 @@ class EvalQuant(EvalRunner):
                   [[k, v, s["next_step"]["nll_nats"].get(k)] for k, v in acc.items()])
         rep.text(f"{m} {verdict}. `repeat-last` repeats the previous token; `unigram` draws "
                  "from each channel's training-set token distribution; the AR and VAR "
-                 "predictions are re-quantized through the recorded mu-law step.")
+                 "predictions are re-quantized through the recorded mu-law step. "
+                 f"`{linear_distribution_name('VAR(p)')}` is the same model's Gaussian 1-step "
+                 "forecast given to each token as the mass of its mu-law bin: its NLL, and "
+                 "the accuracy of its most probable token (not always the bin holding the "
+                 "mean: wider bins hold more mass), compare with a token model's like for "
+                 "like.")
         linear = {k: acc[k] for k in s["next_step"]["beats_linear"]}
         rep.text(self.linear_verdict("held-out next-token accuracy", acc[m], linear, True))
         rep.section(f"N-step-ahead ({ns['sampling']} rollouts from "

@@ -11,14 +11,15 @@ docs/evaluation.md ("Linear baselines").
   forecasts, free-running simulation; continuous or token domain.
 - :func:`fit_linear_baselines`, :class:`LinearBaselineOptions` (``baselines.py``): what an
   eval runner calls.
-- :class:`Segments`, :func:`decode_tokens`, :func:`requantize` (``data.py``): the data the
-  models are fitted on and the token codec.
+- :class:`Segments`, :func:`decode_tokens`, :func:`requantize`, :func:`token_bin_edges`
+  (``data.py``): the data the models are fitted on and the token codec.
 """
 
 from ephys_gpt.linear.baselines import LinearBaselineOptions, fit_linear_baselines
-from ephys_gpt.linear.data import Segments, decode_tokens, requantize
+from ephys_gpt.linear.data import Segments, decode_tokens, requantize, token_bin_edges
 from ephys_gpt.linear.fitting import DEFAULT_MAX_FEATURES, DEFAULT_RIDGE, fit_linear
 from ephys_gpt.linear.predictor import LinearPredictor
 
 __all__ = ["DEFAULT_MAX_FEATURES", "DEFAULT_RIDGE", "LinearBaselineOptions", "LinearPredictor",
-           "Segments", "decode_tokens", "fit_linear", "fit_linear_baselines", "requantize"]
+           "Segments", "decode_tokens", "fit_linear", "fit_linear_baselines", "requantize",
+           "token_bin_edges"]

@@ -24,6 +24,7 @@ the baseline sees what the token model sees; training augmentations are not appl
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -97,6 +98,28 @@ def decode_tokens(tokens: Array, steps: Sequence) -> Array:
     """
     return _apply_by_row(tokens, steps, lambda t, st: mulaw_dequantize(
         t, int(st["n_bits"]), st.get("scale", 1.0)))
+
+
+def token_bin_edges(steps: Sequence, n_rows: int, n_channels: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values each token stands for: lower and upper edges ``(n_rows, C, V)`` (float64,
+    normalized units) of every token's bin under each row's recorded ``mulaw_quantize`` step
+    (``steps`` as in :func:`decode_tokens`). A value in ``[lo, hi)`` quantizes to that token;
+    the end tokens also take everything beyond the range (``lo = -inf`` for token 0, ``hi =
+    +inf`` for the last)."""
+    rows = _row_steps(steps, n_rows)
+    bits = {int(st["n_bits"]) for st in rows}
+    if len(bits) != 1:
+        raise ValueError(f"steps: the rows' mu-law steps have different n_bits {sorted(bits)}; "
+                         "token bins need one vocabulary")
+    V = 2 ** bits.pop()
+    k = torch.arange(V, dtype=torch.float32).expand(n_rows, n_channels, V)
+    # the companded code of a value is rounded to the token: its bin ends half a code away
+    lo, hi = (_apply_by_row(pos, steps, lambda t, st: mulaw_dequantize(
+        t, int(st["n_bits"]), st.get("scale", 1.0))).double()
+        for pos in ((k - 0.5).clamp(0, V - 1), (k + 0.5).clamp(0, V - 1)))
+    lo[..., 0], hi[..., -1] = -math.inf, math.inf
+    return lo, hi
 
 
 def requantize(values: Array, steps: Sequence) -> Array:

@@ -19,6 +19,8 @@ device); numpy in gives numpy out.
 - ``*_tokens``: the same in the token domain: tokens are decoded through each row's recorded
   ``mulaw_quantize`` step, predicted in normalized units and re-quantized through the same
   step (:mod:`ephys_gpt.linear.data`).
+- :meth:`LinearPredictor.token_scores`: the 1-step Gaussian forecast as a distribution over
+  tokens (each token's bin mass): its NLL of the actual tokens and its most probable token.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ephys_gpt.linear.data import decode_tokens, requantize
+from ephys_gpt.linear.data import decode_tokens, requantize, token_bin_edges
 
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -39,6 +41,15 @@ def _owned(a: Any) -> np.ndarray:
     """A float64 C-ordered copy (positive strides, as torch needs; no aliasing of the
     caller's arrays)."""
     return np.array(a, dtype=np.float64, order="C", copy=True)
+
+
+def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(Phi(b) - Phi(a))`` for ``a < b`` (standard normal CDF), accurate far in either
+    tail: an interval above zero is mirrored below it, where ``log_ndtr`` keeps precision."""
+    upper = a > 0
+    lo, hi = torch.where(upper, -b, a), torch.where(upper, -a, b)
+    lhi = torch.special.log_ndtr(hi)
+    return lhi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - lhi))
 
 
 @dataclass
@@ -313,6 +324,36 @@ class LinearPredictor:
         ``mulaw_quantize`` step (``steps``: one list, or one per row), predicted, and
         re-quantized through the same step (warm-up positions use the mean fill)."""
         return requantize(self.predict_next(decode_tokens(tokens, steps)), steps)
+
+    def token_scores(self, tokens: Array, targets: Array, steps: Sequence,
+                     chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1-step forecast as a distribution over tokens: the Gaussian N(``predict_next``,
+        ``noise_cov[c, c]``) of each channel's next value, given to each token as the mass of
+        its mu-law bin (:func:`~ephys_gpt.linear.data.token_bin_edges`; exact, from the normal
+        CDF in float64). Returns, for ``tokens`` (B, C, T) and the ``targets`` (B, C, T) they
+        predict, the negative log-probability of each target (nats, float32) and the most
+        probable token (int64), which is not always the bin holding the mean: wider mu-law
+        bins hold more mass. Computed in chunks of about ``chunk_elements`` token masses."""
+        tokens, targets = torch.as_tensor(tokens), torch.as_tensor(targets)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must match tokens "
+                             f"{tuple(tokens.shape)}")
+        pred = torch.as_tensor(self.predict_next(decode_tokens(tokens, steps))).double()
+        B, C, T = pred.shape
+        lo, hi = token_bin_edges(steps, B, C)  # (B, C, V)
+        lo, hi = lo.to(pred.device)[:, :, None], hi.to(pred.device)[:, :, None]
+        sd = torch.as_tensor(np.sqrt(np.diag(self.noise_cov)), device=pred.device)
+        sd = sd.clamp_min(1e-12)[None, :, None, None]
+        nll = torch.empty(B, C, T, dtype=torch.float32, device=pred.device)
+        mode = torch.empty(B, C, T, dtype=torch.long, device=pred.device)
+        step = max(1, chunk_elements // max(1, B * C * lo.shape[-1]))
+        for t0 in range(0, T, step):
+            mu = pred[..., t0:t0 + step, None]
+            logp = _log_normal_mass((lo - mu) / sd, (hi - mu) / sd)  # (B, C, t, V)
+            tgt = targets[..., t0:t0 + step].to(pred.device)
+            nll[..., t0:t0 + step] = -logp.gather(-1, tgt[..., None])[..., 0]
+            mode[..., t0:t0 + step] = logp.argmax(-1)
+        return nll, mode
 
     def forecast_tokens(self, context: Array, steps: Sequence, n_steps: int, **kw) -> Array:
         """:meth:`forecast` for token contexts (B, C, Tc) → tokens (B, C, n_steps); the

@@ -12,7 +12,12 @@ from eval_token_store import CH_NAMES, CH_TYPES, N_BITS, SFREQ
 from pydantic import ValidationError
 
 from ephys_gpt.codec import tokens_to_signal
-from ephys_gpt.eval.baselines import REPEAT_LAST, UNIGRAM, unigram_distribution
+from ephys_gpt.eval.baselines import (
+    REPEAT_LAST,
+    UNIGRAM,
+    linear_distribution_name,
+    unigram_distribution,
+)
 from ephys_gpt.eval.eval_quant import EvalQuant, EvalQuantOptions
 from ephys_gpt.eval.registry import get_eval_spec
 from ephys_gpt.eval.windows import full_window, to_signal, window_steps
@@ -142,6 +147,15 @@ def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
         gen = summary["generation"]["linear"][name]
         assert set(gen["log_spectral_distance_db"]) == {"mag", "grad"}
     assert linear[1] in acc and acc[linear[1]] > acc[UNIGRAM]  # the VAR learns the rhythm
+    # each linear model's Gaussian forecast over tokens: a likelihood to compare with the
+    # model's (and with the unigram's), and the accuracy of its most probable token
+    nll = summary["next_step"]["nll_nats"]
+    for name in linear:
+        dist = linear_distribution_name(name)
+        assert 0 < acc[dist] <= 1 and dist in summary["next_step"]["beats_linear"]
+        assert 0 < nll[dist] < nll[UNIGRAM] * 1.5 and name not in nll
+    assert nll[linear_distribution_name(linear[1])] < nll[UNIGRAM]
+    assert linear_distribution_name(linear[1]) in (out / "report.md").read_text()
     assert "On held-out next-token accuracy, GPT2MEG" in (out / "report.md").read_text()
     # a trained model must beat drawing tokens from the training distribution
     assert acc["GPT2MEG"] > acc[UNIGRAM]

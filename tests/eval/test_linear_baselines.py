@@ -16,6 +16,7 @@ from ephys_gpt.linear import (
     fit_linear,
     fit_linear_baselines,
     requantize,
+    token_bin_edges,
 )
 from ephys_gpt.store import write_session
 
@@ -413,6 +414,57 @@ def test_token_predictions_are_the_quantized_signal_predictions():
     assert fut.shape == (2, 3, 7) and fut.dtype == torch.int64
     sim = model.simulate_tokens(steps[0], 50, generator=torch.Generator().manual_seed(0))
     assert sim.shape == (1, 3, 50) and 0 <= int(sim.min()) and int(sim.max()) <= 63
+
+
+def test_token_bins_hold_the_values_that_quantize_to_them():
+    steps = [mulaw_steps(6.0), mulaw_steps(4.0)]
+    lo, hi = token_bin_edges(steps, 2, 3)
+    assert lo.shape == hi.shape == (2, 3, 64) and lo.dtype == torch.float64
+    assert torch.isinf(lo[..., 0]).all() and torch.isinf(hi[..., -1]).all()
+    assert torch.equal(lo[..., 1:], hi[..., :-1])  # the bins tile the line
+    vals = torch.as_tensor(np.random.default_rng(0).normal(0, 3, (2, 3, 2000)),
+                           dtype=torch.float32)
+    tok = requantize(vals, steps)
+    v = vals.double()
+    assert (lo.gather(-1, tok) <= v).all() and (v <= hi.gather(-1, tok)).all()
+
+
+def test_token_scores_are_the_gaussian_forecast_over_token_bins():
+    """The VAR's 1-step forecast as a distribution over tokens: the masses sum to one, match
+    draws from the Gaussian re-quantized, stay finite many standard deviations away, and its
+    most probable token scores at least as well as re-quantizing the mean on data the VAR
+    describes (wider mu-law bins away from zero hold more mass)."""
+    (a1, a2), cov = var2_params()
+    steps = mulaw_steps(6.0)
+    x = simulate_var([a1, a2], 6000, seed=5, noise_cov=cov)
+    model = fit_linear([x[:, :5000]], "var", 2)
+    tok = mulaw_quantize(torch.as_tensor(x[None, :, 5000:], dtype=torch.float32), 6, 6.0)
+    inp, tgt = tok[..., :-1], tok[..., 1:]
+    nll, mode = model.token_scores(inp, tgt, steps, chunk_elements=5000)  # several chunks
+    assert nll.shape == mode.shape == tgt.shape and nll.dtype == torch.float32
+    assert torch.isfinite(nll).all() and (nll >= 0).all()
+    # every token as the target at a few positions: the probabilities sum to one
+    few = inp[..., :4]
+    p = torch.stack([model.token_scores(few, torch.full_like(few, v), steps)[0]
+                     for v in range(64)], -1).neg().exp()
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.equal(p.argmax(-1), mode[..., :4])
+    # Monte Carlo: Gaussian draws around the prediction, re-quantized
+    mean = model.predict_next(decode_tokens(few, steps)).double()
+    sd = torch.as_tensor(np.sqrt(np.diag(model.noise_cov)))[None, :, None]
+    draws = mean[..., None] + sd[..., None] * torch.randn(
+        *mean.shape, 200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    freq = torch.nn.functional.one_hot(
+        mulaw_quantize(draws.float(), 6, 6.0), 64).double().mean(-2)
+    assert (freq - p).abs().max() < 5e-3
+    # far tails: finite and large
+    far = model.token_scores(few, torch.zeros_like(few), steps)[0]
+    assert torch.isfinite(far).all()
+    # the most probable token beats the re-quantized mean (on the VAR's own kind of data)
+    nearest = model.predict_next_tokens(inp, steps)
+    assert (mode == tgt).float().mean() >= (nearest == tgt).float().mean()
+    with pytest.raises(ValueError, match="targets .* must match tokens"):
+        model.token_scores(inp, tgt[..., :-1], steps)
 
 
 def test_fit_on_a_token_dataset_decodes_with_each_sessions_step(token_splits):
