@@ -120,10 +120,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise ValueError(f"attention: {H} query heads cannot share {Hk} key/value heads "
                              "(the query heads must be a multiple of them)")
         g = H // Hk
-        if q.shape[-2] == 1:
+        if q.shape[-2] == 1 and (mask is None or mask.dim() <= 2):
             # one query per head (a decode step) sees every key: the g heads sharing a key
             # head become g query rows of it, so each cached key is read once, not g times
-            # (SDPA reads the cache where it lies; tiles would copy it)
+            # (SDPA reads the cache where it lies; tiles would copy it). A key mask without
+            # head or query axes applies to those rows alike.
             y = F.scaled_dot_product_attention(q.reshape(*q.shape[:-3], Hk, g, q.shape[-1]),
                                                k, v, attn_mask=mask, dropout_p=dropout_p)
             return y.reshape(q.shape)

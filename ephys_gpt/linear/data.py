@@ -104,9 +104,10 @@ def token_bin_edges(steps: Sequence, n_rows: int, n_channels: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The values each token stands for: lower and upper edges ``(n_rows, C, V)`` (float64,
     normalized units) of every token's bin under each row's recorded ``mulaw_quantize`` step
-    (``steps`` as in :func:`decode_tokens`). A value in ``[lo, hi)`` quantizes to that token;
-    the end tokens also take everything beyond the range (``lo = -inf`` for token 0, ``hi =
-    +inf`` for the last)."""
+    (``steps`` as in :func:`decode_tokens`). A value between ``lo`` and ``hi`` quantizes to
+    that token (a value exactly on an edge to either neighbour, as rounding decides); the end
+    tokens also take everything beyond the range (``lo = -inf`` for token 0, ``hi = +inf``
+    for the last)."""
     rows = _row_steps(steps, n_rows)
     bits = {int(st["n_bits"]) for st in rows}
     if len(bits) != 1:

@@ -335,6 +335,9 @@ class LinearPredictor:
         probable token (int64), which is not always the bin holding the mean: wider mu-law
         bins hold more mass. Computed in chunks of about ``chunk_elements`` token masses."""
         tokens, targets = torch.as_tensor(tokens), torch.as_tensor(targets)
+        if tokens.dim() != 3:
+            raise ValueError(f"token_scores expects tokens (B, C, T), got shape "
+                             f"{tuple(tokens.shape)}")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match tokens "
                              f"{tuple(tokens.shape)}")

@@ -148,7 +148,9 @@ class WavenetStream:
     (:class:`_NumpyStep`, no copy): a step is ~60 operations on single rows, where the cost
     of each call, not the arithmetic, is the time, and a NumPy call costs about half a torch
     one here; NumPy's BLAS also reads the 2 MB output head ~3x faster for one row. Measured
-    by ``python bench/generate.py``: 0.49 -> 0.23 ms per step at the example config.
+    at the example config, one thread: a step alone 0.49 -> 0.23 ms, a generated step
+    0.55-0.81 -> 0.38-0.46 ms (docs/models.md, "Generation speed"). Hold NumPy's BLAS to
+    one thread while stepping (:meth:`WavenetFullChannel.generate` does).
     """
 
     def __init__(self, model: WavenetFullChannel, inputs: list[torch.Tensor],
@@ -325,7 +327,8 @@ class _NumpyStep:
         np.matmul(past, self.w_past, out=self.P)
         self.P += self.bias
         if self.w_local is not None:
-            self.P += (local.detach().float().numpy() @ self.w_local).reshape(B, L, -1).transpose(1, 0, 2)
+            loc = local.detach().float().numpy() @ self.w_local  # (B, L·2Dc)
+            self.P += loc.reshape(B, L, -1).transpose(1, 0, 2)
         for p, h, w, z, tf, tg, a, w_res, h_next in self.layers:
             np.matmul(h, w, out=z)
             z += p

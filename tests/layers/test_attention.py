@@ -252,6 +252,11 @@ def test_grouped_query_attention_equals_repeated_key_heads(backend, causal, Lq, 
         ref = attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True,
                         mask=mask[None])
         assert torch.allclose(out, ref, atol=1e-12)
+        per_head = mask.expand(2, 6, 1, Lk)  # a mask with head and query axes: no folding
+        out = attention(q, k, v, causal=True, mask=per_head)
+        ref = attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True,
+                        mask=per_head)
+        assert torch.allclose(out, ref, atol=1e-12)
     with pytest.raises(ValueError, match="6 query heads cannot share 4"):
         attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1), causal=causal)
 
