@@ -296,6 +296,7 @@ def _demo_summary(plan: DemoPlan, quick: bool, out: Path, ev: dict, timings: dic
         "timings_seconds": timings,
         "skipped_stages": skipped,
         "next_step_accuracy": acc,
+        "next_step_nll_nats": ev["next_step"].get("nll_nats", {}),
         "beats_baselines": all(acc[model] > v for v in naive.values()),
         "beats_linear": ev["next_step"]["beats_linear"],
         "nstep_accuracy_at_1": ev["nstep"]["accuracy_at_1"],
@@ -335,14 +336,23 @@ def _write_report(out: Path, demo: dict, ev: dict, eval_dir: Path) -> Path:
         f"`{demo['eval_dir']}/`" + _took(t, "eval"),
     ])
     rep.section("Next-step accuracy on held-out data")
-    acc = demo["next_step_accuracy"]
-    rows = [[k, v, demo["nstep_accuracy_at_1"].get(k)] for k, v in acc.items()]
-    rep.table(["predictor", "teacher-forced accuracy", "1-step rollout accuracy"], rows)
+    acc, nll = demo["next_step_accuracy"], demo["next_step_nll_nats"]
+    rows = [[k, v, nll.get(k), demo["nstep_accuracy_at_1"].get(k)] for k, v in acc.items()]
+    rep.table(["predictor", "teacher-forced accuracy", "NLL (nats/token)",
+               "1-step rollout accuracy"], rows)
     verdict = "beats" if demo["beats_baselines"] else "does **not** beat"
     rep.text(f"{model} {verdict} both naive baselines (`repeat-last`: copy the previous "
              f"token; `unigram`: draw from each channel's training-set token distribution). "
              f"Chance with {2 ** plan['n_bits']} tokens is {1 / 2 ** plan['n_bits']:.4f}.")
     rep.text(_linear_sentence(model, acc, demo["beats_linear"]))
+    scored = {k: v for k, v in nll.items() if k != model and k in demo["beats_linear"]}
+    if model in nll and scored:
+        rep.text("`, token distribution`: the linear model's Gaussian forecast given to each "
+                 "token as the mass of its mu-law bin, scored like the model (its most "
+                 "probable token; its likelihood). By likelihood " + model + " (" +
+                 f"{nll[model]:.3f} nats) " + "; it ".join(
+                     f"{'beats' if nll[model] < v else 'does **not** beat'} {k} ({v:.3f})"
+                     for k, v in scored.items()) + ".")
     rep.section(f"Free-running generation ({ev['generation']['seconds']:g} s, "
                 f"{ev['generation']['sampling']})")
     rep.table(["channel type", "alpha peak held-out (Hz)", "alpha peak generated (Hz)",

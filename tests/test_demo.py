@@ -46,11 +46,15 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert set(acc) == {"GPT2MEG", "repeat-last", "unigram", *linear}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     assert set(summary["alpha_peak_hz"]) == {"mag"}
+    nll = summary["next_step_nll_nats"]  # the model's and each linear token distribution's
+    assert {k for k in linear if k.endswith("token distribution")} <= set(nll)
+    assert all(v > 0 for v in nll.values()) and "GPT2MEG" in nll
 
     text = (out / "report.md").read_text()
     assert text.startswith("# ephys-gpt demo")
     for needle in ["Next-step accuracy on held-out data", "| repeat-last |", "| unigram |",
-                   "Against linear models fitted by least squares",
+                   "Against linear models fitted by least squares", "By likelihood GPT2MEG",
+                   "| NLL (nats/token) |",
                    "alpha peak generated", "](train/evals/EvalQuant/psd.png)"]:
         assert needle in text, needle
     ev = out / "train" / "evals" / "EvalQuant"
