@@ -100,6 +100,18 @@ def mulaw_dequantize(tokens: Array, n_bits: int = 8, scale: float | Array = 1.0)
     return x * scale
 
 
+def normal_log_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(Phi(b) - Phi(a))`` for ``a < b`` (standard normal CDF), accurate far in either
+    tail: an interval above zero is mirrored below it, where ``log_ndtr`` keeps precision.
+    With ``a`` and ``b`` a token's bin edges in standard units around a Gaussian's mean, it
+    is the token's log-probability under that Gaussian (the linear baselines' token scores,
+    ``ephys_gpt.linear``, and WavenetFullChannel's linear forecast)."""
+    upper = a > 0
+    lo, hi = torch.where(upper, -b, a), torch.where(upper, -a, b)
+    lhi = torch.special.log_ndtr(hi)
+    return lhi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - lhi))
+
+
 def normalize_stats(x: np.ndarray, method: str = "robust") -> tuple[np.ndarray, np.ndarray]:
     """Per-channel center and scale of ``x`` (C, T).
 

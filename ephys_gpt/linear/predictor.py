@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ephys_gpt.codec import normal_log_mass
 from ephys_gpt.linear.data import decode_tokens, requantize, token_bin_edges
 
 Array = Any  # np.ndarray | torch.Tensor
@@ -41,15 +42,6 @@ def _owned(a: Any) -> np.ndarray:
     """A float64 C-ordered copy (positive strides, as torch needs; no aliasing of the
     caller's arrays)."""
     return np.array(a, dtype=np.float64, order="C", copy=True)
-
-
-def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``log(Phi(b) - Phi(a))`` for ``a < b`` (standard normal CDF), accurate far in either
-    tail: an interval above zero is mirrored below it, where ``log_ndtr`` keeps precision."""
-    upper = a > 0
-    lo, hi = torch.where(upper, -b, a), torch.where(upper, -a, b)
-    lhi = torch.special.log_ndtr(hi)
-    return lhi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - lhi))
 
 
 @dataclass
@@ -352,7 +344,7 @@ class LinearPredictor:
         step = max(1, chunk_elements // max(1, B * C * lo.shape[-1]))
         for t0 in range(0, T, step):
             mu = pred[..., t0:t0 + step, None]
-            logp = _log_normal_mass((lo - mu) / sd, (hi - mu) / sd)  # (B, C, t, V)
+            logp = normal_log_mass((lo - mu) / sd, (hi - mu) / sd)  # (B, C, t, V)
             tgt = targets[..., t0:t0 + step].to(pred.device)
             nll[..., t0:t0 + step] = -logp.gather(-1, tgt[..., None])[..., 0]
             mode[..., t0:t0 + step] = logp.argmax(-1)

@@ -47,6 +47,7 @@ from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
 LOGPRIOR_FLOOR = -40.0  # nats: the least log-probability the linear forecast gives a token
+LOGPRIOR_GRID_MAX = 2048  # forecasts tabulated per channel (the grid's step is s_c / 8 below)
 
 
 @dataclass
@@ -354,7 +355,7 @@ class _NumpyStep:
 
 class _NumpyVAR:
     """:meth:`_VARStream.step` as NumPy calls on views of its buffers (see
-    :class:`_NumpyStep`)."""
+    :class:`_NumpyStep`), with :meth:`WavenetFullChannel.linear_logprior`'s lookup."""
 
     def __init__(self, lin: _VARStream):
         m = lin.model
@@ -362,8 +363,10 @@ class _NumpyVAR:
         self.values = m.token_values.flatten().numpy()
         self.offsets = m.embed.offsets.numpy()
         self.buf, self.w, self.b = lin.buf.numpy(), lin.w.numpy(), m.var_intercept.numpy()
-        a, b, h = (t.numpy() for t in lin.terms)
-        self.a, self.bb, self.h = a, b, h[:, None]
+        C, G, V = m.logprior_table.shape
+        self.table = m.logprior_table.numpy().reshape(C * G, V)
+        self.origin, self.step = m.logprior_grid[:, 0].numpy(), m.logprior_grid[:, 1].numpy()
+        self.base, self.G = np.arange(C) * G, G
 
     def __call__(self, tk: np.ndarray) -> np.ndarray:
         lin, p, i = self.lin, self.lin.p, self.lin.i
@@ -371,20 +374,20 @@ class _NumpyVAR:
         self.buf[:, i] = v
         self.buf[:, i + p] = v
         lin.i = i = (i + 1) % p
-        pred = (self.buf[:, i:i + p].reshape(v.shape[0], -1) @ self.w)[..., None]
-        pred += self.b[:, None]
-        out = self.bb * pred
-        out += self.a
-        out -= self.h * np.square(pred)
-        return np.maximum(out, LOGPRIOR_FLOOR, out=out)
+        pred = self.buf[:, i:i + p].reshape(v.shape[0], -1) @ self.w
+        pred += self.b
+        u = np.clip((pred - self.origin) / self.step, 0, self.G - 1.001)
+        j = np.floor(u)
+        rows = np.minimum(self.base + j.astype(np.int64), self.table.shape[0] - 2)
+        lo = self.table[rows]
+        lo += (u - j)[..., None] * (self.table[rows + 1] - lo)
+        return lo
 
 
-def _logprior(pred: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-              h: torch.Tensor) -> torch.Tensor:
-    """``a + b pred - h pred^2`` (one multiply-add and one subtraction over the output),
-    floored at :data:`LOGPRIOR_FLOOR`; ``a``, ``b`` broadcast against ``pred[..., None]``."""
-    out = torch.addcmul(a, pred[..., None], b)
-    return out.sub_((h * pred.square())[..., None]).clamp_min_(LOGPRIOR_FLOOR)
+def _drop_token_log_width(state_dict, prefix, *args) -> None:
+    """Weights saved before the exact log-prior held each token's log bin width
+    (``token_log_width``); it is now derived from ``token_values``."""
+    state_dict.pop(prefix + "token_log_width", None)
 
 
 class _VARStream:
@@ -402,7 +405,6 @@ class _VARStream:
         self.buf = torch.cat([last, last], 1).contiguous()
         # weight on the p values oldest first: row k*C + j multiplies channel j at lag p - k
         self.w = model.var_coef.flip(0).transpose(1, 2).reshape(p * C, C).contiguous()
-        self.terms = model._logprior_terms()
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """Push the values of tokens ``tok`` (B, C) → log-probabilities (B, C, V), float32."""
@@ -412,7 +414,7 @@ class _VARStream:
         self.buf[:, i + p] = v
         self.i = i = (i + 1) % p
         pred = torch.addmm(m.var_intercept, self.buf[:, i:i + p].flatten(1), self.w)
-        return _logprior(pred, *self.terms)
+        return m.linear_logprior(pred)
 
 
 @register_model(
@@ -454,7 +456,14 @@ class WavenetFullChannel(nn.Module):
             self.register_buffer("var_mean", torch.zeros(C))
             self.register_buffer("var_inv_var", torch.ones(C))
             self.register_buffer("token_values", torch.zeros(C, V))
-            self.register_buffer("token_log_width", torch.zeros(C, V))
+            # token log-probabilities on a grid of forecasts, derived from the buffers above
+            # (not saved): rebuilt by set_linear_path and after loading weights
+            self.register_buffer("logprior_table", torch.zeros(C, 2, V), persistent=False)
+            self.register_buffer("logprior_grid", torch.tensor([[0.0, 1.0]] * C),
+                                 persistent=False)
+            self._register_load_state_dict_pre_hook(_drop_token_log_width)
+            self.register_load_state_dict_post_hook(
+                lambda module, keys: module._build_logprior_table())
 
     # -- linear forecast ----------------------------------------------------------------------
     @property
@@ -476,7 +485,7 @@ class WavenetFullChannel(nn.Module):
         recorded stage-2 steps, whose last must be the ``mulaw_quantize`` that made the tokens
         (its ``n_bits`` and ``scale`` give each token's value and bin width).
         """
-        from ephys_gpt.codec import mulaw_dequantize, mulaw_mu
+        from ephys_gpt.codec import mulaw_dequantize
 
         name, cfg = type(self).__name__, self.config
         if not cfg.linear_order:
@@ -497,26 +506,54 @@ class WavenetFullChannel(nn.Module):
         if 2 ** bits != V:
             raise ValueError(f"{name}: the training data has {bits}-bit tokens ({2 ** bits} "
                              f"values) but vocab_size is {V}")
-        mu, scale = mulaw_mu(bits), torch.as_tensor(last.get("scale", 1.0), dtype=torch.float64)
+        scale = torch.as_tensor(last.get("scale", 1.0), dtype=torch.float64)
         scale = scale.reshape(-1, 1).expand(C, 1) if scale.numel() in (1, C) else None
         if scale is None:
             raise ValueError(f"{name}: the mu-law step's scale must be one number or one per "
                              f"channel ({C}), got {last.get('scale')!r}")
-        # token k decodes to the centre of its bin; the bin's edges are half a step away in
-        # the companded domain (the end tokens also collect everything beyond +-scale: their
-        # width is taken as twice their inner half)
-        k = torch.arange(V, dtype=torch.float64)
-        centre = mulaw_dequantize(k, bits, 1.0).double()
-        lo = mulaw_dequantize((k - 0.5).clamp(0, mu), bits, 1.0).double()
-        hi = mulaw_dequantize((k + 0.5).clamp(0, mu), bits, 1.0).double()
-        width = hi - lo
-        width[0], width[-1] = 2 * (hi[0] - centre[0]), 2 * (centre[-1] - lo[-1])
+        centre = mulaw_dequantize(torch.arange(V, dtype=torch.float64), bits, 1.0).double()
         self.var_coef.copy_(a)
         self.var_intercept.copy_(b)
         self.var_mean.copy_(var_process_mean(a, b))
         self.var_inv_var.copy_(std.pow(-2))
-        self.token_values.copy_(centre[None] * scale)
-        self.token_log_width.copy_((width[None] * scale).log())
+        self.token_values.copy_(centre[None] * scale)  # the last token decodes to +scale
+        self._build_logprior_table()
+
+    @torch.no_grad()
+    def _build_logprior_table(self) -> None:
+        """Tabulate each token's log-probability under the VAR's Gaussian forecast N(m,
+        s_c^2), the exact mass of its mu-law bin (edges half a code step from each token's
+        value; the end tokens take everything beyond), for forecasts m on a grid of step s_c
+        / 8 spanning the tokens' range +- 6 s_c (at most :data:`LOGPRIOR_GRID_MAX` points),
+        floored at :data:`LOGPRIOR_FLOOR`. :meth:`linear_logprior` interpolates it linearly
+        (error ~1e-3 nats). Derived from ``token_values`` (whose last column is each
+        channel's mu-law scale) and ``var_inv_var``; all zeros before a VAR is set."""
+        from ephys_gpt.codec import mulaw_dequantize, mulaw_mu, normal_log_mass
+
+        C, V = self.config.num_channels, self.config.vocab_size
+        dev = self.token_values.device
+        scale = self.token_values[:, -1].double()
+        if not bool((scale > 0).all()):  # no VAR set yet: the forecast adds nothing
+            self.logprior_table = torch.zeros(C, 2, V, device=dev)
+            self.logprior_grid = torch.tensor([[0.0, 1.0]] * C, device=dev)
+            return
+        std = self.var_inv_var.double().rsqrt()
+        bits = V.bit_length() - 1
+        k = torch.arange(V + 1, dtype=torch.float64) - 0.5
+        edges = mulaw_dequantize(k.clamp(0, mulaw_mu(bits)), bits, 1.0).double().to(dev)
+        edges = edges[None] * scale[:, None]  # (C, V + 1)
+        edges[:, 0], edges[:, -1] = -math.inf, math.inf
+        lo, hi = -scale - 6 * std, scale + 6 * std
+        G = int(min(LOGPRIOR_GRID_MAX, math.ceil(float(((hi - lo) / (std / 8)).max())) + 1))
+        step = (hi - lo) / (G - 1)
+        grid = lo[:, None] + step[:, None] * torch.arange(G, dtype=torch.float64, device=dev)
+        table = torch.empty(C, G, V, device=dev)
+        for c0 in range(0, C, 8):  # (8, G, V + 1) float64 at a time
+            z = (edges[c0:c0 + 8, None] - grid[c0:c0 + 8, :, None]) / std[c0:c0 + 8, None, None]
+            table[c0:c0 + 8] = normal_log_mass(z[..., :-1], z[..., 1:]).clamp_min(
+                LOGPRIOR_FLOOR)
+        self.logprior_table = table
+        self.logprior_grid = torch.stack([lo, step], 1).float()
 
     def linear_prediction(self, x: torch.Tensor) -> torch.Tensor:
         """The VAR's forecast of the next value for every step of tokens ``x`` (B, C, T) →
@@ -531,25 +568,26 @@ class WavenetFullChannel(nn.Module):
 
     def linear_logprior(self, pred: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of each token under the VAR's Gaussian forecast ``pred`` (..., C)
-        or (B, C, T): the Gaussian density at the token's value times its bin width, floored
-        at :data:`LOGPRIOR_FLOOR` nats. → (..., C, V) or (B, C, T, V), float32.
+        or (B, C, T): each token's bin mass (exact on a grid of forecasts, linearly
+        interpolated between; :meth:`_build_logprior_table`), floored at
+        :data:`LOGPRIOR_FLOOR` nats. → (..., C, V) or (B, C, T, V), float32.
 
         Why the floor: tokens many standard deviations away would get log-probabilities in
         the hundreds below zero, their softmax probabilities underflow into subnormal floats,
         and subnormal arithmetic is slow on CPUs: it made a training step's backward pass 4x
         slower (188 vs 44 ms at the example config). A floor of -40 (a probability of 4e-18)
         changes no sample and no loss that matters."""
-        a, b, h = self._logprior_terms()
-        if pred.dim() == 3:  # (B, C, T) -> (B, C, T, V)
-            a, b, h = a[:, None], b[:, None], h[:, None]
-        return _logprior(pred, a, b, h)
-
-    def _logprior_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``log w - v^2 / (2 s^2)`` and ``v / s^2`` (C, V), ``1 / (2 s^2)`` (C,): the terms of
-        ``log w - (v - pred)^2 / (2 s^2) = a + b pred - h pred^2``."""
-        h = 0.5 * self.var_inv_var
-        return (self.token_log_width - h[:, None] * self.token_values.square(),
-                2 * h[:, None] * self.token_values, h)
+        C = self.config.num_channels
+        table, grid = self.logprior_table, self.logprior_grid
+        G = table.shape[1]
+        ch = torch.arange(C, device=pred.device)
+        if pred.dim() == 3:  # (B, C, T): channels on dim 1
+            grid, ch = grid[:, None], ch[:, None]
+        u = ((pred.float() - grid[..., 0]) / grid[..., 1]).clamp_(0, G - 1.001)
+        i = u.floor()
+        rows = (ch * G + i.long()).clamp_(max=C * G - 2)
+        flat = table.view(C * G, -1)
+        return torch.lerp(flat[rows], flat[rows + 1], (u - i)[..., None])
 
     def _check_local(self, local: torch.Tensor | None, B: int, T: int) -> None:
         Dl = self.config.local_channels

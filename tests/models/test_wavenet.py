@@ -166,16 +166,20 @@ def _linear_model(order, **over):
 def test_linear_forecast_is_the_fitted_var_and_the_untrained_model_is_its_distribution():
     """``linear_order`` p: the model's VAR forecast of the next decoded value equals the
     fitted VAR's 1-step prediction (the eval's baseline), and the untrained model's logits
-    are exactly the token log-probabilities under that Gaussian forecast (the head starts at
-    zero): each token's mass is its bin's, from the Gaussian's CDF, to within the
-    density-times-width rule's error."""
-    from ephys_gpt.codec import mulaw_dequantize
+    are the token log-probabilities under that Gaussian forecast (the head starts at zero):
+    each token's bin mass, as the eval scores the VAR (``LinearPredictor.token_scores``), to
+    the table's interpolation error; floored far out in the tails; rebuilt after a
+    save/load."""
+    from ephys_gpt.models.pretrained import from_pretrained, save_pretrained
+    from ephys_gpt.models.wavenet import LOGPRIOR_FLOOR
 
     tok, steps = _var_tokens(bits=6)
     var, vals = _fitted(tok, steps, 2)
     m = _linear_model(2, vocab_size=64)
     assert m.linear_init_request == {"kind": "var", "order": 2, "tokens": True}
     std = var.noise_cov.diagonal() ** 0.5
+    with torch.no_grad():
+        untouched = m(tok).prediction
     m.set_linear_path(var.channel_coefficients(), var.intercept, noise_std=std, steps=steps)
     pred = m.linear_prediction(tok)
     want = torch.as_tensor(var.predict_next(vals.double().numpy()), dtype=torch.float32)
@@ -183,20 +187,37 @@ def test_linear_forecast_is_the_fitted_var_and_the_untrained_model_is_its_distri
     with torch.no_grad():
         logits = m(tok).prediction
     assert torch.allclose(logits, m.linear_logprior(pred), atol=1e-6)
-    # exact bin masses: edges half a code step from each centre, the end bins open
-    k = torch.arange(65, dtype=torch.float64) - 0.5
-    edges = mulaw_dequantize(k.clamp(0, 63), 6, 3.0).double()
-    edges[0], edges[-1] = -float("inf"), float("inf")
-    z = (edges - pred.double()[..., None]) / torch.as_tensor(std)[:, None, None]
-    mass = torch.special.ndtr(z[..., 1:]) - torch.special.ndtr(z[..., :-1])
-    assert (logits.double().softmax(-1) - mass).abs().sum(-1).max() < 0.1  # total variation
-    # the log-density plus log bin width, floored far out in the tails
-    from ephys_gpt.models.wavenet import LOGPRIOR_FLOOR
+    assert not torch.allclose(logits, untouched)  # (before the VAR was set it added nothing)
+    # the eval's exact scores of the same VAR: every target token's NLL, the most probable
+    nll, mode = var.token_scores(tok[..., :-1], tok[..., 1:], steps)
+    logp = logits[:, :, :-1].log_softmax(-1)
+    got = -logp.gather(-1, tok[..., 1:, None])[..., 0]
+    ok = nll < -LOGPRIOR_FLOOR - 5  # away from the floor
+    assert ok.float().mean() > 0.99
+    assert (got - nll)[ok].abs().max() < 2e-3
+    assert (logp.argmax(-1) == mode).float().mean() > 0.99  # ties between bins aside
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(()), atol=1e-3)
+    assert logits.min() == LOGPRIOR_FLOOR  # far tails floored
+    # the table is derived, not saved: a saved and reloaded model rebuilds the same one
+    import tempfile
 
-    exact = (m.token_log_width[:, None] - 0.5 * torch.as_tensor(std, dtype=torch.float32)[
-        :, None, None] ** -2 * (m.token_values[:, None] - pred[..., None]).square())
-    assert torch.allclose(logits, exact.clamp_min(LOGPRIOR_FLOOR), atol=1e-3)
-    assert (exact < LOGPRIOR_FLOOR).any() and logits.min() == LOGPRIOR_FLOOR
+    from ephys_gpt.models.registry import build_model
+
+    built = build_model("WavenetFullChannel", {**TINY, "vocab_size": 64, "linear_order": 2,
+                                               "linear_fit": True})
+    built.load_state_dict(m.state_dict())  # (the post-load hook rebuilds its table)
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(built, d)
+        back = from_pretrained(d).eval()
+    assert "logprior_table" not in m.state_dict()
+    with torch.no_grad():
+        assert torch.equal(back(tok).prediction, logits)
+    # weights saved before the exact log-prior (with a token_log_width buffer) still load
+    legacy = {**m.state_dict(), "token_log_width": torch.zeros(3, 64)}
+    fresh = _linear_model(2, vocab_size=64)
+    fresh.load_state_dict(legacy)
+    with torch.no_grad():
+        assert torch.equal(fresh(tok).prediction, logits)
 
 
 def test_linear_forecast_streams_exactly_even_beyond_the_receptive_field():
