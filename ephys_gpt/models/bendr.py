@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from ephys_gpt.layers.attention import KVCache, TransformerStack
 from ephys_gpt.layers.conv_encoder import CausalStridedConvEncoder
 from ephys_gpt.models.capabilities import Forecaster
-from ephys_gpt.models.linear_path import check_linear_config, fitted_var
+from ephys_gpt.models.linear_path import check_linear_config, fitted_var, linear_request
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -86,6 +86,10 @@ class BENDRForecastConfig:
                                        # samples (zero at init); 0: none (models before it)
     linear_fit: bool = False           # true: the linear path is a ridge VAR(p) fitted on the
                                        # training split before the first step, then held fixed
+    linear_select: bool = False        # true: linear_order is the largest order; the fit
+                                       # takes the p <= linear_order with the smallest
+                                       # 1-step error on the validation split (as the
+                                       # evals do), the lags above it zero
     example_length: int = 64           # T of example_inputs()
     sensor_pos: list[list[float]] | None = None  # default layout (C, 2); None: unit circle
     sensor_types: list[int] | None = None        # default ch_type codes (C,); None: zeros
@@ -97,7 +101,7 @@ class BENDRForecastConfig:
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"BENDRForecast: {key} must be a positive integer, got {val!r}")
         check_linear_config("BENDRForecast", self.linear_order, self.linear_fit,
-                            fit_required=False)
+                            fit_required=False, select=self.linear_select)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"BENDRForecast: d_model ({self.d_model}) / n_heads "
                              f"({self.n_heads}) must be an even integer (rotary heads)")
@@ -170,9 +174,10 @@ class BENDRForecast(nn.Module):
         """What a training run fits on its training split before the first step and sets as
         the linear path (``{"kind": "var", "order": p}``, with ``linear_fit``), or None.
         See :meth:`set_linear_path`."""
-        if self.linear is None or not self.config.linear_fit:
+        cfg = self.config
+        if self.linear is None:
             return None
-        return {"kind": "var", "order": self.config.linear_order}
+        return linear_request(cfg.linear_order, cfg.linear_fit, cfg.linear_select)
 
     @torch.no_grad()
     def set_linear_path(self, coef, intercept) -> None:

@@ -61,7 +61,12 @@ from tqdm.auto import tqdm
 
 from ephys_gpt.layers.diffusion_schedule import NoiseSchedule
 from ephys_gpt.models.capabilities import Forecaster, Sampler
-from ephys_gpt.models.linear_path import check_linear_config, fitted_var, var_process_mean
+from ephys_gpt.models.linear_path import (
+    check_linear_config,
+    fitted_var,
+    linear_request,
+    var_process_mean,
+)
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -99,6 +104,10 @@ class NTDConfig:
     linear_fit: bool = False         # true: that VAR(p) is a ridge fit on the training split,
                                      # set before the first step and held fixed (required
                                      # with linear_order > 0)
+    linear_select: bool = False      # true: linear_order is the largest order; the fit
+                                     # takes the p <= linear_order with the smallest
+                                     # 1-step error on the validation split (as the
+                                     # evals do), the lags above it zero
 
     def __post_init__(self):
         for key in ("num_channels", "signal_length", "hidden", "n_layers", "kernel_size",
@@ -130,7 +139,8 @@ class NTDConfig:
         if self.forecast_chunk is not None and not 1 <= self.forecast_chunk < self.signal_length:
             raise ValueError(f"NTD: forecast_chunk must be in [1, signal_length), got "
                              f"{self.forecast_chunk}")
-        check_linear_config("NTD", self.linear_order, self.linear_fit, fit_required=True)
+        check_linear_config("NTD", self.linear_order, self.linear_fit, fit_required=True,
+                            select=self.linear_select)
         if self.linear_order and not self.mask_channel:
             raise ValueError("NTD: linear_order > 0 needs mask_channel: true (the observed "
                              "samples are given to the denoiser clean, beside the noisy "
@@ -246,9 +256,8 @@ class NTD(nn.Module):
         """What a training run fits on its training split before the first step and sets with
         :meth:`set_linear_path` (``{"kind": "var", "order": p}`` with ``linear_order``), or
         None."""
-        if not self.config.linear_order:
-            return None
-        return {"kind": "var", "order": self.config.linear_order}
+        cfg = self.config
+        return linear_request(cfg.linear_order, cfg.linear_fit, cfg.linear_select)
 
     @torch.no_grad()
     def set_linear_path(self, coef, intercept) -> None:

@@ -42,7 +42,12 @@ from ephys_gpt.layers.embeddings import ChannelwiseTokenEmbedding, OptionalEmbed
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.capabilities import TokenGenerator
 from ephys_gpt.models.gpt2meg import check_tokens
-from ephys_gpt.models.linear_path import check_linear_config, fitted_var, var_process_mean
+from ephys_gpt.models.linear_path import (
+    check_linear_config,
+    fitted_var,
+    linear_request,
+    var_process_mean,
+)
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
 
@@ -70,6 +75,10 @@ class WavenetConfig:
                                    # of the tokens, to the logits (0: none)
     linear_fit: bool = False       # true: that VAR(p) is a ridge fit on the training split, set
                                    # before the first step and held fixed (required with p > 0)
+    linear_select: bool = False    # true: linear_order is the largest order; the fit
+                                   # takes the p <= linear_order with the smallest
+                                   # 1-step error on the validation split (as the
+                                   # evals do), the lags above it zero
 
     def __post_init__(self):
         name = type(self).__name__
@@ -83,7 +92,8 @@ class WavenetConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: {key} must be an integer >= 0, got {v!r}")
-        check_linear_config(name, self.linear_order, self.linear_fit, fit_required=True)
+        check_linear_config(name, self.linear_order, self.linear_fit, fit_required=True,
+                            select=self.linear_select)
 
     @property
     def dilations(self) -> list[int]:
@@ -471,9 +481,8 @@ class WavenetFullChannel(nn.Module):
         """What a training run fits on its training split before the first step and sets with
         :meth:`set_linear_path` (a VAR of order ``linear_order`` on the decoded tokens), or
         None."""
-        if not self.config.linear_order:
-            return None
-        return {"kind": "var", "order": self.config.linear_order, "tokens": True}
+        cfg = self.config
+        return linear_request(cfg.linear_order, cfg.linear_fit, cfg.linear_select, tokens=True)
 
     @torch.no_grad()
     def set_linear_path(self, coef, intercept, *, noise_std, steps) -> None:

@@ -308,7 +308,7 @@ class ExperimentDL:
             logger.info("resuming from %s (global step %s)", ckpt_path, ckpt.get("global_step"))
             self.checkpoint_io.remember(ckpt_path, ckpt)
         else:
-            init_from_training_data(self.lit.model, self.splits.train,
+            init_from_training_data(self.lit.model, self.splits.train, val=self.splits.val,
                                     progress=bool(cfg["trainer"].get("enable_progress_bar",
                                                                      True)))
         try:

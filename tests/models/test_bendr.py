@@ -273,3 +273,31 @@ def test_linear_fit_sets_a_fixed_var_fitted_on_the_training_split():
         _model(linear_order=2, linear_fit="var")
     with pytest.raises(ValueError, match="needs linear_order > 0"):
         _model(linear_order=0, linear_fit=True)
+
+
+def test_linear_select_chooses_the_order_on_validation_data_and_zeroes_the_lags_above():
+    """``linear_select``: ``linear_order`` is the largest order; the fit takes the order
+    with the smallest 1-step error on the validation split (what the evals do), and the
+    lags above it stay zero, so the model predicts as that VAR."""
+    from ephys_gpt.linear import fit_linear
+    from ephys_gpt.training.data_init import init_from_training_data
+
+    x, _ = _var_process(4, 4, 400, seed=3)
+    train, val = list(x[:3].numpy()), list(x[3:].numpy())
+    model = _model(linear_order=6, linear_fit=True, linear_select=True)
+    assert model.linear_init_request == {"kind": "var", "order": 6, "select": True}
+    init_from_training_data(model, train, val=val)
+    var = fit_linear(train, "var", "auto", max_order=6, val=val)
+    assert var.order == 2 and var.selection["criterion"] == "val_mse"  # the true order
+    w = model.linear.weight  # (C, C, p): tap j multiplies lag p - j
+    assert not w[..., :4].any() and w[..., 4:].abs().sum() > 0
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+        pred = model(x, *model.example_inputs(4)[1:]).prediction
+    want = torch.as_tensor(var.predict_next(x.numpy()), dtype=torch.float32)
+    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    with pytest.raises(ValueError, match="linear_select needs linear_fit: true"):
+        _model(linear_order=6, linear_select=True)
+    with pytest.raises(ValueError, match="linear_select must be true or false"):
+        _model(linear_order=6, linear_fit=True, linear_select="val")
