@@ -100,6 +100,22 @@ def mulaw_dequantize(tokens: Array, n_bits: int = 8, scale: float | Array = 1.0)
     return x * scale
 
 
+def mulaw_bin_edges(n_bits: int, scale: float | Array = 1.0) -> torch.Tensor:
+    """The values each token stands for: edges ``(V + 1,)``, or ``(C, V + 1)`` for a
+    per-channel ``scale``, float64 (on ``scale``'s device when it is a tensor). Token ``k``
+    takes the values between edges ``k`` and ``k + 1``, half a companded code step either
+    side of its value (:func:`mulaw_quantize` rounds the code; a value exactly on an edge goes
+    to either neighbour); the end tokens take everything beyond the range (``-inf`` and
+    ``+inf`` ends)."""
+    mu = mulaw_mu(n_bits)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    k = torch.arange(mu + 2, dtype=torch.float64) - 0.5
+    edges = mulaw_dequantize(k.clamp(0, mu), n_bits, 1.0).double().to(scale.device)
+    edges = edges * scale[..., None]
+    edges[..., 0], edges[..., -1] = -math.inf, math.inf
+    return edges
+
+
 def normal_log_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(Phi(b) - Phi(a))`` for ``a < b`` (standard normal CDF), accurate far in either
     tail: an interval above zero is mirrored below it, where ``log_ndtr`` keeps precision.

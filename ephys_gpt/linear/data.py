@@ -24,14 +24,13 @@ the baseline sees what the token model sees; training augmentations are not appl
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ephys_gpt.codec import mulaw_dequantize, mulaw_quantize
+from ephys_gpt.codec import mulaw_bin_edges, mulaw_dequantize, mulaw_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +113,9 @@ def token_bin_edges(steps: Sequence, n_rows: int, n_channels: int
         raise ValueError(f"steps: the rows' mu-law steps have different n_bits {sorted(bits)}; "
                          "token bins need one vocabulary")
     V = 2 ** bits.pop()
-    k = torch.arange(V, dtype=torch.float32).expand(n_rows, n_channels, V)
-    # the companded code of a value is rounded to the token: its bin ends half a code away
-    lo, hi = (_apply_by_row(pos, steps, lambda t, st: mulaw_dequantize(
-        t, int(st["n_bits"]), st.get("scale", 1.0))).double()
-        for pos in ((k - 0.5).clamp(0, V - 1), (k + 0.5).clamp(0, V - 1)))
-    lo[..., 0], hi[..., -1] = -math.inf, math.inf
+    edges = _apply_by_row(torch.empty(n_rows, n_channels, V + 1), steps, lambda t, st:
+                          mulaw_bin_edges(int(st["n_bits"]), st.get("scale", 1.0)).expand_as(t))
+    lo, hi = edges[..., :-1], edges[..., 1:]
     return lo, hi
 
 

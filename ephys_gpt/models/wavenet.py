@@ -537,7 +537,7 @@ class WavenetFullChannel(nn.Module):
         floored at :data:`LOGPRIOR_FLOOR`. :meth:`linear_logprior` interpolates it linearly
         (error ~1e-3 nats). Derived from ``token_values`` (whose last column is each
         channel's mu-law scale) and ``var_inv_var``; all zeros before a VAR is set."""
-        from ephys_gpt.codec import mulaw_dequantize, mulaw_mu, normal_log_mass
+        from ephys_gpt.codec import mulaw_bin_edges, normal_log_mass
 
         C, V = self.config.num_channels, self.config.vocab_size
         dev = self.token_values.device
@@ -547,11 +547,7 @@ class WavenetFullChannel(nn.Module):
             self.logprior_grid = torch.tensor([[0.0, 1.0]] * C, device=dev)
             return
         std = self.var_inv_var.double().rsqrt()
-        bits = V.bit_length() - 1
-        k = torch.arange(V + 1, dtype=torch.float64) - 0.5
-        edges = mulaw_dequantize(k.clamp(0, mulaw_mu(bits)), bits, 1.0).double().to(dev)
-        edges = edges[None] * scale[:, None]  # (C, V + 1)
-        edges[:, 0], edges[:, -1] = -math.inf, math.inf
+        edges = mulaw_bin_edges(V.bit_length() - 1, scale)  # (C, V + 1)
         lo, hi = -scale - 6 * std, scale + 6 * std
         G = int(min(LOGPRIOR_GRID_MAX, math.ceil(float(((hi - lo) / (std / 8)).max())) + 1))
         step = (hi - lo) / (G - 1)
