@@ -179,10 +179,9 @@ class EvalQuant(EvalRunner):
             inp, tgt = x[..., :-1], x[..., 1:]  # (B, C, n_in)
             draw = sample_unigram(unigram, tgt.shape, self.cpu_generator).to(self.device)
             self._position_sums(sums, inp, tgt, draw, unigram)
-            for k, p in self.linear_next(inp, steps).items():
-                sums[k] += (p.to(self.device) == tgt).float().sum((0, 1))
-            for m in self.linear_models():
-                nll, mode = m.token_scores(inp.cpu(), tgt.cpu(), steps)
+            for m in self.linear_models():  # one 1-step prediction, read both ways
+                nll, mode, nearest = m.token_scores(inp.cpu(), tgt.cpu(), steps)
+                sums[m.name] += (nearest == tgt.cpu()).float().sum((0, 1)).to(self.device)
                 sums[dist[m.name]] += (mode == tgt.cpu()).float().sum((0, 1)).to(self.device)
                 sums[f"{dist[m.name]} nll"] += nll.sum((0, 1)).to(self.device)
             self._sweep_sums(sweep, hist, inp, tgt[..., -1], draw[..., -1], steps)

@@ -318,14 +318,16 @@ class LinearPredictor:
         return requantize(self.predict_next(decode_tokens(tokens, steps)), steps)
 
     def token_scores(self, tokens: Array, targets: Array, steps: Sequence,
-                     chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_elements: int = 1 << 22
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The 1-step forecast as a distribution over tokens: the Gaussian N(``predict_next``,
         ``noise_cov[c, c]``) of each channel's next value, given to each token as the mass of
         its mu-law bin (:func:`~ephys_gpt.linear.data.token_bin_edges`; exact, from the normal
         CDF in float64). Returns, for ``tokens`` (B, C, T) and the ``targets`` (B, C, T) they
         predict, the negative log-probability of each target (nats, float32) and the most
         probable token (int64), which is not always the bin holding the mean: wider mu-law
-        bins hold more mass. Computed in chunks of about ``chunk_elements`` token masses."""
+        bins hold more mass; third, the mean re-quantized (:meth:`predict_next_tokens`, from
+        the same prediction). Computed in chunks of about ``chunk_elements`` token masses."""
         tokens, targets = torch.as_tensor(tokens), torch.as_tensor(targets)
         if tokens.dim() != 3:
             raise ValueError(f"token_scores expects tokens (B, C, T), got shape "
@@ -333,7 +335,8 @@ class LinearPredictor:
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match tokens "
                              f"{tuple(tokens.shape)}")
-        pred = torch.as_tensor(self.predict_next(decode_tokens(tokens, steps))).double()
+        mean = torch.as_tensor(self.predict_next(decode_tokens(tokens, steps)))
+        pred = mean.double()
         B, C, T = pred.shape
         lo, hi = token_bin_edges(steps, B, C)  # (B, C, V)
         lo, hi = lo.to(pred.device)[:, :, None], hi.to(pred.device)[:, :, None]
@@ -348,7 +351,7 @@ class LinearPredictor:
             tgt = targets[..., t0:t0 + step].to(pred.device)
             nll[..., t0:t0 + step] = -logp.gather(-1, tgt[..., None])[..., 0]
             mode[..., t0:t0 + step] = logp.argmax(-1)
-        return nll, mode
+        return nll, mode, requantize(mean, steps)
 
     def forecast_tokens(self, context: Array, steps: Sequence, n_steps: int, **kw) -> Array:
         """:meth:`forecast` for token contexts (B, C, Tc) → tokens (B, C, n_steps); the

@@ -440,7 +440,8 @@ def test_token_scores_are_the_gaussian_forecast_over_token_bins():
     model = fit_linear([x[:, :5000]], "var", 2)
     tok = mulaw_quantize(torch.as_tensor(x[None, :, 5000:], dtype=torch.float32), 6, 6.0)
     inp, tgt = tok[..., :-1], tok[..., 1:]
-    nll, mode = model.token_scores(inp, tgt, steps, chunk_elements=5000)  # several chunks
+    nll, mode, nearest = model.token_scores(inp, tgt, steps, chunk_elements=5000)  # chunks
+    assert torch.equal(nearest, model.predict_next_tokens(inp, steps))
     assert nll.shape == mode.shape == tgt.shape and nll.dtype == torch.float32
     assert torch.isfinite(nll).all() and (nll >= 0).all()
     # every token as the target at a few positions: the probabilities sum to one
@@ -461,7 +462,6 @@ def test_token_scores_are_the_gaussian_forecast_over_token_bins():
     far = model.token_scores(few, torch.zeros_like(few), steps)[0]
     assert torch.isfinite(far).all()
     # the most probable token beats the re-quantized mean (on the VAR's own kind of data)
-    nearest = model.predict_next_tokens(inp, steps)
     assert (mode == tgt).float().mean() >= (nearest == tgt).float().mean()
     with pytest.raises(ValueError, match="targets .* must match tokens"):
         model.token_scores(inp, tgt[..., :-1], steps)

@@ -189,7 +189,7 @@ def test_linear_forecast_is_the_fitted_var_and_the_untrained_model_is_its_distri
     assert torch.allclose(logits, m.linear_logprior(pred), atol=1e-6)
     assert not torch.allclose(logits, untouched)  # (before the VAR was set it added nothing)
     # the eval's exact scores of the same VAR: every target token's NLL, the most probable
-    nll, mode = var.token_scores(tok[..., :-1], tok[..., 1:], steps)
+    nll, mode, _ = var.token_scores(tok[..., :-1], tok[..., 1:], steps)
     logp = logits[:, :, :-1].log_softmax(-1)
     got = -logp.gather(-1, tok[..., 1:, None])[..., 0]
     ok = nll < -LOGPRIOR_FLOOR - 5  # away from the floor
