@@ -225,6 +225,16 @@ def test_linear_path_learns_cross_channel_dynamics_a_per_channel_model_misses():
     assert without > 1.15 * with_lin, (without, with_lin)
 
 
+def _assert_predicts_as_the_var(model, x, var):
+    """With the network's head silenced, the model's 1-step forecast of ``x`` is ``var``'s."""
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+        pred = model(x, *model.example_inputs(x.shape[0])[1:]).prediction
+    want = torch.as_tensor(var.predict_next(x.numpy()), dtype=torch.float32)
+    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+
+
 def test_linear_path_set_to_a_fitted_var_predicts_as_the_var():
     """``set_linear_path(coef, intercept)``: the path alone reproduces a fitted VAR's
     prediction (the residual's identity taken off the first lag), so with the network's
@@ -235,12 +245,7 @@ def test_linear_path_set_to_a_fitted_var_predicts_as_the_var():
     var = fit_linear(list(x.numpy()), "var", 2)
     model = _model(linear_order=2).eval()
     model.set_linear_path(var.channel_coefficients(), var.intercept)
-    with torch.no_grad():
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.zero_()
-        pred = model(x, *model.example_inputs(4)[1:]).prediction
-    want = torch.as_tensor(var.predict_next(x.numpy()), dtype=torch.float32)
-    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    _assert_predicts_as_the_var(model, x, var)
     with pytest.raises(ValueError, match=r"expected coef \(2, 4, 4\)"):
         model.set_linear_path(var.channel_coefficients()[:1], var.intercept)
     with pytest.raises(ValueError, match="no linear path"):
@@ -291,12 +296,7 @@ def test_linear_select_chooses_the_order_on_validation_data_and_zeroes_the_lags_
     assert var.order == 2 and var.selection["criterion"] == "val_mse"  # the true order
     w = model.linear.weight  # (C, C, p): tap j multiplies lag p - j
     assert not w[..., :4].any() and w[..., 4:].abs().sum() > 0
-    with torch.no_grad():
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.zero_()
-        pred = model(x, *model.example_inputs(4)[1:]).prediction
-    want = torch.as_tensor(var.predict_next(x.numpy()), dtype=torch.float32)
-    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    _assert_predicts_as_the_var(model, x, var)
     with pytest.raises(ValueError, match="linear_select needs linear_fit: true"):
         _model(linear_order=6, linear_select=True)
     with pytest.raises(ValueError, match="linear_select must be true or false"):

@@ -131,15 +131,23 @@ def test_bf16_autocast_forward_and_generate_are_finite(model):
     assert gen.shape == (2, 3, 15)
 
 
-def test_incremental_decoder_matches_forward_and_refuses_overflow(model):
-    x = ctx(T=12)
-    prime, step = model.incremental_decoder(2)
+def _assert_decoder_matches_forward(model, x, n_prime=5):
+    """Priming on ``x[..., :n_prime]`` and cached steps over the rest give the forward
+    pass's logits; returns the decoder's ``step`` (its cache now full when ``x`` is
+    ``n_positions`` long)."""
+    prime, step = model.incremental_decoder(x.shape[0])
     with torch.no_grad():
         full = model(x).prediction
-        got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
-    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
+        got = [prime(x[..., :n_prime], True)] + [step(x[..., t])
+                                                 for t in range(n_prime, x.shape[-1])]
+    assert torch.allclose(torch.stack(got, dim=2), full[:, :, n_prime - 1:], atol=1e-5)
+    return step
+
+
+def test_incremental_decoder_matches_forward_and_refuses_overflow(model):
+    step = _assert_decoder_matches_forward(model, ctx(T=12))
     with pytest.raises(ValueError, match="cache is full"):
-        step(x[..., 0])
+        step(ctx(T=12)[..., 0])
 
 
 @pytest.mark.slow
@@ -229,12 +237,7 @@ def test_grouped_key_value_heads_decode_like_the_forward_pass(name):
 
     torch.manual_seed(0)
     m = build_model(name, {**TINY, "n_heads": 4, "kv_heads": 1, "time_conv": 3}).eval()
-    x = ctx(T=12)
-    prime, step = m.incremental_decoder(2)
-    with torch.no_grad():
-        full = m(x).prediction
-        got = [prime(x[..., :5], True)] + [step(x[..., t]) for t in range(5, 12)]
-    assert torch.allclose(torch.stack(got, dim=2), full[:, :, 4:], atol=1e-5)
+    _assert_decoder_matches_forward(m, ctx(T=12))
     cached = m.generate(ctx(), 10, temperature=0.0)
     assert torch.equal(cached, m.generate(ctx(), 10, temperature=0.0, use_cache=False))
     with pytest.raises(ValueError, match=f"{name}Config: kv_heads must be None or a positive "
