@@ -14,6 +14,10 @@ What it measures, on held-out windows of the chunk store (the ``test`` split by 
    the fitted linear models, a per-channel AR(p) and a multichannel VAR(p) (see
    ``ephys_gpt/linear/``): they predict in the decoded domain and their predictions are
    re-quantized through the recorded mu-law step, so their accuracy compares directly.
+   Each is also read as a distribution over tokens (``<name>, token distribution``): its
+   Gaussian forecast, with the 1-step innovation variance (teacher forcing, history sweep)
+   or the k-step forecast-error variance (N-step curves), gives each token the mass of its
+   mu-law bin; its most probable token and NLL compare with a token model's like for like.
 5. **Free-running generation** of ``gen_seconds`` (temperature / top-k / top-p sampling)
    compared with held-out data: Welch PSD per channel type with the alpha peak, channel
    covariance and correlation matrices with similarity scores; the generated signal is
@@ -134,7 +138,8 @@ class EvalQuant(EvalRunner):
             self.train, self.vocab_size, max_windows=opts.unigram_max_windows, seed=opts.seed,
             progress=opts.progress), dtype=torch.float32)
         batches = self.heldout(opts.max_batches * opts.batch_size)
-        self.baselines = (*NAIVE, *(m.name for m in self.linear_models()))
+        linear = [m.name for m in self.linear_models()]
+        self.baselines = (*NAIVE, *linear, *map(linear_distribution_name, linear))
         tf = self.teacher_forced(batches, unigram)
         ns = self.nstep(batches, unigram)
         gen = self.free_running()
@@ -171,7 +176,7 @@ class EvalQuant(EvalRunner):
         sweep = {"acc": torch.zeros(len(hist), device=self.device),
                  "rep": torch.zeros((), device=self.device),
                  "uni": torch.zeros((), device=self.device),
-                 **{k: torch.zeros(len(hist)) for k in linear}}
+                 **{k: torch.zeros(len(hist)) for k in (*linear, *dist.values())}}
         n_rows = 0
         for x, _, steps in tqdm(batches, desc="teacher-forced", disable=not opts.progress,
                                 leave=False):
@@ -196,7 +201,8 @@ class EvalQuant(EvalRunner):
                 "hist_acc": (sweep["acc"] / n_rows).cpu().numpy(),
                 "hist_rep": float(sweep["rep"] / n_rows),
                 "hist_uni": float(sweep["uni"] / n_rows),
-                "hist_linear": {k: (sweep[k] / n_rows).numpy() for k in linear},
+                "hist_linear": {k: (sweep[k] / n_rows).numpy()
+                                for k in (*linear, *dist.values())},
                 "n_windows": int(sum(b.shape[0] for b, _, _ in batches))}
 
     def _position_sums(self, sums: dict, inp, tgt, draw, unigram) -> None:
@@ -213,11 +219,15 @@ class EvalQuant(EvalRunner):
 
     def _sweep_sums(self, sweep: dict, hist, inp, last, draw_last, steps) -> None:
         """The last token of each window predicted from its ``h`` preceding tokens."""
+        last_cpu = last.cpu()
         for j, h in enumerate(hist):
             lg = self._forward(inp[..., -h:])[..., -1, :]
             sweep["acc"][j] += (lg.argmax(-1) == last).float().sum()
-            for k, p in self.linear_next(inp[..., -h:], steps).items():
-                sweep[k][j] += (p[..., -1] == last.cpu()).float().sum()
+            for m in self.linear_models():  # one 1-step forecast, read both ways
+                _, mode, mean = m.forecast_token_scores(inp[..., -h:].cpu(), steps, 1)
+                sweep[m.name][j] += (mean[..., 0] == last_cpu).float().sum()
+                sweep[linear_distribution_name(m.name)][j] += (
+                    mode[..., 0] == last_cpu).float().sum()
         sweep["rep"] += (inp[..., -1] == last).float().sum()
         sweep["uni"] += (draw_last == last).float().sum()
 
@@ -240,9 +250,11 @@ class EvalQuant(EvalRunner):
             preds = {self.model_name: self._generate(ctx, N, sampling),
                      REPEAT_LAST: repeat_last(ctx, N),
                      UNIGRAM: sample_unigram(unigram, fut.shape,
-                                             self.cpu_generator).to(self.device),
-                     **{k: v.to(self.device)
-                        for k, v in self.linear_forecast(ctx, steps, N).items()}}
+                                             self.cpu_generator).to(self.device)}
+            for m in self.linear_models():  # one forecast: its mean and its k-step Gaussian
+                _, mode, mean = m.forecast_token_scores(ctx.cpu(), steps, N)
+                preds[m.name] = mean.to(self.device)
+                preds[linear_distribution_name(m.name)] = mode.to(self.device)
             for k, p in preds.items():
                 correct[k] += (p == fut).float().sum((0, 1)).cpu().numpy()
                 self.add(sq[k], self.sq_errors(p, fut, steps))
@@ -386,6 +398,11 @@ class EvalQuant(EvalRunner):
                   [[k, ns["accuracy_at_1"][k], ns[f"accuracy_at_{N}"][k]] +
                    [ns["rmse_at_1"][k][t] for t in ns["rmse_units"]]
                    for k in ns["accuracy_at_1"]])
+        if s["linear_baselines"]:
+            rep.text("The linear baselines' rows forecast recursively from the same contexts: "
+                     "their mean re-quantized, and (`token distribution`) the most probable "
+                     "token of the k-step Gaussian forecast, whose variance grows with k as "
+                     "the fitted dynamics propagate the innovations.")
         rep.section(f"Free-running generation ({ge['seconds']:g} s, {ge['sampling']} "
                     f"{ge['sampling_kwargs']})")
         self.spectra_section(rep, ge)

@@ -21,6 +21,8 @@ device); numpy in gives numpy out.
   step (:mod:`ephys_gpt.linear.data`).
 - :meth:`LinearPredictor.token_scores`: the 1-step Gaussian forecast as a distribution over
   tokens (each token's bin mass): its NLL of the actual tokens and its most probable token.
+  :meth:`LinearPredictor.forecast_token_scores`: the same for the k-step forecasts after a
+  context, whose Gaussian has the k-step error variance (:meth:`LinearPredictor.forecast_std`).
 """
 
 from __future__ import annotations
@@ -277,6 +279,40 @@ class LinearPredictor:
             return out[..., burn:]
         return self.forecast(context, steps, innovations=True, generator=generator)
 
+    def forecast_std(self, steps: int) -> np.ndarray:
+        """(steps, C): the standard deviation of each channel's k-step forecast error, k = 1 ..
+        ``steps``, if the fitted model is the process: the innovations of ``noise_cov``
+        propagated through the dynamics, ``Var_k = sum_{j<k} diag(Psi_j noise_cov Psi_j')``
+        with ``Psi_0 = I`` and ``Psi_j = sum_{l=1..min(j,p)} A_l Psi_{j-l}`` (``A_l``:
+        :meth:`channel_coefficients`; per channel, scalars, for an AR). Row 0 is the 1-step
+        innovation std. A (C, C) matrix product per lag and step for a VAR (about a second for
+        300 channels and 16 steps); cached per ``steps``."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        key = ("forecast_std", int(steps))
+        if key in self._cache:
+            return self._cache[key]
+        n, p, C = int(steps), self.order, self.n_channels
+        if self.kind == "ar":
+            psi = np.zeros((n, C))
+            psi[0] = 1.0
+            for j in range(1, n):
+                for lag in range(1, min(j, p) + 1):
+                    psi[j] += self.coef[lag - 1] * psi[j - lag]
+            var = np.cumsum(psi ** 2, 0) * np.diag(self.noise_cov)[None, :]
+        else:
+            a = torch.as_tensor(self.channel_coefficients())
+            factor = self._noise_factor({"noise_cov": torch.as_tensor(self.noise_cov)})
+            psi = [torch.eye(C, dtype=torch.float64)]
+            var = torch.zeros(n, C, dtype=torch.float64)
+            var[0] = (factor ** 2).sum(1)
+            for j in range(1, n):
+                psi.append(sum(a[lag - 1] @ psi[j - lag] for lag in range(1, min(j, p) + 1)))
+                var[j] = var[j - 1] + ((psi[j] @ factor) ** 2).sum(1)
+            var = var.numpy()
+        self._cache[key] = out = np.sqrt(np.maximum(var, 0.0))
+        return out
+
     def _noise_factor(self, P: dict) -> torch.Tensor:
         """A matrix L with L L' = noise_cov (Cholesky; eigen square root if only PSD)."""
         cov = P["noise_cov"]
@@ -336,22 +372,58 @@ class LinearPredictor:
             raise ValueError(f"targets {tuple(targets.shape)} must match tokens "
                              f"{tuple(tokens.shape)}")
         mean = torch.as_tensor(self.predict_next(decode_tokens(tokens, steps)))
-        pred = mean.double()
-        B, C, T = pred.shape
+        sd = torch.as_tensor(np.sqrt(np.diag(self.noise_cov)))[:, None]  # (C, 1)
+        nll, mode = self._token_distribution(mean.double(), sd, steps, targets, chunk_elements)
+        return nll, mode, requantize(mean, steps)
+
+    def forecast_token_scores(self, context: Array, steps: Sequence, n_steps: int,
+                              targets: Array | None = None, chunk_elements: int = 1 << 22
+                              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """:meth:`token_scores` for the ``n_steps`` forecasts after a token ``context`` (B, C,
+        Tc): the k-step forecast of each channel is the Gaussian N(:meth:`forecast`'s k-th
+        value, :meth:`forecast_std`'s k-th value squared), each token given the mass of its
+        mu-law bin. Returns (B, C, n_steps): the NLL (nats) of ``targets`` (None without
+        them), the most probable token, and the mean forecast re-quantized
+        (:meth:`forecast_tokens`). With ``n_steps=1`` this is :meth:`token_scores` at the
+        context's last position."""
+        context = torch.as_tensor(context)
+        if context.dim() != 3:
+            raise ValueError(f"forecast_token_scores expects a context (B, C, T), got shape "
+                             f"{tuple(context.shape)}")
+        if targets is not None:
+            targets = torch.as_tensor(targets)
+            want = (*context.shape[:2], n_steps)
+            if tuple(targets.shape) != want:
+                raise ValueError(f"targets {tuple(targets.shape)} must be (B, C, n_steps) = "
+                                 f"{want}")
+        mean = torch.as_tensor(self.forecast(decode_tokens(context, steps), n_steps))
+        sd = torch.as_tensor(self.forecast_std(n_steps).T)  # (C, n_steps)
+        nll, mode = self._token_distribution(mean.double(), sd, steps, targets, chunk_elements)
+        return nll, mode, requantize(mean, steps)
+
+    def _token_distribution(self, mean: torch.Tensor, sd: torch.Tensor, steps: Sequence,
+                            targets: torch.Tensor | None, chunk_elements: int
+                            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Gaussians N(``mean`` (B, C, T), ``sd`` (C, T or 1)²) over the mu-law bins of each
+        row's ``steps``: the NLL of ``targets`` (float32; None without them) and the most
+        probable token, (B, C, T) each."""
+        B, C, T = mean.shape
         lo, hi = token_bin_edges(steps, B, C)  # (B, C, V)
-        lo, hi = lo.to(pred.device)[:, :, None], hi.to(pred.device)[:, :, None]
-        sd = torch.as_tensor(np.sqrt(np.diag(self.noise_cov)), device=pred.device)
-        sd = sd.clamp_min(1e-12)[None, :, None, None]
-        nll = torch.empty(B, C, T, dtype=torch.float32, device=pred.device)
-        mode = torch.empty(B, C, T, dtype=torch.long, device=pred.device)
+        lo, hi = lo.to(mean.device)[:, :, None], hi.to(mean.device)[:, :, None]
+        sd = sd.to(mean.device, torch.float64).clamp_min(1e-12)[None, :, :, None]
+        nll = None if targets is None else torch.empty(B, C, T, dtype=torch.float32,
+                                                       device=mean.device)
+        mode = torch.empty(B, C, T, dtype=torch.long, device=mean.device)
         step = max(1, chunk_elements // max(1, B * C * lo.shape[-1]))
         for t0 in range(0, T, step):
-            mu = pred[..., t0:t0 + step, None]
-            logp = normal_log_mass((lo - mu) / sd, (hi - mu) / sd)  # (B, C, t, V)
-            tgt = targets[..., t0:t0 + step].to(pred.device)
-            nll[..., t0:t0 + step] = -logp.gather(-1, tgt[..., None])[..., 0]
+            mu = mean[..., t0:t0 + step, None]
+            s = sd[:, :, t0:t0 + step] if sd.shape[2] > 1 else sd
+            logp = normal_log_mass((lo - mu) / s, (hi - mu) / s)  # (B, C, t, V)
+            if nll is not None:
+                tgt = targets[..., t0:t0 + step].to(mean.device)
+                nll[..., t0:t0 + step] = -logp.gather(-1, tgt[..., None])[..., 0]
             mode[..., t0:t0 + step] = logp.argmax(-1)
-        return nll, mode, requantize(mean, steps)
+        return nll, mode
 
     def forecast_tokens(self, context: Array, steps: Sequence, n_steps: int, **kw) -> Array:
         """:meth:`forecast` for token contexts (B, C, Tc) → tokens (B, C, n_steps); the

@@ -131,10 +131,11 @@ def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
     nstep = json.loads((out / "nstep_accuracy.json").read_text())
     linear = list(summary["linear_baselines"])
     assert [n.split("(")[0] for n in linear] == ["AR", "VAR"]
-    assert list(nstep["curves"]) == ["GPT2MEG", REPEAT_LAST, UNIGRAM, *linear]
+    dists = [linear_distribution_name(n) for n in linear]
+    assert list(nstep["curves"]) == ["GPT2MEG", REPEAT_LAST, UNIGRAM, *linear, *dists]
     assert nstep["x"] == list(range(1, 9)) and nstep["sampling"] == "greedy"
     arr = np.load(out / "nstep_accuracy.npy", allow_pickle=False)
-    assert arr.shape == (6, 8) and np.all((arr[1:] >= 0) & (arr[1:] <= 1))
+    assert arr.shape == (8, 8) and np.all((arr[1:] >= 0) & (arr[1:] <= 1))
     rmse = json.loads((out / "nstep_rmse_mag.json").read_text())
     assert rmse["unit"] == "fT" and all(v > 0 for v in rmse["curves"][UNIGRAM])
 
@@ -154,6 +155,10 @@ def test_eval_quant_writes_every_output(trained_export, token_splits, tmp_path):
         dist = linear_distribution_name(name)
         assert 0 < acc[dist] <= 1 and dist in summary["next_step"]["beats_linear"]
         assert 0 < nll[dist] < nll[UNIGRAM] * 1.5 and name not in nll
+        # the history sweep and the N-step curves read it too (k-step Gaussian forecasts)
+        assert len(summary["history_sweep"][dist]) == len(summary["history_sweep"]["accuracy"])
+        assert 0 < summary["nstep"]["accuracy_at_1"][dist] <= 1
+        assert set(summary["nstep"]["rmse_at_1"][dist]) == {"mag", "grad"}
     assert nll[linear_distribution_name(linear[1])] < nll[UNIGRAM]
     assert linear_distribution_name(linear[1]) in (out / "report.md").read_text()
     assert "On held-out next-token accuracy, GPT2MEG" in (out / "report.md").read_text()
@@ -192,6 +197,12 @@ def test_copy_model_scores_exactly_repeat_last(token_splits, tmp_path, monkeypat
     np.testing.assert_allclose(nstep["curves"]["CopyLast"], nstep["curves"][REPEAT_LAST])
     rmse = json.loads((tmp_path / "evals" / "nstep_rmse_grad.json").read_text())
     np.testing.assert_allclose(rmse["curves"]["CopyLast"], rmse["curves"][REPEAT_LAST])
+    # the sweep's full-context point is the teacher-forced last position, for the linear
+    # models' both readings too (two code paths: all positions at once, one forecast)
+    pos = json.loads((tmp_path / "evals" / "accuracy_by_position.json").read_text())["curves"]
+    linear = list(summary["linear_baselines"])
+    for name in [*linear, *map(linear_distribution_name, linear)]:
+        assert summary["history_sweep"][name][-1] == pytest.approx(pos[name][-1]), name
     # repeat-last accuracy recomputed independently from the held-out windows
     batch = torch.stack([_tokens(token_splits.test, i) for i in range(len(token_splits.test))])
     assert 0.05 < (batch[..., 1:] == batch[..., :-1]).float().mean() < 0.9

@@ -467,6 +467,62 @@ def test_token_scores_are_the_gaussian_forecast_over_token_bins():
         model.token_scores(inp, tgt[..., :-1], steps)
 
 
+@pytest.mark.parametrize("kind, n_components", [("ar", None), ("var", None), ("var", 2)])
+def test_forecast_std_is_the_spread_of_simulated_continuations(kind, n_components):
+    """The k-step forecast error's std: the spread of many continuations of one context
+    driven by the model's own innovations (the process the model describes), at every k;
+    k = 1 is the innovation std, and the error grows towards the process's std."""
+    (a1, a2), cov = var2_params()
+    x = simulate_var([a1, a2], 8000, seed=6, noise_cov=cov)
+    model = fit_linear([x], kind, 3, n_components=n_components)
+    sd = model.forecast_std(12)
+    assert sd.shape == (12, 3) and model.forecast_std(12) is sd  # cached
+    np.testing.assert_allclose(sd[0], np.sqrt(np.diag(model.noise_cov)), rtol=1e-12)
+    assert (np.diff(sd, axis=0) >= -1e-12).all()
+    ctx = torch.as_tensor(x[None, :, :60]).expand(20000, -1, -1)
+    sims = model.forecast(ctx, 12, innovations=True, generator=torch.Generator().manual_seed(1))
+    spread = (sims - model.forecast(ctx[:1], 12)).std(0).numpy().T  # (12, 3)
+    np.testing.assert_allclose(spread, sd, rtol=0.03)  # 20000 draws: ~0.5% standard error
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        model.forecast_std(0)
+
+
+def test_forecast_token_scores_are_the_k_step_forecast_over_token_bins():
+    """k-step token distributions: one step after a context is the teacher-forced
+    distribution at the context's last position; at k > 1 the bin masses match continuations
+    simulated with the model's innovations and re-quantized, and the mean re-quantized is
+    ``forecast_tokens``."""
+    (a1, a2), cov = var2_params()
+    steps = mulaw_steps(6.0)
+    x = simulate_var([a1, a2], 6000, seed=5, noise_cov=cov)
+    model = fit_linear([x[:, :5000]], "var", 2)
+    tok = mulaw_quantize(torch.as_tensor(x[None, :, 5000:5400], dtype=torch.float32), 6, 6.0)
+    ctx = tok.reshape(1, 3, 8, 50).permute(0, 2, 1, 3).reshape(8, 3, 50)  # 8 contexts
+    fut = tok.reshape(1, 3, 8, 50).permute(0, 2, 1, 3).reshape(8, 3, 50)[..., :6]
+    nll1, mode1, mean1 = model.forecast_token_scores(ctx[..., :-1], steps, 1, ctx[..., -1:])
+    tnll, tmode, tnear = model.token_scores(ctx[..., :-1], ctx[..., 1:], steps)
+    torch.testing.assert_close(nll1, tnll[..., -1:], rtol=1e-6, atol=1e-6)
+    assert torch.equal(mode1, tmode[..., -1:]) and torch.equal(mean1, tnear[..., -1:])
+    nll, mode, mean = model.forecast_token_scores(ctx, steps, 6, fut, chunk_elements=3000)
+    assert torch.equal(mean, model.forecast_tokens(ctx, steps, 6))
+    assert nll.shape == mode.shape == (8, 3, 6) and torch.isfinite(nll).all()
+    assert model.forecast_token_scores(ctx, steps, 6)[0] is None
+    p = torch.stack([model.forecast_token_scores(ctx[:2], steps, 6,
+                                                 torch.full((2, 3, 6), v))[0]
+                     for v in range(64)], -1).neg().exp()  # (2, 3, 6, 64)
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.equal(p.argmax(-1), mode[:2])
+    sims = model.forecast(decode_tokens(ctx[:2], steps).repeat(50000, 1, 1), 6,
+                          innovations=True, generator=torch.Generator().manual_seed(2))
+    freq = torch.nn.functional.one_hot(requantize(sims, steps).view(50000, 2, 3, 6),
+                                       64).double().mean(0)
+    assert (freq - p).abs().max() < 1e-2
+    # the spread grows with k: the distribution widens (its NLL of a fixed token changes)
+    assert not torch.equal(p[..., 0, :], p[..., -1, :])
+    with pytest.raises(ValueError, match="targets .* must be"):
+        model.forecast_token_scores(ctx, steps, 6, fut[..., :5])
+
+
 def test_fit_on_a_token_dataset_decodes_with_each_sessions_step(token_splits):
     train = token_splits.train
     seg = Segments(train)
