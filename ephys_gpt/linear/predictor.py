@@ -285,8 +285,8 @@ class LinearPredictor:
         propagated through the dynamics, ``Var_k = sum_{j<k} diag(Psi_j noise_cov Psi_j')``
         with ``Psi_0 = I`` and ``Psi_j = sum_{l=1..min(j,p)} A_l Psi_{j-l}`` (``A_l``:
         :meth:`channel_coefficients`; per channel, scalars, for an AR). Row 0 is the 1-step
-        innovation std. A (C, C) matrix product per lag and step for a VAR (about a second for
-        300 channels and 16 steps); cached per ``steps``."""
+        innovation std. A (C, C) matrix product per lag and step for a VAR (0.15 s for a
+        VAR(30) of 306 channels and 20 steps on a 2-core CPU); cached per ``steps``."""
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         key = ("forecast_std", int(steps))
