@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from var_tokens import fitted, var_tokens
 
 from ephys_gpt.models.wavenet import WavenetFullChannel
 
@@ -134,30 +135,6 @@ def test_bf16_stream_runs_in_bf16(model):
         WavenetStream(model, inputs, None, backend="jax")
 
 
-def _var_tokens(B=2, T=400, bits=4, scale=3.0, seed=0):
-    """A stable 3-channel VAR(2) with a mean, mu-law quantized: tokens, values, steps."""
-    from ephys_gpt.codec import mulaw_quantize
-
-    g = torch.Generator().manual_seed(seed)
-    A1 = 0.5 * torch.eye(3) + 0.3 * torch.roll(torch.eye(3), 1, dims=1)
-    A2 = -0.3 * torch.eye(3) + 0.2 * torch.roll(torch.eye(3), -1, dims=1)
-    x = torch.zeros(B, 3, T)
-    e = 0.5 * torch.randn(B, 3, T, generator=g) + 0.1
-    for t in range(2, T):
-        x[..., t] = x[..., t - 1] @ A1.T + x[..., t - 2] @ A2.T + e[..., t]
-    steps = [{"name": "normalize", "method": "robust"},
-             {"name": "mulaw_quantize", "n_bits": bits, "scale": scale}]
-    return mulaw_quantize(x, bits, scale), steps
-
-
-def _fitted(tok, steps, order):
-    from ephys_gpt.linear import decode_tokens, fit_linear
-
-    vals = decode_tokens(tok, steps)
-    var = fit_linear(list(vals.double().numpy()), "var", order)
-    return var, vals
-
-
 def _linear_model(order, **over):
     torch.manual_seed(0)
     return WavenetFullChannel(**{**TINY, **over}, linear_order=order, linear_fit=True).eval()
@@ -171,10 +148,10 @@ def test_linear_forecast_is_the_fitted_var_and_the_untrained_model_is_its_distri
     the table's interpolation error; floored far out in the tails; rebuilt after a
     save/load."""
     from ephys_gpt.models.pretrained import from_pretrained, save_pretrained
-    from ephys_gpt.models.wavenet import LOGPRIOR_FLOOR
+    from ephys_gpt.models.token_var import LOGPRIOR_FLOOR
 
-    tok, steps = _var_tokens(bits=6)
-    var, vals = _fitted(tok, steps, 2)
+    tok, steps = var_tokens(bits=6)
+    var, vals = fitted(tok, steps, 2)
     m = _linear_model(2, vocab_size=64)
     assert m.linear_init_request == {"kind": "var", "order": 2, "tokens": True}
     std = var.noise_cov.diagonal() ** 0.5
@@ -224,9 +201,9 @@ def test_linear_forecast_streams_exactly_even_beyond_the_receptive_field():
     """Cached generation (the VAR's last p values kept in the stream) gives the tokens and
     logits of the uncached path and of the forward pass, also when p exceeds the receptive
     field (8 here) and the context is shorter than p."""
-    tok, steps = _var_tokens()
+    tok, steps = var_tokens()
     for order, context in ((3, 20), (12, 20), (12, 5)):
-        var, _ = _fitted(tok, steps, order)
+        var, _ = fitted(tok, steps, order)
         m = _linear_model(order)
         m.set_linear_path(var.channel_coefficients(), var.intercept,
                           noise_std=var.noise_cov.diagonal() ** 0.5, steps=steps)
@@ -264,8 +241,8 @@ def test_linear_forecast_config_and_codec_are_checked():
         WavenetFullChannel(**TINY, linear_order=2)
     with pytest.raises(ValueError, match="needs linear_order > 0"):
         WavenetFullChannel(**TINY, linear_fit=True)
-    tok, steps = _var_tokens()
-    var, _ = _fitted(tok, steps, 2)
+    tok, steps = var_tokens()
+    var, _ = fitted(tok, steps, 2)
     m = _linear_model(2)
     args = (var.channel_coefficients(), var.intercept)
     std = var.noise_cov.diagonal() ** 0.5
