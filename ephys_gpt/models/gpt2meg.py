@@ -8,6 +8,12 @@ channel from tokens ``<= t`` of the same channel.
 Idea: GPT-2 (Radford et al., 2019) applied to quantized MEG as in Csaky et al.,
 "Foundational GPT model for MEG" (2024).
 
+Optional linear forecast (``linear_order: p``, ``linear_fit: true``): a VAR(p) over all
+channels, fitted on the training split before the first step and held fixed, adds its
+forecast's token log-probabilities to the logits (:mod:`ephys_gpt.models.token_var`); the
+transformer then learns what the VAR does not predict. It is the one place where channels
+meet in GPT2MEG.
+
 Legend: B batch, C channels, T time, V vocabulary (mu-law levels), D width.
 """
 
@@ -31,8 +37,10 @@ from ephys_gpt.layers.causal_conv import CausalConv1d, ConvState
 from ephys_gpt.layers.embeddings import OptionalEmbedding
 from ephys_gpt.layers.generation import check_token_context, generate_tokens
 from ephys_gpt.models.capabilities import TokenGenerator
+from ephys_gpt.models.linear_path import check_linear_config
 from ephys_gpt.models.output import ModelOutput
 from ephys_gpt.models.registry import register_model
+from ephys_gpt.models.token_var import TokenVARForecast, TokenVARStream
 
 
 @dataclass
@@ -62,6 +70,13 @@ class GPT2MEGConfig:
     time_conv: int = 0           # > 0: kernel (samples) of a causal depthwise convolution over
     # each channel's embeddings, mixed by a zero-initialized linear map and added before the
     # blocks, so every position holds its recent history; 0: none (models trained before it)
+    linear_order: int = 0        # p > 0: add a fitted VAR(p)'s forecast over all channels, as
+    # token log-probabilities, to the logits (ephys_gpt/models/token_var.py); needs
+    # linear_fit and p <= n_positions (the VAR reads the model's window)
+    linear_fit: bool = False     # true: that VAR is a ridge fit on the training split, set
+    # before the first step and held fixed (saved with the weights)
+    linear_select: bool = False  # true: linear_order is the largest order; the fit takes the
+    # order with the smallest 1-step error on the validation split (the higher lags zero)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -85,6 +100,12 @@ class GPT2MEGConfig:
                 self.time_conv < 0:
             raise ValueError(f"{name}: time_conv must be an integer >= 0 (0: none), got "
                              f"{self.time_conv!r}")
+        check_linear_config(name, self.linear_order, self.linear_fit, fit_required=True,
+                            select=self.linear_select)
+        if self.linear_order > self.n_positions:
+            raise ValueError(f"{name}: linear_order ({self.linear_order}) must be <= "
+                             f"n_positions ({self.n_positions}): the VAR reads the model's "
+                             "window")
         if self.slide_stride is not None and not 1 <= self.slide_stride <= self.n_positions:
             raise ValueError(f"{name}: slide_stride must be None or in [1, n_positions="
                              f"{self.n_positions}], got {self.slide_stride}")
@@ -107,7 +128,7 @@ def check_tokens(x: torch.Tensor, num_channels: int, n_positions: int | None, na
                          f"{n_positions}; use shorter windows or a larger n_positions")
 
 
-class ChannelTokenTransformer(nn.Module):
+class ChannelTokenTransformer(TokenVARForecast, nn.Module):
     """What GPT2MEG and STGPT2MEG share: the token / position / channel / label embeddings
     ``(B, C, T, D)`` (with ``time_conv``, plus a causal convolution of them over time), the
     final LayerNorm and (tied) head, ``example_inputs``, and the KV-cached decoding behind
@@ -119,6 +140,11 @@ class ChannelTokenTransformer(nn.Module):
     many steps to learn from learned absolute positions. A depthwise causal convolution
     (``time_conv`` taps per feature) followed by a linear map holds such filters directly;
     it starts at zero, so the model starts as the plain transformer.
+
+    With ``linear_order`` (and ``linear_fit``) a VAR over all channels, fitted on the
+    training split, adds its forecast to the logits as token log-probabilities
+    (:class:`~ephys_gpt.models.token_var.TokenVARForecast`); decoding streams it
+    (:class:`~ephys_gpt.models.token_var.TokenVARStream`).
 
     A subclass builds its blocks (``make_block() -> nn.Module``) and runs them in
     :meth:`_blocks` on hidden states ``(B, C, T, D)``, with one :class:`KVCache` per block.
@@ -147,6 +173,8 @@ class ChannelTokenTransformer(nn.Module):
             nn.init.zeros_(self.time_mix.weight)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
+        if cfg.linear_order:
+            self._init_token_var()
 
     @property
     def _name(self) -> str:
@@ -256,7 +284,7 @@ class ChannelTokenTransformer(nn.Module):
                              "host); decode with compile=False")
         labels = self._labels(batch_size, subject, condition)
         caches = [KVCache(cfg.n_positions, static=compile) for _ in self.blocks]
-        state = {"pos": 0, "fn": None, "conv": None}
+        state = {"pos": 0, "fn": None, "conv": None, "var": None}
 
         def prime(window: torch.Tensor, cached: bool) -> torch.Tensor:
             if cached and self.time_conv is not None:
@@ -267,7 +295,9 @@ class ChannelTokenTransformer(nn.Module):
                     cache.reset()
             h = self._blocks(h, caches if cached else None)
             state["pos"] = window.shape[-1]
-            return self._logits(h[:, :, -1:])[:, :, 0]
+            if cached and cfg.linear_order:
+                state["var"] = TokenVARStream(self, window)
+            return self.with_linear_forecast(self._logits(h[:, :, -1:]), window, True)[:, :, 0]
 
         def one_step(tok: torch.Tensor, position) -> torch.Tensor:
             h = self._embed(tok[..., None], position, labels, state["conv"])
@@ -290,7 +320,7 @@ class ChannelTokenTransformer(nn.Module):
             else:
                 logits = one_step(tok, state["pos"])
             state["pos"] += 1
-            return logits
+            return logits if state["var"] is None else logits + state["var"].step(tok)
 
         return prime, step
 
@@ -343,4 +373,4 @@ class GPT2MEG(ChannelTokenTransformer):
         cfg = self.config
         check_tokens(x, cfg.num_channels, cfg.n_positions, "GPT2MEG")
         h = self._embed(x, 0, self._labels(x.shape[0], subject, condition))
-        return ModelOutput(self._logits(self._blocks(h)))
+        return ModelOutput(self.with_linear_forecast(self._logits(self._blocks(h)), x))

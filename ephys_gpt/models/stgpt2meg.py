@@ -77,4 +77,4 @@ class STGPT2MEG(ChannelTokenTransformer):
         cfg = self.config
         check_tokens(x, cfg.num_channels, cfg.n_positions, "STGPT2MEG")
         h = self._embed(x, 0, self._labels(x.shape[0], subject, condition))
-        return ModelOutput(self._logits(self._blocks(h)))
+        return ModelOutput(self.with_linear_forecast(self._logits(self._blocks(h)), x))

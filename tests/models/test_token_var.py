@@ -1,0 +1,103 @@
+"""GPT2MEG and STGPT2MEG with a fitted VAR's forecast added to their logits (``linear_order``,
+``ephys_gpt/models/token_var.py``; WavenetFullChannel's use of the same part is tested in
+test_wavenet.py)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from var_tokens import fitted, set_fitted, var_tokens
+
+from ephys_gpt.models.pretrained import from_pretrained, save_pretrained
+from ephys_gpt.models.registry import build_model
+
+TINY = {"num_channels": 3, "vocab_size": 16, "n_positions": 24, "d_model": 16, "n_layers": 2,
+        "n_heads": 2, "time_conv": 3}
+NAMES = ["GPT2MEG", "STGPT2MEG"]
+
+
+def _model(name, order=2, **over):
+    torch.manual_seed(0)
+    return build_model(name, {**TINY, **over, "linear_order": order, "linear_fit": True}).eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_are_the_networks_plus_the_fitted_vars_token_log_probabilities(name):
+    """The forward pass adds, at every step, the token log-probabilities of the fitted VAR's
+    Gaussian forecast (its prediction equals the eval's fitted VAR's) to the network's logits,
+    which are those of the same weights without the VAR; before a VAR is set it adds
+    nothing; saved and reloaded, the model gives the same logits."""
+    tok, steps = var_tokens(T=24)
+    m = _model(name)
+    plain = build_model(name, TINY).eval()
+    plain.load_state_dict(m.state_dict(), strict=False)  # the same network, no VAR
+    with torch.no_grad():
+        base = plain(tok).prediction
+        assert torch.equal(m(tok).prediction, base)  # no VAR set yet: nothing added
+    var = set_fitted(m, tok, steps, 2)
+    assert m.linear_init_request == {"kind": "var", "order": 2, "tokens": True}
+    pred = m.linear_prediction(tok)
+    _, vals = fitted(tok, steps, 2)
+    want = torch.as_tensor(var.predict_next(vals.double().numpy()), dtype=torch.float32)
+    assert torch.allclose(pred[..., 1:], want[..., 1:], atol=1e-4)
+    with torch.no_grad():
+        logits = m(tok).prediction
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, base + m.linear_logprior(pred))
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(m, d)
+        back = from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(back(tok).prediction, logits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("order, context", [(2, 10), (6, 4), (6, 20)])
+def test_cached_decoding_streams_the_var_exactly(name, order, context):
+    """KV-cached generation (the VAR's last p values streamed) gives the tokens of the
+    uncached path, greedy and sampled, also with a context shorter than p and past
+    n_positions (the window slides and the stream restarts from it); each cached step's
+    logits are the forward pass's."""
+    tok, steps = var_tokens(T=40)
+    m = _model(name, order)
+    set_fitted(m, tok, steps, order)
+    c = tok[..., :context]
+    cached = m.generate(c, 30, temperature=0.0)  # past n_positions = 24
+    assert torch.equal(cached, m.generate(c, 30, temperature=0.0, use_cache=False))
+    sampled = m.generate(c, 30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sampled, m.generate(c, 30, generator=torch.Generator().manual_seed(3),
+                                           use_cache=False))
+    prime, step = m.incremental_decoder(2)
+    with torch.no_grad():
+        logits = [prime(c, True)]
+        logits += [step(cached[..., t]) for t in range(context, 23)]
+        full = m(cached[..., :24]).prediction
+    torch.testing.assert_close(torch.stack(logits, 2), full[:, :, context - 1:23],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_keeps_the_var_part_in_float32(name):
+    tok, steps = var_tokens(T=24)
+    m = _model(name)
+    set_fitted(m, tok, steps, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(tok).prediction
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        prime, step = m.incremental_decoder(2)
+        assert prime(tok[..., :5], True).dtype == torch.float32
+        assert step(tok[..., 5]).dtype == torch.float32
+
+
+def test_linear_config_is_checked():
+    with pytest.raises(ValueError, match="needs linear_fit: true"):
+        build_model("GPT2MEG", {**TINY, "linear_order": 2})
+    with pytest.raises(ValueError, match="linear_fit needs linear_order > 0"):
+        build_model("GPT2MEG", {**TINY, "linear_fit": True})
+    with pytest.raises(ValueError, match=r"linear_order \(30\) must be <= n_positions \(24\)"):
+        build_model("STGPT2MEG", {**TINY, "linear_order": 30, "linear_fit": True})
+    with pytest.raises(ValueError, match="no linear forecast"):
+        tok, steps = var_tokens(T=24)
+        set_fitted(build_model("GPT2MEG", TINY), tok, steps, 2)
