@@ -57,11 +57,14 @@ def generate_tokens(context: torch.Tensor, steps: int, *, prime: PrimeFn, step: 
                     use_cache: bool = True, window: int | None = None, stride: int = 1,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
-                    progress: bool = False, desc: str = "generate") -> torch.Tensor:
+                    uniforms=None, progress: bool = False,
+                    desc: str = "generate") -> torch.Tensor:
     """Extend ``context (B, C, T0)`` by ``steps`` sampled tokens → ``(B, C, T0 + steps)``.
 
     ``use_cache=False`` recomputes every step from the token window with ``prime`` (the
     reference the cached path must match). See the module docstring for ``window``/``stride``.
+    ``uniforms(generator) -> (B, C, 1)``: the uniform numbers of each step's draws (see
+    :func:`~ephys_gpt.layers.sampling.sample_logits`; default independent ones).
     """
     check_sampling_args(temperature, top_k, top_p)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -83,7 +86,8 @@ def generate_tokens(context: torch.Tensor, steps: int, *, prime: PrimeFn, step: 
     start = window_start(length, 0, window, stride)
     logits = prime(seq[..., start:length], use_cache)
     for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, C)
+        u = None if uniforms is None or temperature == 0 else uniforms(generator)
+        tok = sample_logits(logits, temperature, top_k, top_p, generator, u)  # (B, C)
         seq[..., length] = tok
         length += 1
         if i == steps - 1:

@@ -56,8 +56,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  top_p: float | None = None, generator: torch.Generator | None = None,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row of ``logits``.
 
     Parameters
@@ -68,6 +68,11 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     top_k, top_p : see :func:`filter_logits`.
     generator : torch.Generator | None
         Source of randomness (on the logits' device) for reproducible sampling.
+    uniforms : Tensor (..., 1) | None
+        The uniform number in [0, 1) each row's inverse-CDF draw uses (default: independent
+        ones from ``generator``). Each row's token keeps exactly its own distribution whatever
+        the uniforms' joint law; dependent uniforms (a copula) make the rows' draws
+        dependent, e.g. the channels of one time step (``TokenVARForecast.innovation_uniforms``).
 
     Returns
     -------
@@ -84,6 +89,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     # for the (C, V) rows of a decode step). u < 1 times the total mass lands strictly inside
     # the CDF, on a token of non-zero probability.
     cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)
-    u = torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device)
+    u = (torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device)
+         if uniforms is None else uniforms.to(cdf.device, cdf.dtype))
     tokens = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
     return tokens.squeeze_(-1).clamp_(max=logits.shape[-1] - 1)

@@ -257,7 +257,9 @@ class ChannelTokenTransformer(TokenVARForecast, nn.Module):
         return generate_tokens(context, steps, prime=prime, step=step, use_cache=use_cache,
                                window=cfg.n_positions, stride=cfg.stride,
                                temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, progress=progress, desc=self._name)
+                               generator=generator,
+                               uniforms=self.linear_uniforms(context.shape[0]),
+                               progress=progress, desc=self._name)
 
     def incremental_decoder(self, batch_size: int, subject: torch.Tensor | None = None,
                             condition: torch.Tensor | None = None, *, compile: bool = False):

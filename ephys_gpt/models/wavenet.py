@@ -537,8 +537,9 @@ class WavenetFullChannel(TokenVARForecast, nn.Module):
         with threadpool_limits(1, user_api="blas"):
             return generate_tokens(context, steps, prime=prime, step=step,
                                    use_cache=use_cache, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, generator=generator, progress=progress,
-                                   desc="WavenetFullChannel")
+                                   top_p=top_p, generator=generator,
+                                   uniforms=self.linear_uniforms(context.shape[0]),
+                                   progress=progress, desc="WavenetFullChannel")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())

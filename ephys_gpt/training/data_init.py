@@ -56,7 +56,9 @@ def init_from_training_data(model: Any, train: Any, *, val: Any = None,
         coef = np.concatenate([coef, np.zeros((p - coef.shape[0], *coef.shape[1:]))])
     extra = {}
     if request.get("tokens"):  # a token model: the VAR's errors and the data's token codec
-        extra = {"noise_std": np.sqrt(np.diag(fitted.noise_cov)), "steps": train.steps}
+        sd = np.sqrt(np.diag(fitted.noise_cov))
+        extra = {"noise_std": sd, "steps": train.steps,  # and the errors' correlation
+                 "noise_corr": fitted.noise_cov / np.outer(sd, sd)}
     model.set_linear_path(coef, fitted.intercept, **extra)
     logger.info("%s: linear path starts at %s fitted on the training split (%d rows, "
                 "%.1f s)%s", name, fitted.name, fitted.n_rows, fitted.fit_seconds or 0.0,

@@ -91,3 +91,18 @@ def test_draws_follow_the_probabilities_and_never_hit_a_zero():
     assert torch.allclose(freq, probs, atol=0.01)
     top2 = sample_logits(logits, top_k=2, generator=g)
     assert set(top2.unique().tolist()) == {2, 3}
+
+
+def test_given_uniforms_are_the_inverse_cdf_draws():
+    """``uniforms`` replace the generator's numbers one for one: the same numbers give the
+    same tokens, each row's token is where its uniform falls in its CDF (so any joint law of
+    the uniforms keeps every row's own distribution)."""
+    logits = torch.randn(6, 3, 8)
+    u = torch.rand(6, 3, 1, generator=torch.Generator().manual_seed(4))
+    own = sample_logits(logits, 0.7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sample_logits(logits, 0.7, uniforms=u), own)
+    cdf = torch.softmax(logits / 0.7, -1).cumsum(-1)
+    assert torch.equal(own, (cdf <= u * cdf[..., -1:]).sum(-1))
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    edges = sample_logits(probs.log().expand(3, 4), uniforms=torch.tensor([[0.0], [0.5], [1 - 1e-7]]))
+    assert edges.tolist() == [0, 2, 3]

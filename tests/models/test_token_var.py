@@ -91,6 +91,41 @@ def test_bf16_autocast_keeps_the_var_part_in_float32(name):
         assert step(tok[..., 5]).dtype == torch.float32
 
 
+def test_generation_draws_the_channels_with_the_var_errors_correlation():
+    """The channels' uniforms go through a Gaussian copula with the fitted errors'
+    correlation: their normal scores have that correlation and each stays uniform, and a
+    model that is the VAR (its network silenced) generates a signal whose 1-step errors are
+    correlated like the data's; drawn independently (a model saved before the correlation
+    was kept, which still loads) they are not."""
+    corr = torch.tensor([[1.0, 0.8, 0.5], [0.8, 1.0, 0.6], [0.5, 0.6, 1.0]])
+    tok, steps = var_tokens(B=4, T=600, bits=6, corr=corr)
+    m = _model("GPT2MEG", vocab_size=64, n_positions=48)
+    var = set_fitted(m, tok, steps, 2)
+    sd = var.noise_cov.diagonal() ** 0.5
+    fitted_corr = torch.as_tensor(var.noise_cov / (sd[:, None] * sd[None, :]), dtype=torch.float32)
+    u = m.innovation_uniforms(40000, torch.Generator().manual_seed(0))
+    assert u.shape == (40000, 3, 1) and ((u > 0) & (u < 1)).all()
+    assert torch.allclose(u.mean(0), torch.full((3, 1), 0.5), atol=0.01)
+    scores = torch.special.ndtri(u[..., 0].double()).T
+    assert torch.allclose(torch.corrcoef(scores).float(), fitted_corr, atol=0.02)
+    with torch.no_grad():
+        m.head.weight.zero_()  # (tied to the token embedding: silences the network's logits)
+    legacy = {k: v for k, v in m.state_dict().items() if k != "var_noise_factor"}
+    indep = _model("GPT2MEG", vocab_size=64, n_positions=48)
+    indep.load_state_dict(legacy)
+    assert torch.equal(indep.var_noise_factor, torch.eye(3))
+
+    def error_corr(model):
+        out = model.generate(tok[..., :40], 400, generator=torch.Generator().manual_seed(1))
+        gen, _ = fitted(out[..., 40:], steps, 2)
+        s = gen.noise_cov.diagonal() ** 0.5
+        return torch.as_tensor(gen.noise_cov / (s[:, None] * s[None, :]), dtype=torch.float32)
+
+    assert torch.allclose(error_corr(m), fitted_corr, atol=0.1)
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert error_corr(indep)[off].abs().max() < 0.15
+
+
 def test_linear_config_is_checked():
     with pytest.raises(ValueError, match="needs linear_fit: true"):
         build_model("GPT2MEG", {**TINY, "linear_order": 2})
@@ -98,6 +133,12 @@ def test_linear_config_is_checked():
         build_model("GPT2MEG", {**TINY, "linear_fit": True})
     with pytest.raises(ValueError, match=r"linear_order \(30\) must be <= n_positions \(24\)"):
         build_model("STGPT2MEG", {**TINY, "linear_order": 30, "linear_fit": True})
+    m = _model("GPT2MEG")
+    tok, steps = var_tokens(T=24)
+    var, _ = fitted(tok, steps, 2)
+    with pytest.raises(ValueError, match=r"noise_corr must be a \(3, 3\) correlation matrix"):
+        m.set_linear_path(var.channel_coefficients(), var.intercept, steps=steps,
+                          noise_std=var.noise_cov.diagonal() ** 0.5, noise_corr=2 * torch.eye(3))
     with pytest.raises(ValueError, match="no linear forecast"):
         tok, steps = var_tokens(T=24)
         set_fitted(build_model("GPT2MEG", TINY), tok, steps, 2)

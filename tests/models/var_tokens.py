@@ -6,15 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def var_tokens(B=2, T=400, bits=4, scale=3.0, seed=0):
-    """A stable 3-channel VAR(2) with a mean, mu-law quantized: tokens, steps."""
+def var_tokens(B=2, T=400, bits=4, scale=3.0, seed=0, corr=None):
+    """A stable 3-channel VAR(2) with a mean, mu-law quantized: tokens, steps. ``corr``
+    (3, 3): the errors' correlation (None: independent errors)."""
     from ephys_gpt.codec import mulaw_quantize
 
     g = torch.Generator().manual_seed(seed)
     A1 = 0.5 * torch.eye(3) + 0.3 * torch.roll(torch.eye(3), 1, dims=1)
     A2 = -0.3 * torch.eye(3) + 0.2 * torch.roll(torch.eye(3), -1, dims=1)
     x = torch.zeros(B, 3, T)
-    e = 0.5 * torch.randn(B, 3, T, generator=g) + 0.1
+    z = torch.randn(B, 3, T, generator=g)
+    if corr is not None:
+        z = torch.einsum("ij,bjt->bit", torch.linalg.cholesky(torch.as_tensor(corr).float()), z)
+    e = 0.5 * z + 0.1
     for t in range(2, T):
         x[..., t] = x[..., t - 1] @ A1.T + x[..., t - 2] @ A2.T + e[..., t]
     steps = [{"name": "normalize", "method": "robust"},
@@ -34,6 +38,7 @@ def fitted(tok, steps, order):
 def set_fitted(model, tok, steps, order):
     """Give ``model`` the VAR(order) fitted on ``tok``; returns the fit."""
     var, _ = fitted(tok, steps, order)
-    model.set_linear_path(var.channel_coefficients(), var.intercept,
-                          noise_std=var.noise_cov.diagonal() ** 0.5, steps=steps)
+    sd = var.noise_cov.diagonal() ** 0.5
+    model.set_linear_path(var.channel_coefficients(), var.intercept, noise_std=sd, steps=steps,
+                          noise_corr=var.noise_cov / (sd[:, None] * sd[None, :]))
     return var
