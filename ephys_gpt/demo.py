@@ -66,8 +66,11 @@ class DemoPlan:
     split_by: str = "subject"       # held-out data from unseen subjects (session: unseen sessions)
     model: dict = field(default_factory=lambda: {
         "n_positions": 100, "d_model": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.0,
-        "time_conv": 32})           # a causal conv over each channel's last 32 embeddings:
+        "time_conv": 32,            # a causal conv over each channel's last 32 embeddings:
                                     # the signed AR-like filter attention learns slowly
+        "linear_order": 30, "linear_fit": True, "linear_select": True})
+                                    # a VAR (order <= 30, chosen on validation) fitted on the
+                                    # training split, its forecast added to the logits
     steps: int = 1000               # optimizer steps in total
     batch_size: int = 2             # windows per step (x channels sequences)
     lr: float = 6e-3
@@ -104,7 +107,8 @@ class DemoPlan:
 FULL = DemoPlan()
 QUICK = DemoPlan(subjects=2, sessions=2, seconds=24.0, split_by="session", steps=6, batch_size=1,
                  warmup_steps=2, val_batches=2,
-                 model={"n_positions": 50, "d_model": 16, "n_layers": 1, "n_heads": 2},
+                 model={"n_positions": 50, "d_model": 16, "n_layers": 1, "n_heads": 2,
+                        "linear_order": 5, "linear_fit": True, "linear_select": True},
                  example_seconds=0.5,
                  eval={"batch_size": 2, "max_batches": 1, "future_steps": 4, "gen_seconds": 1.0,
                        "gen_sampling": "top_p", "top_p": 0.98, "psd_windows": 8,
@@ -344,7 +348,8 @@ def _write_report(out: Path, demo: dict, ev: dict, eval_dir: Path) -> Path:
     rep.text(f"{model} {verdict} both naive baselines (`repeat-last`: copy the previous "
              f"token; `unigram`: draw from each channel's training-set token distribution). "
              f"Chance with {2 ** plan['n_bits']} tokens is {1 / 2 ** plan['n_bits']:.4f}.")
-    rep.text(_linear_sentence(model, acc, demo["beats_linear"]))
+    rep.text(_linear_sentence(model, acc, demo["beats_linear"],
+                              bool(plan["model"].get("linear_order"))))
     scored = {k: v for k, v in nll.items() if k != model and k in demo["beats_linear"]}
     if model in nll and scored:
         rep.text("`, token distribution`: the linear model's Gaussian forecast given to each "
@@ -361,9 +366,12 @@ def _write_report(out: Path, demo: dict, ev: dict, eval_dir: Path) -> Path:
                 "yes" if d["generated_detected"] else "no"]
                for k, d in demo["alpha_peak_hz"].items()])
     sim = demo["correlation_similarity"]["offdiag_correlation"]
+    why = ("its channels meet through the VAR's forecast and the channels' draws, dependent "
+           "like the VAR's errors" if plan["model"].get("linear_order") else
+           "GPT2MEG models each channel separately (shared weights, channel embedding), so "
+           "little spatial correlation is expected")
     rep.text(f"Channel-correlation similarity of generated vs held-out (off-diagonal r): "
-             f"{report_io.fmt_value(sim, 3)} — GPT2MEG models each channel separately "
-             "(shared weights, channel embedding), so little spatial correlation is expected.")
+             f"{report_io.fmt_value(sim, 3)} — {why}.")
     rep.section("Figures")
     for name, caption in [("accuracy_by_position", "Next-step accuracy vs history length"),
                           ("nstep_accuracy", "N-step-ahead accuracy, model vs baselines"),
@@ -378,18 +386,22 @@ def _write_report(out: Path, demo: dict, ev: dict, eval_dir: Path) -> Path:
     return rep.write(out / "report.md")
 
 
-def _linear_sentence(model: str, acc: dict, beats: dict) -> str:
-    """How the model compares with the fitted AR and VAR, plainly."""
+def _linear_sentence(model: str, acc: dict, beats: dict, with_var: bool) -> str:
+    """How the model compares with the fitted AR and VAR, plainly (``with_var``: the model
+    adds a fitted VAR's forecast to its logits)."""
     if not beats:
         return "No linear baselines were fitted."
     parts = [f"{'beats' if won else 'does **not** beat'} {name} ({acc[model]:.3f} vs "
              f"{acc[name]:.3f})" for name, won in beats.items()]
+    how = (f"{model} adds to its logits the forecast of a VAR fitted on the training split "
+           "(`linear_order`), so its transformer learns what the VAR does not predict; the "
+           "likelihood below says how much that is. " if with_var else
+           f"{model} predicts each channel from its own past only (a per-channel AR is its "
+           "linear counterpart); the VAR uses every channel's past. ")
     return (f"Against linear models fitted by least squares to the same training data: "
-            f"{model} {'; it '.join(parts)}. {model} predicts each channel from its own past "
-            "only (a per-channel AR is its linear counterpart); the VAR uses every channel's "
-            "past. The simulated data come from a linear MVAR model, where a long VAR is "
-            "close to the best possible predictor: it is the yardstick, not a rival to "
-            "ignore.")
+            f"{model} {'; it '.join(parts)}. " + how + "The simulated data come from a "
+            "linear MVAR model, where a long VAR is close to the best possible predictor: it "
+            "is the yardstick, not a rival to ignore.")
 
 
 def _took(timings: dict, stage: str) -> str:
