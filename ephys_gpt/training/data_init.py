@@ -4,8 +4,9 @@ A model may start part of itself from a fit to the training split. Today one kin
 model with a ``linear_init_request`` (``{"kind": "var" | "ar", "order": p}``, with
 ``"select": True`` to choose the order up to p on the validation split, or None) and a
 ``set_linear_path(coef, intercept)`` method (BENDRForecast's, NTD's and, with
-``"tokens": True`` in the request and so also ``noise_std`` and the data's ``steps``,
-WavenetFullChannel's ``linear_fit``) gets the ridge least-squares AR/VAR of
+``"tokens": True`` in the request and so also ``noise_std``, ``noise_corr`` (the errors'
+correlation) and the data's ``steps``, the token models' ``linear_fit``: WavenetFullChannel,
+GPT2MEG, STGPT2MEG) gets the ridge least-squares AR/VAR of
 :mod:`ephys_gpt.linear` fitted on the training split — the same fit the eval runners report
 as baselines. It runs only on a fresh start: a resumed
 run continues from its checkpoint's weights.
