@@ -89,7 +89,9 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     # for the (C, V) rows of a decode step). u < 1 times the total mass lands strictly inside
     # the CDF, on a token of non-zero probability.
     cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)
-    u = (torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device)
-         if uniforms is None else uniforms.to(cdf.device, cdf.dtype))
+    if uniforms is None:
+        u = torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device)
+    else:  # below 1: u = 1 would land past the CDF, on the last token even if filtered out
+        u = uniforms.to(cdf.device, cdf.dtype).clamp(0.0, 1.0 - torch.finfo(cdf.dtype).eps / 2)
     tokens = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
     return tokens.squeeze_(-1).clamp_(max=logits.shape[-1] - 1)

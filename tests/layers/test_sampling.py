@@ -106,3 +106,10 @@ def test_given_uniforms_are_the_inverse_cdf_draws():
     probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
     edges = sample_logits(probs.log().expand(3, 4), uniforms=torch.tensor([[0.0], [0.5], [1 - 1e-7]]))
     assert edges.tolist() == [0, 2, 3]
+    # a uniform of 1 (a copula's Phi(z) rounds to 1 in float32 for z > 5.4) stays inside the
+    # CDF: never a token that top-k or top-p filtered out
+    ones = torch.ones(3, 1)
+    last_out = torch.tensor([0.3, 0.0, 0.5, 0.2]).log().expand(3, 4)
+    assert sample_logits(last_out, top_k=2, uniforms=ones).tolist() == [2] * 3
+    assert sample_logits(torch.tensor([[2.0, 1.0, 0.0, -5.0]]), top_p=0.5,
+                         uniforms=torch.ones(1, 1)).tolist() == [0]
