@@ -55,8 +55,8 @@ class TokenVARForecast:
         self.register_buffer("var_mean", torch.zeros(C))
         self.register_buffer("var_inv_var", torch.ones(C))
         self.register_buffer("token_values", torch.zeros(C, V))
-        # lower Cholesky factor of the errors' correlation (identity: independent draws, as
-        # for models saved before it)
+        # a factor L of the errors' correlation, L L' = corr (Cholesky; identity:
+        # independent draws, as for models saved before it)
         self.register_buffer("var_noise_factor", torch.eye(C))
         self._register_load_state_dict_pre_hook(_independent_if_missing, with_module=True)
         # derived (not saved): where each channel's tokens start in token_values.flatten(),
@@ -144,12 +144,12 @@ class TokenVARForecast:
                             ) -> torch.Tensor:
         """Uniform numbers (batch, C, 1) for one step's draws, one per channel, dependent
         through a Gaussian copula with the VAR errors' correlation: ``Phi(L z)``, ``z`` standard
-        normal, ``L`` the correlation's Cholesky factor (independent uniforms for a model
-        without one). For :func:`~ephys_gpt.layers.sampling.sample_logits`."""
-        L = self.var_noise_factor
-        z = torch.randn(batch, L.shape[0], generator=generator, device=L.device,
-                        dtype=torch.float32)
-        return torch.special.ndtr(z @ L.T)[..., None]
+        normal, ``L L' `` the correlation (independent uniforms for a model without one).
+        float32, also under autocast. For :func:`~ephys_gpt.layers.sampling.sample_logits`."""
+        L = self.var_noise_factor.float()
+        z = torch.randn(batch, L.shape[0], generator=generator, device=L.device)
+        with torch.autocast(L.device.type, enabled=False):
+            return torch.special.ndtr(z @ L.T)[..., None]
 
     @torch.no_grad()
     def _build_logprior_table(self) -> None:

@@ -89,6 +89,9 @@ def test_bf16_autocast_keeps_the_var_part_in_float32(name):
         prime, step = m.incremental_decoder(2)
         assert prime(tok[..., :5], True).dtype == torch.float32
         assert step(tok[..., 5]).dtype == torch.float32
+        u = m.innovation_uniforms(4, torch.Generator().manual_seed(0))
+    assert u.dtype == torch.float32
+    assert torch.equal(u, m.innovation_uniforms(4, torch.Generator().manual_seed(0)))
 
 
 def test_generation_draws_the_channels_with_the_var_errors_correlation():
