@@ -164,7 +164,7 @@ class TokenVARForecast:
         if not self.config.linear_order:
             raise ValueError(f"{type(self).__name__}: innovation_uniforms needs a linear "
                              "forecast (linear_order > 0)")
-        return self.linear_uniforms(batch)(generator)
+        return self.linear_uniforms(batch, chunk=1)(generator)
 
     @torch.no_grad()
     def _build_logprior_table(self) -> None:
