@@ -46,6 +46,17 @@ def _owned(a: Any) -> np.ndarray:
     return np.array(a, dtype=np.float64, order="C", copy=True)
 
 
+def psd_factor(m: torch.Tensor) -> torch.Tensor:
+    """A matrix L with L L' = ``m``, a covariance or correlation matrix: its lower Cholesky
+    factor, or an eigen square root (not triangular) when ``m`` is only semi-definite, e.g.
+    of collinear channels."""
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return chol
+    w, v = torch.linalg.eigh(m)
+    return v * w.clamp_min(0).sqrt()[None, :]
+
+
 @dataclass
 class LinearPredictor:
     """A fitted per-channel AR(p) or VAR(p) (see ``fitting.py`` for the model equations).
@@ -302,7 +313,7 @@ class LinearPredictor:
             var = np.cumsum(psi ** 2, 0) * np.diag(self.noise_cov)[None, :]
         else:
             a = torch.as_tensor(self.channel_coefficients())
-            factor = self._noise_factor({"noise_cov": torch.as_tensor(self.noise_cov)})
+            factor = psd_factor(torch.as_tensor(self.noise_cov))
             psi = [torch.eye(C, dtype=torch.float64)]
             var = torch.zeros(n, C, dtype=torch.float64)
             var[0] = (factor ** 2).sum(1)
@@ -314,13 +325,8 @@ class LinearPredictor:
         return out
 
     def _noise_factor(self, P: dict) -> torch.Tensor:
-        """A matrix L with L L' = noise_cov (Cholesky; eigen square root if only PSD)."""
-        cov = P["noise_cov"]
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) == 0:
-            return chol
-        w, v = torch.linalg.eigh(cov)
-        return v * w.clamp_min(0).sqrt()[None, :]
+        """A matrix L with L L' = noise_cov (:func:`psd_factor`)."""
+        return psd_factor(P["noise_cov"])
 
     def _as_batch(self, x: Array, what: str):
         """(B, C, T) float64 torch tensor, and a function restoring the input's kind/shape."""

@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ephys_gpt.linear.predictor import psd_factor
 from ephys_gpt.models.linear_path import fitted_var, linear_request, var_process_mean
 
 LOGPRIOR_FLOOR = -40.0  # nats: the least log-probability the linear forecast gives a token
@@ -123,7 +124,7 @@ class TokenVARForecast:
                 raise ValueError(f"{name}.set_linear_path: noise_corr must be a ({C}, {C}) "
                                  "correlation matrix (symmetric, finite, ones on the "
                                  f"diagonal), got shape {tuple(corr.shape)}")
-            factor = _psd_factor(corr)
+            factor = psd_factor(corr)
         self.var_coef.copy_(a)
         self.var_intercept.copy_(b)
         self.var_mean.copy_(var_process_mean(a, b))
@@ -241,16 +242,6 @@ class TokenVARForecast:
             return logits
         pred = self.linear_prediction(x)
         return logits + self.linear_logprior(pred[..., -1:] if last_only else pred)
-
-
-def _psd_factor(corr: torch.Tensor) -> torch.Tensor:
-    """A lower factor L with L L' = ``corr`` (Cholesky; an eigen square root when ``corr`` is
-    only semi-definite, e.g. collinear channels)."""
-    chol, info = torch.linalg.cholesky_ex(corr)
-    if int(info) == 0:
-        return chol
-    w, v = torch.linalg.eigh(corr)
-    return v * w.clamp_min(0).sqrt()[None, :]
 
 
 def _independent_if_missing(module, state_dict, prefix, *args) -> None:
