@@ -45,6 +45,13 @@ def test_logits_are_the_networks_plus_the_fitted_vars_token_log_probabilities(na
     with torch.no_grad():
         logits = m(tok).prediction
     assert logits.dtype == torch.float32
+    m.train()  # causal in train mode too: later tokens change no earlier logit
+    for t in (1, 12, 23):
+        later = tok.clone()
+        later[..., t:] = (later[..., t:] + 5) % 16
+        with torch.no_grad():
+            torch.testing.assert_close(m(later).prediction[:, :, :t], m(tok).prediction[:, :, :t])
+    m.eval()
     torch.testing.assert_close(logits, base + m.linear_logprior(pred))
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(m, d)
